@@ -1,0 +1,1 @@
+"""Merging: pure tensor methods and their registry, per-layer parameters, recipes, engines."""
