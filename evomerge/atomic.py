@@ -61,6 +61,9 @@ def atomic_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> 
         raise ConfigError(f"output folder {target} already exists; pass --overwrite to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output is a normal folder
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,312 @@
+"""`evomerge bench merge`: evomerge's merge engines against mergekit-yaml and against the machine's floor.
+
+Builds (once, cached) a random Llama-shaped base and three fine-tunes (the base plus small seeded
+perturbations) in bfloat16, written with ``save_pretrained``. Then, in the same run and on the same files:
+
+- disk to disk, linear and TIES (density 0.2): ``evomerge merge`` and ``mergekit-yaml`` run as subprocesses on
+  the same mergekit YAML, each timed (wall) with its own peak RSS (``os.wait4``); the floor is the time to
+  read every input once and write the output once on this machine (page cache warm, like the merges);
+- in memory: the resident merger applying a per-layer task-arithmetic recipe and a per-layer TIES recipe
+  into a live model, against the floor of copying the resident tensors (base and task vectors) once.
+
+Both tools get the same thread budget (``--threads``, default 2, through OMP_NUM_THREADS and torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+NAME = "merge"
+HELP = "time evomerge merge (disk and resident) vs mergekit-yaml and the read/write floor on ~250M Llamas"
+
+_HIDDEN, _INTER, _HEADS = 1024, 2816, 16
+_SMALL = (512, 1408, 8)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="where the benchmark models are kept (default $EVOMERGE_CACHE or ~/.cache/evomerge, /bench)")
+    parser.add_argument("--params", default="250M", help="parameters per model (default 250M)")
+    parser.add_argument("--small", action="store_true", help="quick run: ~25M-parameter models, fewer repeats")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every tool (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="resident applies per recipe (default 5; 2 small)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="runs per tool and method, best kept (default 1; use 2+ on a shared machine)")
+    parser.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
+    parser.add_argument("--skip-resident", action="store_true", help="do not time the resident merger")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+
+
+def _parse_count(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMbBgG]?)\s*", text)
+    if not m:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"--params: cannot parse {text!r} (e.g. 250M, 1.5B, 30000000)")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _config(params: int, small: bool) -> Any:
+    """A Llama config whose parameter count is close to ``params`` (layers chosen to fit)."""
+    from transformers import LlamaConfig
+
+    hidden, inter, heads = _SMALL if small else (_HIDDEN, _INTER, _HEADS)
+    vocab = 4096 if small else 8192
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(2, round((params - 2 * vocab * hidden - hidden) / per_layer))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+                       tie_word_embeddings=False, dtype="bfloat16")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_models(root: Path, params: int, small: bool, seed: int = 0) -> list[Path]:
+    """Base and three fine-tunes (seeded perturbations of 10% of the weights' scale) under ``root``; cached."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.atomic import atomic_output_dir
+
+    cfg = _config(params, small)
+    key = f"llama-{cfg.hidden_size}x{cfg.num_hidden_layers}-v{cfg.vocab_size}-s{seed}-v1"
+    folder = root / key
+    names = ["base", "ft1", "ft2", "ft3"]
+    if (folder / "complete").is_file():
+        return [folder / n for n in names]
+    _log(f"building benchmark models in {folder} (once) ...")
+    t0 = time.perf_counter()
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        base = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for i, name in enumerate(names):
+            g = torch.Generator().manual_seed(seed * 100 + i)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(base[n])
+                    if i:
+                        scale = 0.1 * float(base[n].float().std()) if base[n].numel() > 1 else 0.01
+                        scale = scale if scale > 0 else 0.01
+                        p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+            model.save_pretrained(tmp / name)
+            _log(f"  {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+                 f"({time.perf_counter() - t0:.0f} s)")
+        (tmp / "complete").write_text("ok\n")
+    return [folder / n for n in names]
+
+
+def _run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes of that child alone, combined output); raises on a non-zero exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-3000:]}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return wall, int(rss), out
+
+
+def _floor(inputs: list[Path], out_dir: Path) -> float:
+    """Read every input tensor once (as the engine does) and write one model's worth of output once."""
+    from safetensors.torch import save_file
+
+    from evomerge.models import ModelFolder
+
+    folders = [ModelFolder.open(p) for p in inputs]
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    for name in folders[0].tensor_names:
+        last = None
+        for f in folders:
+            last = f.get(name)
+        out[name] = last
+    save_file(out, str(out_dir / "floor.safetensors"), metadata={"format": "pt"})
+    seconds = time.perf_counter() - t0
+    (out_dir / "floor.safetensors").unlink()
+    for f in folders:
+        f.close()
+    return seconds
+
+
+def _compare(a: Path, b: Path) -> tuple[float, str, int]:
+    """(largest |difference|, where, tensors differing by more than 1e-2) between two merged folders."""
+    from evomerge.models import ModelFolder
+
+    fa, fb = ModelFolder.open(a), ModelFolder.open(b)
+    worst, at, n_far = 0.0, "", 0
+    for name in fa.tensor_names:
+        d = float((fa.get(name).float() - fb.get(name).float()).abs().max())
+        n_far += d > 1e-2
+        if d > worst:
+            worst, at = d, name
+    return worst, at, n_far
+
+
+def _mergekit_configs(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    base, fts = str(paths[0]), [str(p) for p in paths[1:]]
+    return {
+        "linear": {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in fts],
+                   "dtype": "bfloat16"},
+        "ties": {"merge_method": "ties", "base_model": base,
+                 "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}} for m in fts],
+                 "parameters": {"normalize": True}, "dtype": "bfloat16"},
+    }
+
+
+def _resident(paths: list[Path], threads: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from evomerge.merge.params import ParamValue
+    from evomerge.merge.recipe import ModelEntry, Recipe
+    from evomerge.merge.resident import ResidentMerger
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    merger = ResidentMerger(paths[0], {"ft1": paths[1], "ft2": paths[2], "ft3": paths[3]}, dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    model = merger.new_model()
+    n_layers = merger.layer_map.num_layers
+    g = torch.Generator().manual_seed(0)
+
+    def per_layer(lo: float, hi: float) -> list[float]:
+        return [round(lo + (hi - lo) * float(v), 4) for v in torch.rand(n_layers, generator=g)]
+
+    ta = Recipe("task_arithmetic", tuple(ModelEntry(k, {"weight": ParamValue.per_layer(per_layer(0.0, 1.0))})
+                                         for k in merger.keys), base_model="base",
+                parameters={"lambda": ParamValue.per_layer(per_layer(0.8, 1.2))})
+    ties = Recipe("ties", tuple(ModelEntry(k, {"weight": ParamValue.per_layer(per_layer(0.3, 1.0)),
+                                               "density": ParamValue.per_layer(per_layer(0.1, 0.5))})
+                                for k in merger.keys), base_model="base")
+    merger.copy_floor(model)
+    floor = min(merger.copy_floor(model) for _ in range(max(2, repeats)))
+    out: dict[str, Any] = {"load_s": load_s, "floor_s": floor, "resident_bytes": merger.resident_bytes}
+    for label, recipe, reps in (("task_arithmetic", ta, repeats), ("ties", ties, max(1, repeats // 2))):
+        merger.apply(recipe, into=model)  # warm-up (caches the parameter map)
+        times = [merger.apply(recipe, into=model).seconds for _ in range(reps)]
+        out[label] = {"seconds": min(times), "mean_s": sum(times) / len(times), "repeats": reps,
+                      "x_floor": min(times) / floor}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.merge.recipe_io import read_yaml  # noqa: F401  (import check: evomerge installed)
+
+    threads = int(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    small = bool(args.small)
+    params = _parse_count("25M" if small and args.params == "250M" else args.params)
+    repeats = args.repeats or (2 if small else 5)
+    cache = args.cache
+    if cache is None:
+        cache = Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge") / "bench"
+    paths = build_models(Path(cache), params, small)
+    from evomerge.models import ModelFolder
+
+    ref = ModelFolder.open(paths[0])
+    n_params, nbytes = ref.num_parameters, ref.total_bytes
+    ref.close()
+    _log(f"\nevomerge bench merge: base + 3 fine-tunes of {n_params / 1e6:.1f}M parameters "
+         f"(bf16, {nbytes / 1e9:.2f} GB each), {threads} threads, CPU")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    mergekit = shutil.which("mergekit-yaml") or (
+        str(Path(sys.executable).parent / "mergekit-yaml") if (Path(sys.executable).parent / "mergekit-yaml").exists()
+        else None)
+    if args.skip_mergekit:
+        mergekit = None
+    results: dict[str, Any] = {"params": n_params, "model_bytes": nbytes, "threads": threads, "disk": {}}
+    work = Path(tempfile.mkdtemp(prefix="evomerge-bench-merge-", dir=str(cache)))
+    try:
+        for method, config in _mergekit_configs(paths).items():
+            cfg_file = work / f"{method}.yml"
+            import yaml
+
+            cfg_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            inputs = paths[1:] if method == "linear" else paths
+            _floor(inputs, work)  # warm the page cache for every tool alike
+            floor = min(_floor(inputs, work) for _ in range(2))
+            row: dict[str, Any] = {"floor_s": floor, "inputs": len(inputs)}
+            ev_out = work / f"{method}-evomerge"
+            mk_out = work / f"{method}-mergekit"
+            ev_runs: list[dict[str, Any]] = []
+            mk_runs: list[dict[str, Any]] = []
+            for _ in range(max(1, args.runs)):  # interleaved, so both tools see the same machine load
+                wall, rss, text = _run_timed([sys.executable, "-m", "evomerge", "merge", str(cfg_file), str(ev_out),
+                                              "--no-progress", "--overwrite"], env)
+                m = re.search(r"in ([\d.]+) s", text)
+                ev_runs.append({"wall_s": wall, "peak_rss": rss, "engine_s": float(m.group(1)) if m else None})
+                if mergekit:
+                    shutil.rmtree(mk_out, ignore_errors=True)
+                    wall, rss, _ = _run_timed([mergekit, str(cfg_file), str(mk_out), "--random-seed", "0"], env)
+                    mk_runs.append({"wall_s": wall, "peak_rss": rss})
+            row["evomerge"] = {**min(ev_runs, key=lambda r: r["wall_s"]), "runs": ev_runs}
+            if mergekit:
+                row["mergekit"] = {**min(mk_runs, key=lambda r: r["wall_s"]), "runs": mk_runs}
+                row["speedup"] = row["mergekit"]["wall_s"] / row["evomerge"]["wall_s"]
+                row["rss_ratio"] = row["evomerge"]["peak_rss"] / row["mergekit"]["peak_rss"]
+                diff, at, n_far = _compare(ev_out, mk_out)
+                row["max_abs_diff_vs_mergekit"] = diff
+                row["max_diff_tensor"] = at
+                row["tensors_differing_over_1e-2"] = n_far
+                shutil.rmtree(mk_out, ignore_errors=True)
+            shutil.rmtree(ev_out, ignore_errors=True)
+            results["disk"][method] = row
+            _print_disk(method, row)
+        if not args.skip_resident:
+            results["resident"] = _resident(paths, threads, repeats)
+            _print_resident(results["resident"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _print_disk(method: str, row: dict[str, Any]) -> None:
+    ev = row["evomerge"]
+    eng = f" (engine {ev['engine_s']:.2f} s)" if ev.get("engine_s") is not None else ""
+    _log(f"\n{method}: floor (read {row['inputs']} inputs once + write the output once) {row['floor_s']:.2f} s")
+    runs = f" [best of {len(ev['runs'])}]" if len(ev.get("runs", [])) > 1 else ""
+    _log(f"  evomerge  wall {ev['wall_s']:7.2f} s{eng}{runs}  peak RSS {ev['peak_rss'] / 1e9:.2f} GB  "
+         f"({ev['wall_s'] / row['floor_s']:.1f}x floor)")
+    if "mergekit" in row:
+        mk = row["mergekit"]
+        _log(f"  mergekit  wall {mk['wall_s']:7.2f} s  peak RSS {mk['peak_rss'] / 1e9:.2f} GB  "
+             f"({mk['wall_s'] / row['floor_s']:.1f}x floor)")
+        _log(f"  evomerge is {row['speedup']:.2f}x faster, peak RSS {row['rss_ratio']:.2f}x mergekit's; "
+             f"max |evomerge - mergekit| = {row['max_abs_diff_vs_mergekit']:.3g}"
+             + (f" (at {row['max_diff_tensor']}; {row['tensors_differing_over_1e-2']} tensors differ by > 1e-2:"
+                " top-k ties among bf16-quantized deltas are broken by index here, arbitrarily in mergekit)"
+                if row["max_abs_diff_vs_mergekit"] > 1e-2 else ""))
+    else:
+        _log("  mergekit-yaml not run (not installed, or --skip-mergekit)")
+
+
+def _print_resident(res: dict[str, Any]) -> None:
+    _log(f"\nresident merger (float32, {res['resident_bytes'] / 1e9:.2f} GB resident, loaded in {res['load_s']:.1f} s):"
+         f" floor (copy every resident tensor once) {res['floor_s']:.3f} s")
+    for label in ("task_arithmetic", "ties"):
+        r = res[label]
+        _log(f"  per-layer {label:<16} {r['seconds']:.3f} s per apply (best of {r['repeats']}; "
+             f"{r['x_floor']:.2f}x floor)")

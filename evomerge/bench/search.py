@@ -1,0 +1,285 @@
+"""`evomerge bench search`: held-out scores of merge baselines, plain CMA-ES and the population manager.
+
+On the demo zoo (a base and four skill specialists), each search row gets the same evaluation budget on the
+search split (scoring the originals counts), is repeated for several seeds, and its best model (by search
+fitness) is scored once on the disjoint held-out test split. Rows:
+
+1. uniform average (linear soup of the specialists)
+2. task arithmetic at the best λ of a small grid (λ chosen on the search split)
+3. TIES with the registry defaults
+4. plain per-layer CMA-ES over all specialists at once (task-arithmetic weights per layer: the mergekit-evolve
+   setting)
+5. Top-k greedy merging without kinship (no exploration merge, no revival)
+6. the full population manager (kinship exploration merge, saturation stop, revival)
+
+Rows 1-3 are deterministic (one evaluation each); rows 4-6 report the mean and spread over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+NAME = "search"
+HELP = "held-out scores: uniform, TA (λ grid), TIES, per-layer CMA-ES, Top-k greedy, population manager"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=int, default=100, help="evaluations per search row and seed (default 100)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
+    parser.add_argument("--small", action="store_true", help="quick run: budget 30, seed 0 only")
+    parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
+    parser.add_argument("--zoo-seed", type=int, default=0)
+    parser.add_argument("--metric", default="token_acc",
+                        help="built-in metric for every task (exact match of merged demo models is mostly 0)")
+    parser.add_argument("--k", type=int, default=3, help="population top-k (default 3)")
+    parser.add_argument("--pair-budget", type=int, default=6, help="evaluations per parent pair (default 6)")
+    parser.add_argument("--pair-init", default="kinship",
+                        help="starting weight of both parents of a pair merge: a number or 'kinship' (default)")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="subset of rows: uniform ta ties cmaes greedy population")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders here (default: a temp dir)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
+
+
+ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "population")
+LABELS = {
+    "uniform": "uniform average",
+    "ta": "task arithmetic (best λ of grid)",
+    "ties": "TIES (defaults)",
+    "cmaes": "per-layer CMA-ES, all models",
+    "greedy": "Top-k greedy, no kinship",
+    "population": "population manager (full)",
+}
+TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _log(msg: str) -> None:
+    print(f"[bench search] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from evomerge.atomic import write_json_atomic
+    from evomerge.fitness.spec import FitnessSpec
+    from evomerge.fitness.zoo import SPECIALISTS, ensure_zoo
+
+    if args.small:
+        args.budget, args.seeds = min(args.budget, 30), args.seeds[:1]
+    rows = list(args.rows or ROWS)
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"--rows: unknown {bad} (known: {', '.join(ROWS)})")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
+    raw = FitnessSpec.from_yaml(zoo / "fitness.yaml")
+    spec = FitnessSpec.from_dict({**raw.model_dump(exclude_none=True),
+                                  "tasks": [{**t.model_dump(exclude_none=True), "metric": args.metric,
+                                             "direction": None} for t in raw.tasks]})
+    skills = list(SPECIALISTS)
+    originals = {s: str(zoo / s) for s in skills}
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))
+    work.mkdir(parents=True, exist_ok=True)
+    lab = _Lab(str(zoo / "base"), originals, spec, args.device)
+    results: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
+    t_all = time.perf_counter()
+    try:
+        if "uniform" in rows:
+            results["uniform"].append(lab.fixed("uniform", _uniform(skills)))
+        if "ta" in rows:
+            grid = [(lam, lab.search_score(_ta(skills, lam))) for lam in TA_GRID]
+            lam = max(grid, key=lambda g: g[1])[0]
+            _log("task arithmetic grid (search split): " + ", ".join(f"λ={g[0]}: {g[1]:.4f}" for g in grid))
+            results["ta"].append(lab.fixed(f"ta λ={lam}", _ta(skills, lam), evaluations=len(TA_GRID)))
+        if "ties" in rows:
+            results["ties"].append(lab.fixed("ties", _ties(skills)))
+        for seed in args.seeds:
+            if "cmaes" in rows:
+                results["cmaes"].append(_cmaes(lab, skills, args.budget, seed))
+            for row, explore in (("greedy", False), ("population", True)):
+                if row in rows:
+                    results[row].append(_population(lab, zoo, originals, spec, args, seed, explore,
+                                                    work / f"{row}-seed{seed}"))
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    table = _table(results, skills, args)
+    print(table)
+    total = time.perf_counter() - t_all
+    print(f"\n{args.zoo_size} zoo (seed {args.zoo_seed}), metric {args.metric}, budget {args.budget} evaluations per "
+          f"search row and seed, seeds {args.seeds}; held-out = mean over the {len(skills)} tasks of the test split; "
+          f"{total / 60:.1f} min")
+    if args.json:
+        write_json_atomic(args.json, {"zoo": str(zoo), "metric": args.metric, "budget": args.budget,
+                                      "seeds": args.seeds, "rows": results, "seconds": total})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- lab
+
+
+class _Lab:
+    """One resident worker for all rows: score recipes on the search or the held-out test split."""
+
+    def __init__(self, base: str, originals: Mapping[str, str], spec: Any, device: str) -> None:
+        from evomerge.search.population_backend import PopulationWorker
+
+        self.base, self.originals, self.spec, self.device = base, dict(originals), spec, device
+        self.worker = PopulationWorker(base, originals, spec, device, max_extra=4, splits=("search", "test"))
+        self._ids = 0
+
+    def score(self, recipe: Any, split: str, extra: Mapping[str, str] | None = None) -> Any:
+        from evomerge.executors.base import EvalJob
+
+        self._ids += 1
+        return self.worker.evaluate(EvalJob(self._ids, recipe, split=split, extra_models=dict(extra or {}))).result
+
+    def search_score(self, recipe: Any) -> float:
+        return float(self.score(recipe, "search").aggregate)
+
+    def test_scores(self, recipe: Any, extra: Mapping[str, str] | None = None) -> dict[str, float]:
+        res = self.score(recipe, "test", extra)
+        if not res.ok:
+            raise RuntimeError(f"held-out evaluation failed: {res.error}")
+        return {k: float(v) for k, v in res.task_values().items()}
+
+    def fixed(self, label: str, recipe: Any, evaluations: int = 0) -> dict[str, Any]:
+        tasks = self.test_scores(recipe)
+        mean = sum(tasks.values()) / len(tasks)
+        _log(f"{label}: held-out {mean:.4f}")
+        return {"label": label, "test": mean, "tasks": tasks, "evaluations": evaluations,
+                "recipe": recipe.to_dict()}
+
+
+def _uniform(skills: Sequence[str]) -> Any:
+    from evomerge.merge.recipe import ModelEntry, Recipe
+
+    return Recipe("linear", tuple(ModelEntry(s) for s in skills))
+
+
+def _ta(skills: Sequence[str], lam: float) -> Any:
+    from evomerge.merge.params import ParamValue
+    from evomerge.merge.recipe import ModelEntry, Recipe
+
+    return Recipe("task_arithmetic", tuple(ModelEntry(s) for s in skills), base_model="base",
+                  parameters={"lambda": ParamValue.constant(lam)})
+
+
+def _ties(skills: Sequence[str]) -> Any:
+    from evomerge.merge.recipe import ModelEntry, Recipe
+
+    return Recipe("ties", tuple(ModelEntry(s) for s in skills), base_model="base")
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def _progress(label: str, budget: int) -> Callable[[int, float], None]:
+    t0 = time.perf_counter()
+
+    def report(done: int, best: float) -> None:
+        if done % 10 == 0 or done == budget:
+            rate = done / max(1e-9, time.perf_counter() - t0)
+            eta = (budget - done) / rate if rate > 0 else 0.0
+            _log(f"{label}: {done}/{budget} evaluations, best {best:.4f}, {rate:.2f}/s, ETA {eta:.0f}s")
+
+    return report
+
+
+def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str, Any]:
+    """Per-layer task-arithmetic weights of every specialist, one CMA-ES over all of them."""
+    import numpy as np
+
+    from evomerge.merge.params import ParamValue
+    from evomerge.merge.recipe import ModelEntry, Recipe
+    from evomerge.search.population_backend import PairSpace, make_optimizer
+
+    layers = lab.worker.merger.layer_map.num_layers
+    space = PairSpace()
+    x0 = np.full(len(skills) * layers, 0.5)
+    opt = make_optimizer("CMA", x0, space.lower, space.upper, space.sigma, budget, seed)
+
+    def recipe(x: np.ndarray) -> Recipe:
+        return Recipe("task_arithmetic", tuple(
+            ModelEntry(s, {"weight": ParamValue.per_layer([float(v) for v in x[i * layers:(i + 1) * layers]])})
+            for i, s in enumerate(skills)), base_model="base", seed=seed)
+
+    best: tuple[float, Any] = (-np.inf, None)
+    report = _progress(f"cmaes seed {seed}", budget)
+    for i in range(budget):
+        cand = opt.ask()
+        r = recipe(np.asarray(cand.value, float))
+        score = lab.search_score(r)
+        opt.tell(cand, -score)
+        if score > best[0]:
+            best = (score, r)
+        report(i + 1, best[0])
+    tasks = lab.test_scores(best[1])
+    mean = sum(tasks.values()) / len(tasks)
+    _log(f"cmaes seed {seed}: search {best[0]:.4f}, held-out {mean:.4f}")
+    return {"label": f"cmaes seed {seed}", "seed": seed, "search": best[0], "test": mean, "tasks": tasks,
+            "evaluations": budget, "recipe": best[1].to_dict()}
+
+
+def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, args: argparse.Namespace, seed: int,
+                explore: bool, run_dir: Path) -> dict[str, Any]:
+    from evomerge.executors.base import InProcessExecutor
+    from evomerge.search.population import PopulationConfig
+    from evomerge.search.population_backend import run_population
+
+    label = f"{'population' if explore else 'greedy'} seed {seed}"
+    if explore:
+        cfg = PopulationConfig(k=args.k, pair_budget=args.pair_budget)
+    else:
+        cfg = PopulationConfig(k=args.k, pair_budget=args.pair_budget, explore=False, saturation=None, max_revivals=0)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    executor = InProcessExecutor(lambda: lab.worker, penalty=spec.effective_penalty)
+    t0 = time.perf_counter()
+    from evomerge.search.population_backend import PairSpace
+
+    init: float | str = args.pair_init if args.pair_init == "kinship" else float(args.pair_init)
+    outcome, backend = run_population(run_dir, base=str(zoo / "base"), originals=originals, spec=spec, cfg=cfg,
+                                      budget=args.budget, seed=seed, executor=executor, space=PairSpace(init=init),
+                                      log=lambda m: _log(f"{label}: {m}"))
+    best = outcome.best
+    recipe = backend.recipe_of(best.key)
+    extra = {m.model: backend.model_path(m.model) for m in recipe.models if m.model not in originals}
+    tasks = lab.test_scores(recipe, extra)
+    mean = sum(tasks.values()) / len(tasks)
+    _log(f"{label}: best {best.key} search {best.score:.4f}, held-out {mean:.4f}, {outcome.generations} generations, "
+         f"stop: {outcome.stop_reason} ({time.perf_counter() - t0:.0f}s)")
+    return {"label": label, "seed": seed, "search": best.score, "test": mean, "tasks": tasks,
+            "evaluations": outcome.evaluations, "best": best.key, "parents": list(best.parents),
+            "generations": outcome.generations, "stop": outcome.stop_reason, "recipe": recipe.to_dict()}
+
+
+def _table(results: Mapping[str, list[dict[str, Any]]], skills: Sequence[str], args: argparse.Namespace) -> str:
+    head = "| row | held-out mean | ± sd | per seed | " + " | ".join(skills) + " | evaluations |"
+    lines = [head, "|---|---|---|---|" + "---|" * len(skills) + "---|"]
+    for row, entries in results.items():
+        if not entries:
+            continue
+        tests = [e["test"] for e in entries]
+        mean = statistics.fmean(tests)
+        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        per_task = {s: statistics.fmean(e["tasks"][s] for e in entries) for s in skills}
+        per_seed = " / ".join(f"{t:.3f}" for t in tests) if len(tests) > 1 else ""
+        evals = statistics.fmean(e["evaluations"] for e in entries)
+        label = LABELS[row] + (f" ({entries[0]['label'].split(' ', 1)[1]})" if row == "ta" else "")
+        lines.append(f"| {label} | {mean:.4f} | {sd:.4f} | {per_seed} | "
+                     + " | ".join(f"{per_task[s]:.3f}" for s in skills) + f" | {evals:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""`evomerge eval MODEL_DIR --space SPACE.yaml [--split search|test] [--json]`: score one model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from evomerge.errors import ConfigError
+
+NAME = "eval"
+HELP = "score a model folder on a search space's fitness tasks (or a FitnessSpec file given with --tasks)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL_DIR", help="model folder (or zoo:SIZE/NAME)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--space", metavar="SPACE.yaml", help="search space whose 'fitness:' section is used")
+    src.add_argument("--tasks", metavar="FILE.yaml", help="a FitnessSpec file (tasks and settings)")
+    parser.add_argument("--split", choices=("search", "test"), default="search",
+                        help="search split (what a search optimizes) or the held-out test split")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--json", action="store_true", help="print the full EvalResult as JSON")
+
+
+def load_spec(path: str) -> object:
+    """A FitnessSpec from a search space (its ``fitness:`` section) or a bare spec file."""
+    from evomerge.fitness.spec import FitnessSpec
+
+    return FitnessSpec.from_yaml(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.fitness.evaluator import Evaluator, set_offline_env
+    from evomerge.fitness.zoo import resolve_path
+
+    set_offline_env()
+    spec = load_spec(args.space or args.tasks)
+    path = resolve_path(args.model)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder {path} has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype),
+                                                 local_files_only=True).to(args.device)
+    evaluator = Evaluator(spec, str(path), device=args.device, splits=(args.split,))
+    result = evaluator.score(model, split=args.split)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
+    else:
+        status = "ok" if result.ok else f"FAILED ({result.error})"
+        print(f"{path} on {args.split} split: aggregate {result.aggregate:.4f} [{status}] "
+              f"in {result.seconds:.2f}s ({result.forward_seconds:.2f}s in forward passes)")
+        for t in result.tasks:
+            arrow = "max" if t.higher_is_better else "min"
+            print(f"  {t.task:<20} {t.metric:<18} {t.value:.4f}  ({arrow}, weight {t.weight:g})")
+    return 0 if result.ok else 1

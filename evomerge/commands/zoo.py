@@ -1,0 +1,35 @@
+"""`evomerge zoo build DIR [--size micro|demo] [--seed N] [--force]`: train the built-in demo zoo."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "zoo"
+HELP = "build the built-in demo zoo (a small base model and skill specialists, trained on CPU)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="zoo_command", metavar="ACTION")
+    sub.required = True
+    build = sub.add_parser("build", help="train and write a zoo into DIR (prints the merge table)")
+    build.add_argument("dir", metavar="DIR", help="output folder (refused if it exists, unless --force)")
+    build.add_argument("--size", choices=("micro", "demo"), default="demo",
+                       help="micro: seconds, for tests; demo: a few minutes, for the demo search (default)")
+    build.add_argument("--seed", type=int, default=0, help="seed for data, initialization and training")
+    build.add_argument("--force", action="store_true", help="replace DIR if it exists (only once complete)")
+    build.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for training (default: $EVOMERGE_ZOO_THREADS or 1; one is fastest "
+                            "on a shared machine)")
+    path = sub.add_parser("path", help="print the cached zoo folder for SIZE/SEED, building it if needed")
+    path.add_argument("--size", choices=("micro", "demo"), default="demo")
+    path.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evomerge.fitness.zoo import build_zoo, ensure_zoo
+
+    if args.zoo_command == "build":
+        build_zoo(args.dir, size=args.size, seed=args.seed, force=args.force, threads=args.threads)
+        return 0
+    print(ensure_zoo(args.size, args.seed))
+    return 0

@@ -1,0 +1,135 @@
+"""The worker that merges and scores candidates, the same in-process and inside a Ray actor.
+
+A :class:`WorkerSpec` holds only paths and settings (small, picklable); :class:`MergeEvalWorker` builds from it
+once, on its own device: a resident merger (base + task vectors), one live model that every candidate is merged
+into in place, and an evaluator with its tasks prepared. Weights never cross a process boundary.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.errors import ConfigError
+from evomerge.executors.base import EvalJob, EvalOutcome
+from evomerge.fitness.result import EvalResult
+
+BASE_KEY = "base"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, as paths and plain data (it travels to Ray actors)."""
+
+    base: str
+    models: Mapping[str, str]
+    fitness: Any  # FitnessSpec (a pydantic model: picklable)
+    device: str = "cpu"
+    dtype: str = "float32"
+    splits: tuple[str, ...] = ("search",)
+    max_extra: int = 4  # materialized merged parents kept resident (population manager)
+    threads: int | None = None  # torch threads in this worker (None: leave torch's default)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class MergeEvalWorker:
+    """Resident merger + resident model + evaluator (the :class:`~evomerge.executors.base.Worker` protocol).
+
+    Merged parents named in ``EvalJob.extra_models`` are loaded on demand and kept resident, at most
+    ``spec.max_extra`` of them (least recently used evicted first).
+    """
+
+    def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
+        import torch
+
+        from evomerge.fitness.evaluator import Evaluator
+        from evomerge.merge.resident import ResidentMerger
+
+        if spec.threads:
+            torch.set_num_threads(int(spec.threads))
+        self.spec = spec
+        self.name = name
+        self.merger = ResidentMerger(spec.base, {k: str(v) for k, v in spec.models.items()}, device=spec.device,
+                                     dtype=spec.dtype, base_key=BASE_KEY)
+        self.model = self.merger.new_model()
+        self.evaluator = Evaluator(spec.fitness, str(spec.base), spec.device, splits=spec.splits)
+        self.originals = set(spec.models)
+        self._extra: OrderedDict[str, str] = OrderedDict()
+        self.evaluations = 0
+
+    def _ensure(self, extra: Mapping[str, str], needed: Sequence[str]) -> None:
+        wanted = [k for k in needed if k not in self.originals and k != BASE_KEY]
+        for key in wanted:
+            if key in self._extra:
+                self._extra.move_to_end(key)
+        for key in wanted:
+            if key in self._extra:
+                continue
+            if key not in extra:
+                raise ConfigError(f"recipe model {key!r} is neither an original model nor a materialized parent")
+            for old in [k for k in self._extra if k not in wanted]:
+                if len(self._extra) < self.spec.max_extra:
+                    break
+                self.merger.remove_model(old)
+                del self._extra[old]
+            self.merger.add_model(key, extra[key])
+            self._extra[key] = str(extra[key])
+
+    def evaluate(self, job: EvalJob) -> EvalOutcome:
+        """Merge ``job.recipe`` into the resident model and score it; a bad candidate is a recorded failure."""
+        from evomerge.search.hooks import hook
+
+        t0 = time.perf_counter()
+        try:
+            self._ensure(job.extra_models, [m.model for m in job.recipe.models])
+            self.merger.apply(job.recipe, into=self.model)
+        except Exception as exc:  # noqa: BLE001 - a bad candidate never stops the search
+            res = EvalResult.failure(f"{type(exc).__name__}: {exc}", self.evaluator.spec.effective_penalty,
+                                     job.split, time.perf_counter() - t0)
+            return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        hook("evaluate")
+        res = self.evaluator.score(self.model, job.split)
+        self.evaluations += 1
+        self._release()
+        return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=t1 - t0,
+                           eval_seconds=time.perf_counter() - t1)
+
+    def _release(self) -> None:
+        """Drop what one evaluation left behind (activations, caches) so memory stays flat over a long run."""
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available() and str(self.spec.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Resident set of this process and, on GPU, allocated device memory (for leak checks)."""
+        import torch
+
+        out = {"rss": _rss_bytes()}
+        if torch.cuda.is_available() and str(self.spec.device).startswith("cuda"):
+            out["cuda_allocated"] = int(torch.cuda.memory_allocated())
+        return out
+
+    def close(self) -> None:
+        self.merger.close()
+        self.model = None  # type: ignore[assignment]
+        self._release()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            pages = int(fh.read().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

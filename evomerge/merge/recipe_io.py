@@ -1,0 +1,129 @@
+"""Reading and writing recipe files: evomerge or mergekit YAML (auto-detected), with paths made usable.
+
+A recipe file's relative model paths are relative to the file's folder (so a recipe next to its models works
+from any working directory); ``zoo:SIZE/...`` paths name models of the built-in demo zoo. Every error names
+the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import ConfigError
+from evomerge.merge.mergekit_yaml import from_mergekit, is_mergekit_config, slice_layer_range, to_mergekit
+from evomerge.merge.recipe import ModelEntry, Recipe
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Parsed YAML of ``path``; ConfigError naming the file (and line) when missing or malformed."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe file {p} cannot be read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"recipe file {p}: invalid YAML{at}: {problem}") from None
+
+
+def resolve_model_path(ref: str, folder: Path | None) -> str:
+    """``zoo:`` paths through the demo zoo, ``~`` expanded, relative paths against ``folder``."""
+    if ref.startswith("zoo:"):
+        try:
+            from evomerge.fitness.zoo import resolve_path
+        except ImportError as exc:  # pragma: no cover - the zoo module ships with evomerge
+            raise ConfigError(f"model {ref!r}: zoo paths need evomerge.fitness.zoo ({exc})") from None
+        return str(resolve_path(ref))
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and folder is not None:
+        p = folder / p
+    return str(p.resolve()) if p.exists() else str(p)
+
+
+def resolve_paths(recipe: Recipe, folder: Path | None) -> Recipe:
+    """The recipe with every model reference resolved (see :func:`resolve_model_path`)."""
+    def r(ref: str | None) -> str | None:
+        return None if ref is None else resolve_model_path(ref, folder)
+
+    models = tuple(ModelEntry(str(r(m.model)), m.parameters) for m in recipe.models)
+    return dataclasses.replace(
+        recipe, models=models, base_model=r(recipe.base_model), tokenizer_source=r(recipe.tokenizer_source)
+    )
+
+
+def parse_recipe(data: Any, where: str, folder: Path | None = None, validate: bool = True) -> tuple[Recipe, str]:
+    """A recipe from parsed YAML in either form; returns (recipe, "evomerge" | "mergekit")."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'method' (evomerge) or 'merge_method' (mergekit), "
+                          f"got {type(data).__name__}")
+    if is_mergekit_config(data):
+        recipe, form = from_mergekit(data, where), "mergekit"
+    elif "method" in data:
+        recipe, form = Recipe.from_dict(data, where), "evomerge"
+    else:
+        raise ConfigError(f"{where}: neither an evomerge recipe ('method:') nor a mergekit config ('merge_method:')")
+    recipe = resolve_paths(recipe, folder)
+    if validate:
+        from evomerge.merge.registry import validate_recipe
+
+        validate_recipe(recipe, where)
+    if form == "mergekit":
+        _check_slice_range(data, recipe, where)
+    return recipe, form
+
+
+def _check_slice_range(data: dict[str, Any], recipe: Recipe, where: str) -> None:
+    """A ``slices:`` config equals ``models:`` only when its one range is every layer of the models."""
+    rng = slice_layer_range(data)
+    if rng is None:
+        return
+    ref = recipe.base_model or recipe.models[0].model
+    cfg_path = Path(ref) / "config.json"
+    if not cfg_path.is_file():
+        return  # the model check reports the missing folder with its own message
+    import json
+
+    from evomerge.models import LayerMap
+
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {cfg_path} to check slices.layer_range: {exc}") from None
+    n = LayerMap.from_config(config).num_layers
+    if rng != (0, n):
+        raise ConfigError(
+            f"{where}.slices[0].sources.layer_range: {list(rng)} does not cover every layer of {ref} "
+            f"([0, {n}]); evomerge merges whole models"
+        )
+
+
+def load_recipe(path: str | os.PathLike[str], validate: bool = True) -> Recipe:
+    """Read an evomerge recipe or a mergekit config (auto-detected), paths resolved from the file's folder."""
+    return load_recipe_with_form(path, validate)[0]
+
+
+def load_recipe_with_form(path: str | os.PathLike[str], validate: bool = True) -> tuple[Recipe, str]:
+    """:func:`load_recipe` and which form the file was in ("evomerge" or "mergekit")."""
+    p = Path(path)
+    return parse_recipe(read_yaml(p), str(p), p.resolve().parent, validate)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The evomerge YAML of a recipe (what ``evomerge merge`` embeds in its output)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def mergekit_yaml(recipe: Recipe) -> str:
+    """The mergekit YAML of a recipe; ConfigError when not expressible (see :func:`to_mergekit`)."""
+    return yaml.safe_dump(to_mergekit(recipe), sort_keys=False, default_flow_style=None)

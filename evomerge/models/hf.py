@@ -1,0 +1,64 @@
+"""File tensor names <-> a loaded transformers model's parameter names.
+
+transformers 5 renames some tensors between the checkpoint and the module (GPT-NeoX stores ``embed_out``
+for the module's ``lm_head``) and fuses others (Mixtral's per-expert ``w1/w2/w3`` become one
+``experts.gate_up_proj``). Code that writes file tensors into a loaded model in place (the resident merger)
+needs the 1:1 part of that mapping; fused tensors cannot be written one file tensor at a time and are
+reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from evomerge.errors import ModelError
+
+
+def _saved_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(module state dict without tied duplicates, the same tensors under their checkpoint names)."""
+    state = dict(model.state_dict())
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        state = remove_tied_weights_from_state_dict(state, model)
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other transformers versions
+        pass
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        saved = revert_weight_conversion(model, dict(state))
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - transformers without conversions
+        saved = dict(state)
+    return state, saved
+
+
+def checkpoint_names(model: torch.nn.Module, names: Iterable[str] | None = None) -> dict[str, str]:
+    """{tensor name in the model's safetensors files: key in ``model.state_dict()``} for 1:1 tensors.
+
+    With ``names`` (the file tensors a caller needs), raises :class:`ModelError` naming the first that has no
+    1:1 module tensor (fused by a conversion, or absent from the model).
+    """
+    state, saved = _saved_state(model)
+    by_id = {id(t): k for k, t in state.items()}
+    mapping: dict[str, str] = {}
+    for file_name, tensor in saved.items():
+        key = by_id.get(id(tensor))
+        if key is not None:
+            mapping[file_name] = key
+    # a tied head that the files leave out still maps to its own module key
+    for key in model.state_dict():
+        if key not in state and key not in mapping:
+            mapping[key] = key
+    if names is not None:
+        missing = [n for n in names if n not in mapping]
+        if missing:
+            fused = [n for n in missing if n in saved]
+            if fused:
+                raise ModelError(
+                    f"{type(model).__name__}: tensor {fused[0]!r} (and {len(fused) - 1} more) is fused with others "
+                    "when transformers loads it, so it cannot be written into the loaded model one tensor at a time"
+                )
+            raise ModelError(f"{type(model).__name__} has no parameter for file tensor {missing[0]!r}")
+    return mapping

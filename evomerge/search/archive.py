@@ -1,0 +1,421 @@
+"""The archive: an embedded, append-only SQLite database (WAL) holding everything a run has learned.
+
+Tables (rows are never updated or deleted; triggers refuse it):
+
+- ``candidates``: one row per finished evaluation on the search split: id, recipe hash and JSON, parents,
+  generation, method, genome, status (ok | failed), per-task scores, aggregate (higher is better; failures hold
+  the penalty), split, evaluation settings, merge/eval seconds, worker, error text, creation time, session.
+  A recipe hash appears at most once: identical recipes are never evaluated twice.
+- ``rescores``: re-scores of a candidate on another split (the held-out test split at the end of a search).
+- ``events``: time, kind, JSON payload (session starts/ends, timing snapshots, duplicates, stops, ...).
+- ``kinship``: cache of (a, b, metric) -> value for the population manager.
+- ``meta``: run-level key/values (schema version, model keys, space fingerprint); insert-only too.
+
+It is the single source of truth for ``status``, ``export``, reports and resume. Many readers may open it while
+one search writes (``Archive.open(path, readonly=True)``). A file that is not a healthy archive raises
+:class:`~evomerge.errors.RunDirError` and is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import RunDirError
+
+SCHEMA_VERSION = "1"
+FILE_NAME = "archive.sqlite"
+_TABLES = ("meta", "candidates", "rescores", "events", "kinship")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    id INTEGER PRIMARY KEY,
+    recipe_hash TEXT NOT NULL,
+    recipe TEXT NOT NULL,
+    parents TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    genome TEXT,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    scores TEXT NOT NULL,
+    aggregate REAL NOT NULL,
+    split TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    merge_seconds REAL NOT NULL,
+    eval_seconds REAL NOT NULL,
+    worker TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    session INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS candidates_hash ON candidates (recipe_hash, split);
+CREATE TABLE IF NOT EXISTS rescores (
+    candidate_id INTEGER NOT NULL REFERENCES candidates (id),
+    split TEXT NOT NULL,
+    status TEXT NOT NULL,
+    scores TEXT NOT NULL,
+    aggregate REAL NOT NULL,
+    settings TEXT NOT NULL,
+    merge_seconds REAL NOT NULL,
+    eval_seconds REAL NOT NULL,
+    worker TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (candidate_id, split)
+);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, time REAL NOT NULL, kind TEXT NOT NULL,
+    data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS kinship (a TEXT NOT NULL, b TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL,
+    PRIMARY KEY (a, b, metric));
+"""
+_TRIGGERS = "".join(
+    f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t} "
+    f"BEGIN SELECT RAISE(ABORT, 'the archive is append-only ({t})'); END;\n"
+    for t in _TABLES for op in ("update", "delete")
+)
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One archived evaluation."""
+
+    id: int
+    recipe_hash: str
+    recipe: dict[str, Any]
+    parents: list[Any]
+    generation: int
+    method: str
+    genome: dict[str, Any] | None
+    status: str
+    scores: dict[str, Any]
+    aggregate: float
+    split: str
+    settings: dict[str, Any]
+    merge_seconds: float
+    eval_seconds: float
+    worker: str | None
+    error: str | None
+    created_at: float
+    session: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Rescore:
+    """A candidate scored on another split (the held-out test split)."""
+
+    candidate_id: int
+    split: str
+    status: str
+    scores: dict[str, Any]
+    aggregate: float
+    settings: dict[str, Any]
+    merge_seconds: float
+    eval_seconds: float
+    worker: str | None
+    error: str | None
+    created_at: float
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+class Archive:
+    """Append-only SQLite archive of a run (one writer, any number of readers)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        exists = self.path.is_file()
+        if not exists and not create:
+            raise RunDirError(f"{self.path}: no archive here (is this a run directory?)")
+        if exists and create:
+            raise RunDirError(f"{self.path}: an archive already exists; refusing to create a new one")
+        try:
+            if readonly:
+                uri = f"file:{self.path.resolve()}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None,
+                                           check_same_thread=False)
+            else:
+                self._db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
+                                           check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise RunDirError(f"{self.path}: cannot open the archive ({exc})") from None
+        try:
+            if exists:
+                self._check_healthy()
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+            if create:
+                with self._tx() as db:
+                    db.executescript(_SCHEMA)
+                    db.executescript(_TRIGGERS)
+                    db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise RunDirError(f"{self.path}: the archive is corrupt or not an evomerge archive ({exc}); "
+                              "nothing was changed. Restore it from a backup or start a new run") from None
+        self._hash_cache: dict[tuple[str, str], int] | None = None
+
+    @staticmethod
+    def create(path: str | os.PathLike[str]) -> Archive:
+        return Archive(path, create=True)
+
+    @staticmethod
+    def open(path: str | os.PathLike[str], readonly: bool = False) -> Archive:
+        return Archive(path, readonly=readonly)
+
+    def _check_healthy(self) -> None:
+        row = self._db.execute("PRAGMA quick_check").fetchone()
+        if row is None or row[0] != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else 'no answer'}")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = [t for t in _TABLES if t not in tables]
+        if missing:
+            raise sqlite3.DatabaseError(f"missing tables {missing}")
+        version = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if version is None or version[0] != SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(f"archive schema {version[0] if version else '?'}, "
+                                        f"this evomerge reads schema {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise RunDirError(f"{self.path}: opened read-only")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------ meta
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Record a run-level value once (a second, different value for the same key is refused)."""
+        text = _dumps(value)
+        old = self.get_meta(key)
+        if old is not None:
+            if _dumps(old) != text:
+                raise RunDirError(f"{self.path}: meta {key!r} is already set to a different value")
+            return
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, text))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return default
+        return row[0] if key == "schema" else json.loads(row[0])
+
+    # ------------------------------------------------------------------------------------------ candidates
+
+    def add_candidate(self, *, id: int, recipe_hash: str, recipe: Mapping[str, Any], parents: Sequence[Any],
+                      generation: int, method: str, genome: Mapping[str, Any] | None, ok: bool,
+                      scores: Mapping[str, Any], aggregate: float, split: str, settings: Mapping[str, Any],
+                      merge_seconds: float, eval_seconds: float, worker: str | None, error: str | None,
+                      session: int, created_at: float | None = None) -> None:
+        """Append one finished evaluation (refuses a second row for the same recipe and split)."""
+        if not math.isfinite(aggregate):
+            raise ValueError(f"candidate {id}: non-finite aggregate {aggregate}")
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO candidates (id, recipe_hash, recipe, parents, generation, method, genome, status,"
+                    " scores, aggregate, split, settings, merge_seconds, eval_seconds, worker, error, created_at,"
+                    " session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (int(id), recipe_hash, _dumps(recipe), _dumps(list(parents)), int(generation), method,
+                     None if genome is None else _dumps(genome), "ok" if ok else "failed", _dumps(scores),
+                     float(aggregate), split, _dumps(settings), float(merge_seconds), float(eval_seconds), worker,
+                     error, time.time() if created_at is None else float(created_at), int(session)),
+                )
+                from evomerge.search.hooks import hook
+
+                hook("archive_commit")
+        except sqlite3.IntegrityError as exc:
+            raise RunDirError(f"{self.path}: candidate {id} ({recipe_hash[:12]}) not archived: {exc}") from None
+        if self._hash_cache is not None:
+            self._hash_cache[(recipe_hash, split)] = int(id)
+
+    def _row(self, row: Sequence[Any]) -> CandidateRecord:
+        return CandidateRecord(
+            id=int(row[0]), recipe_hash=row[1], recipe=json.loads(row[2]), parents=json.loads(row[3]),
+            generation=int(row[4]), method=row[5], genome=_loads(row[6]), status=row[7], scores=json.loads(row[8]),
+            aggregate=float(row[9]), split=row[10], settings=json.loads(row[11]), merge_seconds=float(row[12]),
+            eval_seconds=float(row[13]), worker=row[14], error=row[15], created_at=float(row[16]),
+            session=int(row[17]),
+        )
+
+    _COLS = ("id, recipe_hash, recipe, parents, generation, method, genome, status, scores, aggregate, split, "
+             "settings, merge_seconds, eval_seconds, worker, error, created_at, session")
+
+    def results(self, split: str = "search") -> list[CandidateRecord]:
+        """Every archived evaluation of ``split``, in the order they finished."""
+        rows = self._db.execute(
+            f"SELECT {self._COLS} FROM candidates WHERE split=? ORDER BY rowid", (split,)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, candidate_id: int) -> CandidateRecord | None:
+        row = self._db.execute(f"SELECT {self._COLS} FROM candidates WHERE id=?", (int(candidate_id),)).fetchone()
+        return None if row is None else self._row(row)
+
+    def by_hash(self, recipe_hash: str, split: str = "search") -> CandidateRecord | None:
+        """The evaluation of an identical recipe, if any (the dedup lookup)."""
+        row = self._db.execute(f"SELECT {self._COLS} FROM candidates WHERE recipe_hash=? AND split=?",
+                               (recipe_hash, split)).fetchone()
+        return None if row is None else self._row(row)
+
+    def ids(self, split: str = "search") -> set[int]:
+        return {int(r[0]) for r in self._db.execute("SELECT id FROM candidates WHERE split=?", (split,))}
+
+    def count(self, split: str = "search") -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM candidates WHERE split=?", (split,)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        """Evaluations by status (search split), rescores and events."""
+        out = {"ok": 0, "failed": 0}
+        for status, n in self._db.execute(
+                "SELECT status, COUNT(*) FROM candidates WHERE split='search' GROUP BY status"):
+            out[status] = int(n)
+        out["evaluations"] = out["ok"] + out["failed"]
+        out["rescores"] = int(self._db.execute("SELECT COUNT(*) FROM rescores").fetchone()[0])
+        out["events"] = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return out
+
+    def max_id(self) -> int:
+        row = self._db.execute("SELECT MAX(id) FROM candidates").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def best(self, k: int = 1, rank_by: str = "search") -> list[CandidateRecord]:
+        """The top ``k`` successful candidates by search aggregate, or by test rescore (``rank_by="test"``)."""
+        if rank_by == "search":
+            rows = self._db.execute(
+                f"SELECT {self._COLS} FROM candidates WHERE split='search' AND status='ok' "
+                "ORDER BY aggregate DESC, id ASC LIMIT ?", (int(k),)).fetchall()
+            return [self._row(r) for r in rows]
+        rows = self._db.execute(
+            f"SELECT {', '.join('c.' + c.strip() for c in self._COLS.split(','))} FROM candidates c "
+            "JOIN rescores r ON r.candidate_id = c.id WHERE r.split=? AND r.status='ok' "
+            "ORDER BY r.aggregate DESC, c.id ASC LIMIT ?", (rank_by, int(k))).fetchall()
+        return [self._row(r) for r in rows]
+
+    def lineage(self, candidate_id: int) -> dict[str, Any]:
+        """The candidate's ancestry as a tree: parents are earlier candidates (``cand:ID``) or original models."""
+        models = self.get_meta("models", {}) or {}
+        seen: set[int] = set()
+
+        def node(cid: int) -> dict[str, Any]:
+            rec = self.get(cid)
+            if rec is None:
+                return {"candidate": cid, "missing": True}
+            if cid in seen:
+                return {"candidate": cid, "cycle": True}
+            seen.add(cid)
+            parents = []
+            for p in rec.parents:
+                if isinstance(p, str) and p.startswith("cand:"):
+                    parents.append(node(int(p[5:])))
+                else:
+                    parents.append({"model": p, "path": models.get(p)})
+            return {"candidate": cid, "method": rec.method, "aggregate": rec.aggregate,
+                    "generation": rec.generation, "parents": parents}
+
+        return node(int(candidate_id))
+
+    # ------------------------------------------------------------------------------------------ rescores
+
+    def add_rescore(self, *, candidate_id: int, split: str, ok: bool, scores: Mapping[str, Any], aggregate: float,
+                    settings: Mapping[str, Any], merge_seconds: float, eval_seconds: float, worker: str | None,
+                    error: str | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rescores (candidate_id, split, status, scores, aggregate, settings, merge_seconds,"
+                " eval_seconds, worker, error, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (int(candidate_id), split, "ok" if ok else "failed", _dumps(scores), float(aggregate),
+                 _dumps(settings), float(merge_seconds), float(eval_seconds), worker, error, time.time()),
+            )
+
+    def rescores(self, candidate_id: int | None = None) -> list[Rescore]:
+        q = ("SELECT candidate_id, split, status, scores, aggregate, settings, merge_seconds, eval_seconds, worker,"
+             " error, created_at FROM rescores")
+        args: tuple[Any, ...] = ()
+        if candidate_id is not None:
+            q += " WHERE candidate_id=?"
+            args = (int(candidate_id),)
+        return [Rescore(int(r[0]), r[1], r[2], json.loads(r[3]), float(r[4]), json.loads(r[5]), float(r[6]),
+                        float(r[7]), r[8], r[9], float(r[10])) for r in self._db.execute(q + " ORDER BY rowid", args)]
+
+    def rescore(self, candidate_id: int, split: str) -> Rescore | None:
+        return next((r for r in self.rescores(candidate_id) if r.split == split), None)
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def add_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO events (time, kind, data) VALUES (?, ?, ?)",
+                       (time.time(), kind, _dumps(dict(data or {}))))
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT id, time, kind, data FROM events"
+        args: tuple[Any, ...] = ()
+        if kind is not None:
+            q += " WHERE kind=?"
+            args = (kind,)
+        return [{"id": int(r[0]), "time": float(r[1]), "kind": r[2], "data": json.loads(r[3])}
+                for r in self._db.execute(q + " ORDER BY id", args)]
+
+    def last_event(self, kinds: Sequence[str]) -> dict[str, Any] | None:
+        marks = ",".join("?" for _ in kinds)
+        r = self._db.execute(f"SELECT id, time, kind, data FROM events WHERE kind IN ({marks}) ORDER BY id DESC "
+                             "LIMIT 1", tuple(kinds)).fetchone()
+        return None if r is None else {"id": int(r[0]), "time": float(r[1]), "kind": r[2], "data": json.loads(r[3])}
+
+    # ------------------------------------------------------------------------------------------ kinship cache
+
+    def put_kinship(self, a: str, b: str, metric: str, value: float) -> None:
+        """Cache a kinship value (symmetric: stored under the sorted pair; an existing entry is kept)."""
+        x, y = sorted((str(a), str(b)))
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO kinship (a, b, metric, value) VALUES (?, ?, ?, ?)",
+                       (x, y, metric, float(value)))
+
+    def get_kinship(self, a: str, b: str, metric: str) -> float | None:
+        x, y = sorted((str(a), str(b)))
+        row = self._db.execute("SELECT value FROM kinship WHERE a=? AND b=? AND metric=?", (x, y, metric)).fetchone()
+        return None if row is None else float(row[0])
+
+    def kinship_table(self, metric: str | None = None) -> dict[tuple[str, str, str], float]:
+        q = "SELECT a, b, metric, value FROM kinship"
+        args: tuple[Any, ...] = ()
+        if metric is not None:
+            q += " WHERE metric=?"
+            args = (metric,)
+        return {(r[0], r[1], r[2]): float(r[3]) for r in self._db.execute(q, args)}

@@ -1,0 +1,254 @@
+"""A run directory ``runs/<name>/``: config snapshot, archive, optimizer checkpoint, log, lock.
+
+Layout::
+
+    space.yaml        the search space as given (the snapshot a resume is checked against)
+    run.json          name, creation time, space path, seeds, versions, command line
+    archive.sqlite    every evaluation and event (append-only; see :mod:`evomerge.search.archive`)
+    checkpoint.pkl    optimizer state + in-flight candidates, replaced atomically after each tell batch
+    log.txt           what the search printed, appended by every session
+    .lock             held (flock) by the one process running the search
+
+A run directory is created complete (files written in a temporary sibling, then renamed), so an error at start
+never leaves a half-made run behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pickle
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from evomerge.atomic import _fsync_dir, write_json_atomic
+from evomerge.errors import ConfigError, RunDirError
+from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
+from evomerge.search.archive import Archive
+from evomerge.search.hooks import hook
+from evomerge.search.space import SAFE_ON_RESUME, Space, space_from_dict
+
+SPACE_FILE = "space.yaml"
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.pkl"
+LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change a score or a merge."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("evomerge", "torch", "transformers", "nevergrad", "ray", "lm-eval", "datasets", "numpy",
+                 "safetensors"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+class RunDir:
+    """One search's directory. ``create`` for a new run, ``open`` to resume or inspect one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_fh: Any = None
+
+    # ------------------------------------------------------------------------------------- files
+
+    @property
+    def archive_path(self) -> Path:
+        return self.path / ARCHIVE_FILE
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT_FILE
+
+    @property
+    def space_path(self) -> Path:
+        return self.path / SPACE_FILE
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{self.path / RUN_FILE}: cannot be read ({exc})") from None
+
+    # ------------------------------------------------------------------------------------- create / open
+
+    @staticmethod
+    def create(path: str | os.PathLike[str], space: Space, argv: list[str] | None = None) -> RunDir:
+        """Make a new run directory for ``space``; an existing one is refused (``evomerge resume`` continues it)."""
+        target = Path(path)
+        if target.exists():
+            raise RunDirError(f"run directory {target} already exists; continue it with `evomerge resume {target}` "
+                              "or choose another --name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        try:
+            os.chmod(tmp, 0o755)
+            (tmp / SPACE_FILE).write_text(space.text, encoding="utf-8")
+            info = {
+                "name": target.name,
+                "created_at": time.time(),
+                "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "space_path": str(space.path.resolve()) if space.path is not None else None,
+                "space_dir": str((space.path.parent if space.path is not None else Path.cwd()).resolve()),
+                "seed": space.seed,
+                "versions": versions(),
+                "argv": list(argv if argv is not None else sys.argv),
+                "host": socket.gethostname(),
+            }
+            write_json_atomic(tmp / RUN_FILE, info)
+            with Archive.create(tmp / ARCHIVE_FILE) as archive:
+                archive.set_meta("models", {"base": str(space.base_path),
+                                            **{k: str(v) for k, v in space.models.items()}})
+                archive.set_meta("model_refs", dict(space.model_refs))
+                archive.set_meta("space", space.comparable())
+                archive.set_meta("seed", space.seed)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return RunDir(target)
+
+    @staticmethod
+    def open(path: str | os.PathLike[str]) -> RunDir:
+        """An existing run directory (checked: it has a snapshot, a run file and an archive)."""
+        p = Path(path)
+        if not p.is_dir():
+            raise RunDirError(f"run directory {p} does not exist")
+        missing = [f for f in (SPACE_FILE, RUN_FILE, ARCHIVE_FILE) if not (p / f).is_file()]
+        if missing:
+            raise RunDirError(f"{p} is not an evomerge run directory (missing {', '.join(missing)})")
+        return RunDir(p)
+
+    def archive(self, readonly: bool = False) -> Archive:
+        return Archive.open(self.archive_path, readonly=readonly)
+
+    # ------------------------------------------------------------------------------------- space
+
+    def snapshot_space(self, check_models: bool = True) -> Space:
+        """The space the run was started with (relative paths resolved against the original file's folder)."""
+        import yaml
+
+        text = self.space_path.read_text(encoding="utf-8")
+        info = self.info()
+        base_dir = Path(info.get("space_dir") or self.path)
+        return space_from_dict(yaml.safe_load(text), where=str(self.space_path), base_dir=base_dir, text=text,
+                               path=Path(info["space_path"]) if info.get("space_path") else None,
+                               check_models=check_models)
+
+    def check_resumable(self, new: Space, old: Space) -> list[str]:
+        """Fields that differ between ``old`` (the snapshot) and ``new``; refuses any not safe to change.
+
+        Returns the dotted paths of the (safe) fields that changed.
+        """
+        a, b = _flatten(old.raw.model_dump(mode="json")), _flatten(new.raw.model_dump(mode="json"))
+        changed = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+        unsafe = [k for k in changed if not any(k == s or k.startswith(s + ".") for s in SAFE_ON_RESUME)]
+        if unsafe:
+            shown = "; ".join(f"{k}: {_show(a.get(k, _MISSING))} -> {_show(b.get(k, _MISSING))}" for k in unsafe[:8])
+            raise ConfigError(
+                f"{new.where}: the search space differs from the one run {self.path} was started with ({shown}). "
+                f"Only {', '.join(SAFE_ON_RESUME)} may change on resume; start a new run for the rest")
+        return changed
+
+    # ------------------------------------------------------------------------------------- lock
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock; a second process on the same run is refused with the holder's pid."""
+        fh = open(self.path / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held for the block
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise RunDirError(f"{self.path} is being run by another evomerge process ({holder}); "
+                              "wait for it or stop it first") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    # ------------------------------------------------------------------------------------- checkpoint
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Replace the checkpoint atomically (temporary file, fsync, rename)."""
+        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            hook("checkpoint_write")
+            os.replace(tmp, self.checkpoint_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        if not self.checkpoint_path.is_file():
+            return None
+        try:
+            with open(self.checkpoint_path, "rb") as fh:
+                state = pickle.load(fh)  # noqa: S301 - our own file, written by this run
+        except Exception as exc:  # noqa: BLE001
+            raise RunDirError(f"{self.checkpoint_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                              "nothing was changed") from None
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise RunDirError(f"{self.checkpoint_path}: not an evomerge checkpoint")
+        return state
+
+    def clean_temporaries(self) -> None:
+        """Remove temporary files an interrupted checkpoint write left behind."""
+        for tmp in self.path.glob(".checkpoint.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    # ------------------------------------------------------------------------------------- log
+
+    def log(self, message: str) -> None:
+        with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    return "(absent)" if v is _MISSING else repr(v)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}

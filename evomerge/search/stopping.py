@@ -1,0 +1,59 @@
+"""Stopping rules of a search: budget, wall time, no improvement for N evaluations, a target score."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StoppingRules:
+    """When a search stops asking for candidates (checked before every ask; in-flight work is finished)."""
+
+    budget: int
+    wall_time: float | None = None  # seconds of search, summed over sessions
+    no_improvement: int | None = None  # evaluations since the best one
+    target: float | None = None  # stop once the best aggregate reaches this
+
+    def reason(self, progress: SearchProgress, elapsed: float) -> str | None:
+        """Why the search should stop now, or None."""
+        if progress.evaluations >= self.budget:
+            return f"budget of {self.budget} evaluations reached"
+        if self.target is not None and progress.best is not None and progress.best >= self.target:
+            return f"target {self.target:g} reached (best {progress.best:.6g})"
+        if self.no_improvement is not None and progress.best is not None \
+                and progress.since_best >= self.no_improvement:
+            return f"no improvement for {progress.since_best} evaluations"
+        if self.wall_time is not None and elapsed >= self.wall_time:
+            return f"wall time of {self.wall_time:g}s reached"
+        return None
+
+
+class SearchProgress:
+    """Running counts over finished evaluations in archive order: total, best, evaluations since the best."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0
+        self.failed = 0
+        self.best: float | None = None
+        self.best_id: int | None = None
+        self.since_best = 0
+
+    def add(self, candidate_id: int, aggregate: float, ok: bool) -> bool:
+        """Count one evaluation; True when it is a new best."""
+        self.evaluations += 1
+        if not ok:
+            self.failed += 1
+        if ok and math.isfinite(aggregate) and (self.best is None or aggregate > self.best):
+            self.best, self.best_id, self.since_best = aggregate, candidate_id, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @staticmethod
+    def of(records: Iterable[tuple[int, float, bool]]) -> SearchProgress:
+        p = SearchProgress()
+        for cid, agg, ok in records:
+            p.add(cid, agg, ok)
+        return p

@@ -1,0 +1,315 @@
+"""Population manager (Algorithm 1) on a fake backend: pairing rules, stopping rules, revival, resume.
+
+The fake backend gives every model a small "task vector" (numpy); a child's vector is a weighted mix of its
+parents', so kinship is a real Pearson correlation, and its score is a deterministic function of the parents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.search.population import (
+    Member,
+    PairPlan,
+    PairResult,
+    PopulationConfig,
+    PopulationManager,
+    exploration_partner,
+    pair_key,
+    plan_generation,
+    revival_choices,
+    top_k,
+)
+
+ScoreFn = Callable[[Member, Member, str], float]
+
+
+def _noise(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF - 0.5
+
+
+class FakeBackend:
+    def __init__(self, vectors: Mapping[str, np.ndarray], scores: Mapping[str, float], score_fn: ScoreFn,
+                 metric: str = "pcc", evals_per_pair: int | None = None) -> None:
+        self.vectors = {k: np.asarray(v, float) for k, v in vectors.items()}
+        self.scores = dict(scores)
+        self.score_fn = score_fn
+        self.metric = metric
+        self.evals = 0
+        self.log: list[dict[str, Any]] = []
+        self.pairs_run: list[tuple[str, str, int, int]] = []
+        self.children: dict[str, Member] = {}
+        self.fail_after: int | None = None
+        self.evals_per_pair = evals_per_pair
+        self.kinship_calls = 0
+
+    def originals(self) -> list[Member]:
+        return [Member(k, self.scores[k]) for k in self.scores]
+
+    def kinship(self, a: str, b: str) -> float:
+        self.kinship_calls += 1
+        x, y = self.vectors[a], self.vectors[b]
+        if self.metric == "ed":
+            return float(np.linalg.norm(x - y))
+        if self.metric == "cos":
+            return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+        return float(np.corrcoef(x, y)[0, 1])
+
+    def run_pair(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
+        if self.fail_after is not None and len(self.pairs_run) >= self.fail_after:
+            raise RuntimeError("simulated crash")
+        used = max(1, budget) if self.evals_per_pair is None else min(self.evals_per_pair, max(1, budget))
+        self.evals += used
+        a, b = self._member(plan.a), self._member(plan.b)
+        key = f"g{generation}:{plan.key[0]}+{plan.key[1]}"
+        self.vectors[key] = 0.5 * (self.vectors[plan.a] + self.vectors[plan.b]) + 0.05 * np.array(
+            [_noise(f"{key}:{i}") for i in range(len(self.vectors[plan.a]))])
+        child = Member(key, self.score_fn(a, b, key), generation, (plan.a, plan.b), candidate_id=self.evals)
+        self.children[key] = child
+        self.pairs_run.append((plan.a, plan.b, generation, used))
+        return PairResult(child, used)
+
+    def _member(self, key: str) -> Member:
+        return self.children[key] if key in self.children else Member(key, self.scores[key])
+
+    def evaluations(self) -> int:
+        return self.evals
+
+    def events(self) -> list[dict[str, Any]]:
+        return [dict(e) for e in self.log]
+
+    def record_event(self, kind: str, payload: Mapping[str, Any]) -> None:
+        self.log.append({"kind": kind, "payload": dict(payload)})
+
+
+def _vectors(n: int, dim: int = 12, seed: int = 0, shared: float = 0.0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=dim)
+    return {f"m{i}": shared * common + rng.normal(size=dim) for i in range(n)}
+
+
+def _gain_fn(a: Member, b: Member, key: str) -> float:
+    """Children beat their parents' mean by a small, deterministic, pair-dependent amount."""
+    return 0.5 * (a.score + b.score) + 0.08 + 0.02 * _noise(key)
+
+
+def _events(backend: FakeBackend, kind: str) -> list[dict[str, Any]]:
+    return [e["payload"] for e in backend.log if e["kind"] == kind]
+
+
+# ------------------------------------------------------------------------------------------------- rules
+
+
+def test_pairing_rules_over_a_whole_run() -> None:
+    scores = {"m0": 0.50, "m1": 0.45, "m2": 0.40, "m3": 0.30, "m4": 0.20}
+    backend = FakeBackend(_vectors(5), scores, _gain_fn)
+    cfg = PopulationConfig(k=3, pair_budget=2, max_revivals=0, saturation=None, max_generations=6)
+    out = PopulationManager(backend, cfg, budget=1000).run()
+
+    plans = _events(backend, "generation_plan")
+    ends = {e["generation"]: e for e in _events(backend, "generation_end")}
+    # generation 1: every pair of the 5 starting models, nothing else
+    g1 = {pair_key(p["a"], p["b"]) for p in plans[0]["plans"]}
+    assert g1 == {pair_key(f"m{i}", f"m{j}") for i in range(5) for j in range(i + 1, 5)}
+    assert {p["reason"] for p in plans[0]["plans"]} == {"initial"}
+    assert len(plans) >= 3
+    merged_before: set[tuple[str, str]] = set(g1)
+    for plan in plans[1:]:
+        g = plan["generation"]
+        top = ends[g - 1]["top"]
+        expected_topk = {pair_key(top[i], top[j]) for i in range(3) for j in range(i + 1, 3)} - merged_before
+        got = [p for p in plan["plans"]]
+        assert {pair_key(p["a"], p["b"]) for p in got if p["reason"] == "top-k"} == expected_topk
+        explore = [p for p in got if p["reason"] == "exploration"]
+        assert len(explore) == 1
+        ex = explore[0]
+        assert ex["a"] == top[0]
+        # the partner has the lowest kinship to the best among all members whose pair is still free
+        members = [k for k in (*scores, *[c for c in backend.children if backend.children[c].generation < g])]
+        free = [m for m in members if m != top[0] and pair_key(top[0], m) not in merged_before | expected_topk]
+        kin = {m: backend.kinship(top[0], m) for m in free}
+        assert ex["b"] == min(kin, key=kin.get)
+        assert ex["kinship"] == pytest.approx(kin[ex["b"]])
+        merged_before |= {pair_key(p["a"], p["b"]) for p in got}
+    # no pair merged twice, and every pair run was planned
+    ran = [pair_key(a, b) for a, b, _, _ in backend.pairs_run]
+    assert len(ran) == len(set(ran))
+    assert out.evaluations == sum(u for *_, u in backend.pairs_run) == 2 * len(ran)
+    assert out.best.key == top_k(list(backend.children.values()) + backend.originals(), 1)[0].key
+
+
+def test_ed_exploration_takes_the_largest_distance() -> None:
+    vec = {"a": np.array([0.0, 0.0]), "b": np.array([1.0, 0.0]), "c": np.array([3.0, 4.0]),
+           "d": np.array([0.0, 2.0])}
+    backend = FakeBackend(vec, {"a": 0.9, "b": 0.5, "c": 0.1, "d": 0.4}, _gain_fn, metric="ed")
+    members = backend.originals()
+    cfg = PopulationConfig(k=2, metric="ed")
+    assert exploration_partner("a", members, backend.kinship, "ed", set()) == ("c", 5.0)
+    assert exploration_partner("a", members, backend.kinship, "ed", {pair_key("a", "c")}) == ("d", 2.0)
+    plans = plan_generation(top_k(members, 2), members, set(), backend.kinship, cfg)
+    assert [(p.a, p.b, p.reason) for p in plans] == [("a", "b", "top-k"), ("a", "c", "exploration")]
+    # without kinship exploration (plain Top-k greedy) only the top-k pair remains
+    plain = plan_generation(top_k(members, 2), members, set(), backend.kinship, PopulationConfig(k=2, explore=False))
+    assert [(p.a, p.b) for p in plain] == [("a", "b")]
+
+
+def test_stop_when_topk_does_not_change() -> None:
+    """Children worse than every original: the top-k stays the originals, the run stops after generation 2."""
+    scores = {"m0": 0.9, "m1": 0.8, "m2": 0.7, "m3": 0.1}
+    backend = FakeBackend(_vectors(4), scores, lambda a, b, k: 0.0 + 0.01 * _noise(k))
+    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0, saturation=None), budget=500).run()
+    assert out.stop_reason.startswith("converged")
+    assert out.generations == 2
+    assert [m.key for m in out.top] == ["m0", "m1", "m2"]
+    ends = _events(backend, "generation_end")
+    assert ends[0]["top"] == ends[1]["top"] == ["m0", "m1", "m2"]
+    # generation 2: top-k pairs all merged in generation 1, so only the exploration merge ran
+    g2 = [p for p in _events(backend, "generation_plan")[1]["plans"]]
+    assert [p["reason"] for p in g2] == ["exploration"]
+
+
+def test_stop_on_kinship_saturation() -> None:
+    vec = _vectors(4, shared=8.0)  # strongly shared direction: pairwise Pearson > 0.9
+    backend = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
+    km = [backend.kinship(f"m{i}", f"m{j}") for i in range(4) for j in range(i + 1, 4)]
+    assert min(km) > 0.9
+    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0), budget=500).run()
+    assert out.stop_reason.startswith("saturated")
+    assert out.generations == 1
+    # the same population with the threshold off keeps going
+    backend2 = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
+    out2 = PopulationManager(backend2, PopulationConfig(k=3, max_revivals=0, saturation=None), budget=500).run()
+    assert out2.generations > 1
+
+
+def test_stop_at_budget_and_max_generations() -> None:
+    scores = {"m0": 0.5, "m1": 0.4, "m2": 0.3, "m3": 0.2}
+    backend = FakeBackend(_vectors(4), scores, _gain_fn)
+    out = PopulationManager(backend, PopulationConfig(k=3, pair_budget=4, saturation=None), budget=10).run()
+    assert out.stop_reason.startswith("budget")
+    assert out.evaluations == 10  # 4 + 4 + the last pair cut to the 2 evaluations left
+    assert [u for *_, u in backend.pairs_run] == [4, 4, 2]
+    backend = FakeBackend(_vectors(4), scores, _gain_fn)
+    out = PopulationManager(backend, PopulationConfig(k=3, saturation=None, max_generations=2, max_revivals=0),
+                            budget=1000).run()
+    assert out.stop_reason.startswith(("max_generations", "converged"))
+    assert out.generations <= 2
+
+
+def test_revival_picks_high_score_low_kinship_abandoned_members() -> None:
+    scores = {"m0": 0.9, "m1": 0.8, "m2": 0.7, "m3": 0.6, "m4": 0.55}
+    backend = FakeBackend(_vectors(5, seed=3), scores, lambda a, b, k: 0.0 + 0.01 * _noise(k))
+    cfg = PopulationConfig(k=2, saturation=None, revive_after=1, revive_count=1, max_revivals=2, explore=False)
+    out = PopulationManager(backend, cfg, budget=1000).run()
+    plans = _events(backend, "generation_plan")
+    revivals = [p["revival"] for p in plans if p.get("revival")]
+    assert revivals, "the best stalled: a revival must be recorded"
+    first = revivals[0]
+    assert "has not improved" in first["reason"] or first["reason"].startswith(("converged", "exhausted"))
+    # the choice equals the documented priority over the abandoned members at that time
+    end = next(e for e in _events(backend, "generation_end") if e["generation"] == first["generation"])
+    pop = [m for m in backend.originals()] + [c for c in backend.children.values()
+                                               if c.generation <= first["generation"]]
+    top = [m for m in pop if m.key in end["top"]]
+    merged = {pair_key(a, b) for a, b, g, _ in backend.pairs_run if g <= first["generation"]}
+    want = revival_choices(pop, sorted(top, key=lambda m: -m.score), backend.kinship, cfg, set(), merged)
+    assert [r["key"] for r in first["revived"]] == [w[0].key for w in want]
+    assert all(r["key"] not in end["top"] for r in first["revived"])
+    # the generation after a revival pairs the revived member with the top-k
+    nxt = next(p for p in plans if p["generation"] == first["generation"] + 1)
+    assert any(p["reason"] == "revival" and first["revived"][0]["key"] in (p["a"], p["b"]) for p in nxt["plans"])
+    assert len(revivals) <= 2 and out.stop_reason
+
+
+def test_revival_priority_prefers_low_kinship() -> None:
+    vec = {"t": np.array([1.0, 0.0, 0.0, 1.0]), "near": np.array([1.0, 0.1, 0.0, 1.0]),
+           "far": np.array([-1.0, 0.0, 1.0, 0.0])}
+    backend = FakeBackend(vec, {"t": 0.9, "near": 0.5, "far": 0.49}, _gain_fn)
+    members = backend.originals()
+    top = [members[0]]
+    cfg = PopulationConfig(k=2, revive_count=1)
+    assert revival_choices(members, top, backend.kinship, cfg, set())[0][0].key == "far"
+    score_only = PopulationConfig(k=2, revive_count=1, revive_kinship_weight=0.0)
+    assert revival_choices(members, top, backend.kinship, score_only, set())[0][0].key == "near"
+    assert revival_choices(members, top, backend.kinship, cfg, {"far"})[0][0].key == "near"
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _fingerprint(backend: FakeBackend) -> list[tuple[str, Any]]:
+    out = []
+    for e in backend.log:
+        p = {k: v for k, v in e["payload"].items() if k != "reason" or e["kind"] != "stop"}
+        out.append((e["kind"], repr(sorted(p.items()))))
+    return out
+
+
+@pytest.mark.parametrize("crash_after", [2, 7, 11])
+def test_resume_mid_generation_matches_an_uninterrupted_run(crash_after: int) -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3, "m4": 0.2}
+    cfg = PopulationConfig(k=3, pair_budget=3, saturation=None, max_revivals=1, max_generations=5)
+    ref = FakeBackend(_vectors(5), scores, _gain_fn)
+    ref_out = PopulationManager(ref, cfg, budget=200).run()
+
+    crashing = FakeBackend(_vectors(5), scores, _gain_fn)
+    crashing.fail_after = crash_after
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        PopulationManager(crashing, cfg, budget=200).run()
+    assert len(crashing.pairs_run) == crash_after
+    # a fresh manager on the same stored state (events, children, evaluations) continues where it stopped
+    crashing.fail_after = None
+    out = PopulationManager(crashing, cfg, budget=200).run()
+    assert [(a, b, g) for a, b, g, _ in crashing.pairs_run] == [(a, b, g) for a, b, g, _ in ref.pairs_run]
+    assert _fingerprint(crashing) == _fingerprint(ref)
+    assert out.best.key == ref_out.best.key and out.stop_reason == ref_out.stop_reason
+    # resuming a finished run runs nothing more
+    n = len(crashing.pairs_run)
+    again = PopulationManager(crashing, cfg, budget=200).run()
+    assert len(crashing.pairs_run) == n and again.best.key == ref_out.best.key
+
+
+def test_resume_between_generation_end_and_next_plan() -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=4)
+    ref = FakeBackend(_vectors(4), scores, _gain_fn)
+    PopulationManager(ref, cfg, budget=100).run()
+    cut = next(i for i, e in enumerate(ref.log) if e["kind"] == "generation_end") + 1
+    partial = FakeBackend(_vectors(4), scores, _gain_fn)
+    # replay the reference's first generation into the store, as if the process died right after its end
+    for e in ref.log[:cut]:
+        partial.log.append(e)
+    for a, b, g, u in ref.pairs_run:
+        if g == 1:
+            partial.run_pair(PairPlan(a, b, "initial"), 1, u)
+    PopulationManager(partial, cfg, budget=100).run()
+    assert _fingerprint(partial) == _fingerprint(ref)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="population.k"):
+        PopulationConfig(k=1)
+    with pytest.raises(ConfigError, match="population.metric"):
+        PopulationConfig(metric="l2")
+    with pytest.raises(ConfigError, match="population.bogus: unknown key"):
+        PopulationConfig.from_dict({"bogus": 1})
+    cfg = PopulationConfig.from_dict({"k": 4, "cache_disk": "1GB", "seed_models": ["a", "b"], "pair_budget": 0})
+    assert cfg.k == 4 and cfg.cache_disk_bytes == 10**9 and cfg.seed_models == ("a", "b") and cfg.pair_budget == 0
+    backend = FakeBackend(_vectors(3), {"m0": 0.1, "m1": 0.2, "m2": 0.3}, _gain_fn)
+    with pytest.raises(ConfigError, match=r"seed_models: \['zz'\]"):
+        PopulationManager(backend, PopulationConfig(seed_models=("m0", "zz")), budget=10).run()
+
+
+def test_seed_set_restricts_generation_one() -> None:
+    backend = FakeBackend(_vectors(4), {"m0": 0.1, "m1": 0.2, "m2": 0.3, "m3": 0.4}, _gain_fn)
+    PopulationManager(backend, PopulationConfig(seed_models=("m1", "m3"), max_generations=1), budget=10).run()
+    g1 = _events(backend, "generation_plan")[0]["plans"]
+    assert [(p["a"], p["b"]) for p in g1] == [("m1", "m3")]
+    assert math.isfinite(backend.children["g1:m1+m3"].score)
