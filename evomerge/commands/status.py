@@ -1,4 +1,4 @@
-"""`evomerge status RUN_DIR`: progress of a run: evaluations, generation, top-k, the last decision."""
+"""`evomerge status RUN_DIR`: progress, rate, ETA, leaderboard and time breakdown (safe while a run writes)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import argparse
 from pathlib import Path
 
 NAME = "status"
-HELP = "show a run's progress: evaluations, current generation, top-k and the last population decision"
+HELP = "show a run's progress: evaluations, rate, ETA, leaderboard, where the time went (and population state)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="the run directory (runs/<name>)")
+    parser.add_argument("--top", type=int, default=5, help="rows of the leaderboard (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.report.load import status_text
+    from evomerge.search.status import status_text
 
-    print(status_text(args.run_dir))
+    print(status_text(args.run_dir, top=args.top))
     return 0

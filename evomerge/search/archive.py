@@ -165,10 +165,10 @@ class Archive:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
             if create:
-                with self._tx() as db:
-                    db.executescript(_SCHEMA)
-                    db.executescript(_TRIGGERS)
-                    db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+                # executescript commits on its own: the schema goes in as one script-level transaction
+                self._db.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + _TRIGGERS
+                                       + f"INSERT INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}');\n"
+                                       + "COMMIT;\n")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise RunDirError(f"{self.path}: the archive is corrupt or not an evomerge archive ({exc}); "

@@ -1,0 +1,190 @@
+"""Export a run's chosen candidate as a normal Hugging Face folder, with its recipe, scores and lineage.
+
+The weights come from the streaming merge engine (never the resident model), so an export needs the memory of
+one tensor per model, not of a model. The folder appears atomically: everything is written into a temporary
+sibling that is renamed at the end, so a failed export leaves nothing behind (and an existing folder is only
+replaced with ``overwrite``).
+
+Files added to the merge engine's output: ``README.md`` (model card: scores, recipe, lineage, evaluation
+settings, how to reproduce), ``evomerge_recipe.yaml`` (re-runnable with ``evomerge merge``),
+``mergekit_config.yml`` (when the recipe is expressible in mergekit), ``evomerge_lineage.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.atomic import atomic_output_dir
+from evomerge.errors import ConfigError, RunDirError
+from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.search.archive import Archive, CandidateRecord
+from evomerge.search.run import RunDir
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    out_dir: Path
+    candidate_id: int
+    search_score: float
+    test_score: float | None
+    mergekit: bool
+    seconds: float
+
+
+def choose_candidate(archive: Archive, candidate_id: int | None, rank_by: str) -> CandidateRecord:
+    """The candidate to export: the one asked for, else the best by search score or by test re-score."""
+    if candidate_id is not None:
+        rec = archive.get(candidate_id)
+        if rec is None:
+            raise RunDirError(f"{archive.path}: no candidate {candidate_id} (ids 1..{archive.max_id()})")
+        if not rec.ok:
+            raise RunDirError(f"candidate {candidate_id} failed its evaluation ({rec.error}); nothing to export")
+        return rec
+    if rank_by not in ("search", "test"):
+        raise ConfigError(f"--rank-by {rank_by!r}: use search or test")
+    best = archive.best(1, rank_by=rank_by)
+    if not best:
+        if rank_by == "test":
+            raise RunDirError(f"{archive.path}: no candidate was scored on the test split yet "
+                              "(the search re-scores its best at the end); use --rank-by search or --candidate ID")
+        raise RunDirError(f"{archive.path}: no successful evaluation to export yet")
+    return best[0]
+
+
+def recipe_with_paths(recipe: Recipe, paths: Mapping[str, str]) -> Recipe:
+    """The archived recipe (model keys) with every key replaced by its folder, so it runs anywhere."""
+    missing = [k for k in recipe.model_keys() if k not in paths]
+    if missing:
+        raise RunDirError(f"recipe models {missing} are not models of this run (known: {sorted(paths)})")
+    return dataclasses.replace(
+        recipe,
+        base_model=paths[recipe.base_model] if recipe.base_model is not None else None,
+        models=tuple(ModelEntry(paths[m.model], dict(m.parameters)) for m in recipe.models),
+        tokenizer_source=paths.get(recipe.tokenizer_source or "", recipe.tokenizer_source),
+    )
+
+
+def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                     candidate_id: int | None = None, rank_by: str = "search", overwrite: bool = False,
+                     device: str = "cpu", dtype: str | None = None, max_shard_size: str = "5GB",
+                     progress: bool = True) -> ExportSummary:
+    import time
+
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe_io import mergekit_yaml, recipe_yaml
+
+    t0 = time.perf_counter()
+    run = RunDir.open(run_dir)
+    target = Path(out_dir)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"output folder {target} already exists; pass --overwrite to replace it")
+    with run.archive(readonly=True) as archive:
+        rec = choose_candidate(archive, candidate_id, rank_by)
+        paths: dict[str, str] = archive.get_meta("models", {}) or {}
+        refs: dict[str, str] = archive.get_meta("model_refs", {}) or {}
+        test = archive.rescore(rec.id, "test")
+        lineage = archive.lineage(rec.id)
+    recipe = Recipe.from_dict(rec.recipe, where=f"candidate {rec.id} recipe")
+    resolved = recipe_with_paths(recipe, paths)
+    try:
+        mk_text: str | None = mergekit_yaml(resolved)
+        mk_reason = ""
+    except ConfigError as exc:
+        mk_text, mk_reason = None, str(exc)
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        merge_to_disk(resolved, tmp, device=device, dtype=dtype, max_shard_size=max_shard_size, overwrite=True,
+                      progress=progress, where=f"candidate {rec.id}")
+        (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(resolved), encoding="utf-8")
+        if mk_text is not None:
+            (tmp / "mergekit_config.yml").write_text(mk_text, encoding="utf-8")
+        (tmp / "evomerge_lineage.json").write_text(json.dumps({
+            "run": str(run.path.resolve()), "candidate": rec.id, "lineage": lineage, "models": paths,
+            "model_refs": refs, "scores": {"search": rec.scores, "search_aggregate": rec.aggregate,
+                                           "test": test.scores if test else None,
+                                           "test_aggregate": test.aggregate if test else None},
+            "settings": rec.settings}, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(run, rec, test, refs, lineage, recipe_yaml(resolved), mk_text,
+                                                  mk_reason), encoding="utf-8")
+    return ExportSummary(target, rec.id, rec.aggregate, test.aggregate if test else None, mk_text is not None,
+                         time.perf_counter() - t0)
+
+
+def _lineage_lines(node: Mapping[str, Any], refs: Mapping[str, str], depth: int = 0) -> list[str]:
+    pad = "  " * depth
+    if "model" in node:
+        key = node["model"]
+        return [f"{pad}- original model `{key}`: {refs.get(key, node.get('path'))}"]
+    lines = [f"{pad}- candidate {node['candidate']} ({node.get('method')}, generation {node.get('generation')}, "
+             f"fitness {node.get('aggregate', float('nan')):.4f})"]
+    for p in node.get("parents", []):
+        lines += _lineage_lines(p, refs, depth + 1)
+    return lines
+
+
+def model_card(run: RunDir, rec: CandidateRecord, test: Any, refs: Mapping[str, str], lineage: Mapping[str, Any],
+               recipe_text: str, mergekit_text: str | None, mergekit_reason: str) -> str:
+    """A Hugging Face model card: what was merged, how, how well it scores and how to reproduce it."""
+    base_ref = refs.get("base", "")
+    rows = ["| task | metric | search | test |", "|---|---|---|---|"]
+    for task, s in rec.scores.items():
+        t = test.scores.get(task, {}).get("value") if test is not None else None
+        rows.append(f"| {task} | {s['metric']} | {s['value']:.4f} | {'-' if t is None else f'{t:.4f}'} |")
+    rows.append(f"| **aggregate** | weighted | **{rec.aggregate:.4f}** | "
+                f"{'-' if test is None else f'**{test.aggregate:.4f}**'} |")
+    settings = dict(rec.settings)
+    versions = settings.pop("versions", {})
+    tasks = settings.pop("tasks", [])
+    task_lines = [f"- `{t.get('name')}`: {t.get('kind')} `{t.get('source')}`, metric {t.get('metric')}, "
+                  f"limit {t.get('limit')}, few-shot {t.get('num_fewshot')}, weight {t.get('weight')}" for t in tasks]
+    mk = (f"```yaml\n{mergekit_text}```" if mergekit_text is not None
+          else f"Not expressible in mergekit: {mergekit_reason}")
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge"]
+    if base_ref and not base_ref.startswith("zoo:"):
+        front += [f"base_model: {base_ref}"]
+    front.append("---")
+    return "\n".join([
+        *front, "",
+        f"# {run.name} candidate {rec.id}", "",
+        f"Merged by evomerge (evolutionary model merging) from run `{run.name}`: method "
+        f"`{rec.method}`, chosen from {_count(run)} evaluated candidates.", "",
+        "## Scores", "", *rows, "",
+        "Aggregate: weighted mean of task scores (minimized metrics negated); higher is better.", "",
+        "## Evaluation settings", "", *task_lines,
+        f"- other settings: `{json.dumps(settings, sort_keys=True, default=str)}`",
+        f"- versions: `{json.dumps(versions, sort_keys=True)}`", "",
+        "## Lineage", "", *_lineage_lines(lineage, refs), "",
+        "## Recipe", "", "Re-run with `evomerge merge evomerge_recipe.yaml OUT`:", "",
+        f"```yaml\n{recipe_text}```", "", "### mergekit", "", mk, "",
+    ])
+
+
+def _count(run: RunDir) -> int:
+    with run.archive(readonly=True) as archive:
+        return archive.count()
+
+
+def verify_export(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], candidate_id: int,
+                  device: str = "cpu") -> tuple[float, float]:
+    """(score of the exported folder loaded with plain transformers, the archive's score) on the search split."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.fitness.evaluator import Evaluator
+
+    run = RunDir.open(run_dir)
+    space = run.snapshot_space(check_models=False)
+    with run.archive(readonly=True) as archive:
+        rec = archive.get(candidate_id)
+    if rec is None:
+        raise RunDirError(f"no candidate {candidate_id} in {run.path}")
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).to(device)
+    result = Evaluator(space.fitness, str(out_dir), device).score(model, "search")
+    if not result.ok:
+        raise RunDirError(f"the exported model at {out_dir} failed to score: {result.error}")
+    return result.aggregate, rec.aggregate

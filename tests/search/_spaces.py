@@ -1,0 +1,77 @@
+"""Search spaces over the micro zoo for tests (built once in the tests' cache, tiny, fast)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MICRO_FITNESS: dict[str, Any] = {
+    "batch_size": 64,
+    "seed": 0,
+    "limit": 24,
+    "tasks": [
+        {"name": s, "metric": "token_acc",
+         "jsonl": {"search": f"zoo:micro/data/{s}/search.jsonl", "test": f"zoo:micro/data/{s}/test.jsonl"}}
+        for s in ("add", "rev", "sort", "enc")
+    ],
+}
+
+MICRO_SPACE: dict[str, Any] = {
+    "name": "micro",
+    "seed": 0,
+    "models": {"base": "zoo:micro/base",
+               "fine_tunes": {s: f"zoo:micro/{s}" for s in ("add", "rev", "sort", "enc")}},
+    "fitness": MICRO_FITNESS,
+    "methods": {"task_arithmetic": {"weight": [0.0, 1.0]}, "ties": {"weight": [0.0, 1.0], "density": [0.3, 1.0]}},
+    "granularity": "per_layer",
+    "optimizer": {"name": "CMA", "budget": 8},
+    "progress_interval": 0,
+    "test_top": 1,
+}
+
+
+def micro_space(**overrides: Any) -> dict[str, Any]:
+    """A copy of the micro space with top-level keys replaced (``optimizer={...}`` etc.)."""
+    data = copy.deepcopy(MICRO_SPACE)
+    data.update(copy.deepcopy(overrides))
+    return data
+
+
+def write_space(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class RecipeScoreWorker:
+    """A model-free worker: a smooth score of the recipe's numbers (peak at 0.7), failures on request.
+
+    Lets loop tests run hundreds of candidates in a second; the real merge+evaluate path is covered by the
+    micro-zoo tests.
+    """
+
+    def __init__(self, fail_ids: set[int] = frozenset(), lose_once: set[int] = frozenset()) -> None:
+        self.fail_ids = set(fail_ids)
+        self.lose_once = set(lose_once)
+        self.calls: list[tuple[int, int]] = []
+
+    def evaluate(self, job: Any) -> Any:
+        from evomerge.executors.base import EvalOutcome
+        from evomerge.fitness.result import EvalResult, TaskScore
+
+        self.calls.append((job.candidate_id, job.attempt))
+        if job.candidate_id in self.lose_once and job.attempt == 0:
+            return EvalOutcome(job=job, result=EvalResult.failure("worker died", -1.0), worker="w0", lost=True)
+        if job.candidate_id in self.fail_ids:
+            return EvalOutcome(job=job, result=EvalResult.failure("boom", -1.0), worker="w0")
+        values: list[float] = []
+        for m in job.recipe.models:
+            for pv in m.parameters.values():
+                for entry in pv.entries:
+                    values.extend(float(v) for v in entry.values)
+        score = 1.0 - sum((v - 0.7) ** 2 for v in values) / max(1, len(values))
+        task = TaskScore("fake", "score", score)
+        return EvalOutcome(job=job, result=EvalResult(aggregate=score, tasks=(task,)), worker="w0",
+                           eval_seconds=0.001)

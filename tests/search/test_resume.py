@@ -1,0 +1,90 @@
+"""SIGKILL a running search at several points, resume each time: the archive equals an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _spaces import micro_space, write_space
+
+from evomerge.search.run import RunDir
+
+BUDGET = 9
+# (hook point, arrival in that process): during an evaluation, while the checkpoint's temporary file is written,
+# inside the archive transaction, and after archiving but before telling the optimizer
+KILL_POINTS = [("evaluate", 3), ("checkpoint_write", 2), ("archive_commit", 2), ("after_record", 1)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _micro() -> None:
+    from evomerge.fitness.zoo import ensure_zoo
+
+    ensure_zoo("micro")
+
+
+def _cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("EVOMERGE_TEST_HOOK", None)
+    if hook:
+        env["EVOMERGE_TEST_HOOK"] = hook
+        env["EVOMERGE_TEST_HOOK_FILE"] = str(marker)
+    return subprocess.Popen([sys.executable, "-m", "evomerge", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the search ended before the hook: {proc.stdout.read().decode()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("hook never reached")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marker.unlink()
+
+
+def _archive(run: Path) -> list[tuple[int, str, float]]:
+    with RunDir.open(run).archive(readonly=True) as a:
+        return [(r.id, r.recipe_hash, round(r.aggregate, 9)) for r in a.results()]
+
+
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    space = write_space(tmp_path / "space.yaml", micro_space(optimizer={"name": "CMA", "budget": BUDGET},
+                                                             test_top=0))
+    runs = tmp_path / "runs"
+    ref = _cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()[-2000:]
+
+    marker = tmp_path / "hook"
+    point, nth = KILL_POINTS[0]
+    _kill_at(_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook=f"{point}@{nth}", marker=marker),
+             marker)
+    killed_counts = []
+    for point, nth in KILL_POINTS[1:]:
+        killed_counts.append(len(_archive(runs / "k")))
+        _kill_at(_cli("resume", str(runs / "k"), hook=f"{point}@{nth}", marker=marker), marker)
+    final = _cli("resume", str(runs / "k"))
+    out = final.communicate(timeout=300)[0].decode()
+    assert final.returncode == 0, out[-2000:]
+
+    got, want = _archive(runs / "k"), _archive(runs / "ref")
+    assert len(got) == BUDGET  # exactly the budget
+    assert len({h for _, h, _ in got}) == BUDGET  # no recipe twice
+    assert got == want  # every finished evaluation kept, the optimizer's state continued (same next asks)
+    assert not list((runs / "k").glob(".checkpoint.*.tmp"))
+    with RunDir.open(runs / "k").archive(readonly=True) as a:
+        sessions = a.events("session_start")
+        assert len(sessions) == len(KILL_POINTS) + 1
+        # killed mid-evaluation or mid-transaction: the candidate was re-submitted as it was
+        assert sessions[1]["data"]["resubmitted"] and sessions[3]["data"]["resubmitted"]
+        # killed after archiving but before the optimizer checkpoint: the result was told from the archive
+        assert len(a.events("replayed")) == 2
+    assert killed_counts == sorted(killed_counts)
