@@ -384,7 +384,7 @@ def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, 
         cfg_file = paths[BASE_KEY] / "config.json"
         if cfg_file.is_file():
             return LayerMap.from_config(json.loads(cfg_file.read_text())).num_layers
-        return 1
+        return 0  # unknown until the models exist
     folders = {}
     try:
         for key, p in paths.items():
@@ -421,7 +421,7 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
     if key == "layer_groups":
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
             raise ConfigError(f"{at}.layer_groups: expected a positive integer, got {arg!r}")
-        if arg > num_layers:
+        if num_layers and arg > num_layers:
             raise ConfigError(f"{at}.layer_groups: {arg} groups for a model of {num_layers} layers")
         return Granularity("layer_groups", groups=int(arg))
     if key == "tensor_kind":

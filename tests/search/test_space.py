@@ -112,3 +112,22 @@ def test_durations() -> None:
     assert parse_duration(2.5) == 2.5
     with pytest.raises(ValueError):
         parse_duration("-3m")
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "search_spaces"
+
+
+def test_shipped_realistic_space_validates_without_its_models() -> None:
+    space = load_space(SHIPPED / "mistral7b_leaderboard.yaml", check_models=False)
+    assert sorted(space.models) == ["openhermes", "wizardmath", "zephyr"]
+    assert space.granularity.groups == 8 and space.raw.executor.kind == "ray" and space.raw.workers == 4
+    assert [t.name for t in space.fitness.tasks][:2] == ["arc_challenge", "hellaswag"]
+
+
+def test_shipped_demo_space_validates_on_the_micro_zoo(micro_ok: None, tmp_path: Path) -> None:
+    """The demo space with its zoo swapped for the micro zoo (same skills), so the test builds nothing big."""
+    text = (SHIPPED / "demo.yaml").read_text().replace("zoo:demo/", "zoo:micro/")
+    (tmp_path / "demo.yaml").write_text(text)
+    space = load_space(tmp_path / "demo.yaml")
+    assert sorted(space.models) == ["add", "enc", "rev", "sort"]
+    assert [m.name for m in space.methods] == ["task_arithmetic", "ties"] and space.budget == 60
