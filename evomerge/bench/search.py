@@ -235,36 +235,57 @@ def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str
             "evaluations": budget, "recipe": best[1].to_dict()}
 
 
+def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namespace, seed: int,
+                      explore: bool, zoo_ref: str) -> dict[str, Any]:
+    """The search space of one population row (what `evomerge run` would be given)."""
+    if explore:
+        pop: dict[str, Any] = {"k": args.k, "pair_budget": args.pair_budget}
+    else:
+        pop = {"k": args.k, "pair_budget": args.pair_budget, "explore": False, "saturation": None, "max_revivals": 0}
+    pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init)}
+    return {
+        "name": f"bench-{'population' if explore else 'greedy'}-{seed}", "seed": seed,
+        "models": {"base": f"{zoo_ref}/base", "fine_tunes": {s: f"{zoo_ref}/{s}" for s in skills}},
+        "fitness": spec.model_dump(mode="json", exclude_none=True),
+        "methods": {"task_arithmetic": {"weight": [0.0, 1.5]}},
+        "optimizer": {"name": "CMA", "budget": args.budget},
+        "device": args.device, "progress_interval": 0, "test_top": 1,
+        "population": pop,
+    }
+
+
 def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, args: argparse.Namespace, seed: int,
                 explore: bool, run_dir: Path) -> dict[str, Any]:
+    """A population row as a run directory driven like `evomerge run` (archive, events, test re-score)."""
     from evomerge.executors.base import InProcessExecutor
-    from evomerge.search.population import PopulationConfig
-    from evomerge.search.population_backend import run_population
+    from evomerge.search.loop import StopFlag
+    from evomerge.search.population_driver import run_population_session
+    from evomerge.search.run import RunDir
+    from evomerge.search.space import space_from_dict
 
     label = f"{'population' if explore else 'greedy'} seed {seed}"
-    if explore:
-        cfg = PopulationConfig(k=args.k, pair_budget=args.pair_budget)
-    else:
-        cfg = PopulationConfig(k=args.k, pair_budget=args.pair_budget, explore=False, saturation=None, max_revivals=0)
+    zoo_ref = f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"
+    data = _population_space(zoo, list(originals), spec, args, seed, explore, zoo_ref)
+    space = space_from_dict(data, where=label, base_dir=run_dir.parent)
     shutil.rmtree(run_dir, ignore_errors=True)
+    run = RunDir.create(run_dir, space, argv=["bench", "search"])
     executor = InProcessExecutor(lambda: lab.worker, penalty=spec.effective_penalty)
     t0 = time.perf_counter()
-    from evomerge.search.population_backend import PairSpace
-
-    init: float | str = args.pair_init if args.pair_init == "kinship" else float(args.pair_init)
-    outcome, backend = run_population(run_dir, base=str(zoo / "base"), originals=originals, spec=spec, cfg=cfg,
-                                      budget=args.budget, seed=seed, executor=executor, space=PairSpace(init=init),
-                                      log=lambda m: _log(f"{label}: {m}"))
-    best = outcome.best
-    recipe = backend.recipe_of(best.key)
-    extra = {m.model: backend.model_path(m.model) for m in recipe.models if m.model not in originals}
-    tasks = lab.test_scores(recipe, extra)
+    summary = run_population_session(run, space, executor, stop=StopFlag(), log=lambda m: _log(f"{label}: {m}"),
+                                     progress=False)
+    with run.archive(readonly=True) as archive:
+        best = archive.best(1)[0]
+        res = archive.rescore(best.id, "test")
+        if res is None or res.status != "ok":
+            raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
+        tasks = {k: float(v["value"]) for k, v in res.scores.items()}
+        gens = [e["data"] for e in archive.events("generation_end")]
     mean = sum(tasks.values()) / len(tasks)
-    _log(f"{label}: best {best.key} search {best.score:.4f}, held-out {mean:.4f}, {outcome.generations} generations, "
-         f"stop: {outcome.stop_reason} ({time.perf_counter() - t0:.0f}s)")
-    return {"label": label, "seed": seed, "search": best.score, "test": mean, "tasks": tasks,
-            "evaluations": outcome.evaluations, "best": best.key, "parents": list(best.parents),
-            "generations": outcome.generations, "stop": outcome.stop_reason, "recipe": recipe.to_dict()}
+    _log(f"{label}: best #{best.id} ({' x '.join(map(str, best.parents))}) search {best.aggregate:.4f}, held-out "
+         f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s)")
+    return {"label": label, "seed": seed, "search": best.aggregate, "test": mean, "tasks": tasks,
+            "evaluations": summary.evaluations, "best": best.id, "parents": list(best.parents),
+            "generations": len(gens), "stop": summary.stop_reason, "recipe": best.recipe}
 
 
 def _table(results: Mapping[str, list[dict[str, Any]]], skills: Sequence[str], args: argparse.Namespace) -> str:

@@ -1,8 +1,12 @@
-"""Read a run directory's archive into :class:`RunData` (the report reads nothing else)."""
+"""Read a run directory's ``archive.sqlite`` into :class:`RunData` (the report reads nothing else).
+
+Both kinds of run: a plain search (candidates over evaluations, the best's per-task scores, a family tree of the
+best with the original models as its parents) and a population run (members and their parents from the
+``member``/``pair_done`` events, generations, kinship of the top models, merge gain vs parent kinship).
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -10,88 +14,100 @@ from typing import Any
 
 from evomerge.errors import RunDirError
 from evomerge.report.data import CandidateRow, MemberRow, RunData
+from evomerge.search.archive import Archive, CandidateRecord
 
 
-def find_store(run_dir: str | os.PathLike[str]) -> Path:
-    """The population store of ``run_dir`` (RunDirError naming what was looked for when missing)."""
-    from evomerge.search.population_backend import PopulationStore
+def find_archive(run_dir: str | os.PathLike[str]) -> Path:
+    """The archive of ``run_dir`` (RunDirError naming what was looked for when missing)."""
+    from evomerge.search.archive import FILE_NAME
 
     run = Path(run_dir)
     if not run.is_dir():
         raise RunDirError(f"run directory {run} does not exist")
-    path = run / PopulationStore.FILE
+    path = run / FILE_NAME
     if not path.is_file():
-        raise RunDirError(f"{run}: no archive found (looked for {PopulationStore.FILE})")
+        raise RunDirError(f"{run}: no archive found (looked for {FILE_NAME})")
     return path
 
 
+def _tasks(rec: CandidateRecord | Any) -> dict[str, float]:
+    return {k: float(v["value"]) for k, v in rec.scores.items() if isinstance(v, dict) and "value" in v}
+
+
+def _label(rec: CandidateRecord) -> str:
+    if rec.generation == 0 and len(rec.parents) == 1:
+        return str(rec.parents[0])
+    if rec.settings.get("mode") == "population":
+        return " x ".join(map(str, rec.parents))
+    return rec.method
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
-    """Candidates, members, kinship cache and events of a population run."""
-    from evomerge.search.population_backend import PopulationStore
-
-    store = PopulationStore.open_readonly(find_store(run_dir))
-    try:
-        settings = json.loads(store.get_meta("settings") or "{}")
-        metric = str(settings.get("population", {}).get("metric", "pcc"))
-        cands = store.candidates()
-        by_id = {c["id"]: c for c in cands}
-        rows = [CandidateRow(c["id"], float(c["score"]), bool(c["ok"]), c["tasks"], c["generation"],
-                             c["member"] or (c["pair"] or "").replace("|", " x "), c["recipe"], c["error"])
-                for c in cands]
-        members = []
-        for m, _recipe in store.members():
-            tasks = by_id.get(m.candidate_id, {}).get("tasks", {}) if m.candidate_id is not None else {}
-            members.append(MemberRow(m.key, m.score if math.isfinite(m.score) else None, m.generation, m.parents,
-                                     m.candidate_id, tasks))
-        kin = {(a, b): v for (a, b, _m), v in store.kinship_table(metric).items()}
-        events = store.events()
-        info: dict[str, Any] = {}
-        pop = settings.get("population", {})
-        if settings:
-            info["base"] = settings.get("base")
-            info["models"] = ", ".join(settings.get("originals", {}))
-            info["budget"] = settings.get("budget")
-            info["seed"] = settings.get("seed")
-            info["population"] = (f"k={pop.get('k')}, metric={metric}, pair_budget={pop.get('pair_budget')}, "
-                                  f"explore={pop.get('explore')}, saturation={pop.get('saturation')}")
-        stop = next((e["payload"].get("reason") for e in reversed(events) if e["kind"] == "stop"), None)
-        gens = [e["payload"] for e in events if e["kind"] == "generation_end"]
-        info["status"] = f"stopped: {stop}" if stop else (
-            f"running or interrupted (generation {gens[-1]['generation'] + 1 if gens else 1})")
-        tests = {}
-        for cid, splits in store.test_scores().items():
-            for split, v in splits.items():
-                tests[f"{split} (#{cid})"] = f"{v['score']:.4f} " + ", ".join(
-                    f"{k} {x:.3f}" for k, x in v["tasks"].items())
-        return RunData(Path(run_dir).resolve().name, rows, members, kin, metric, events, info, tests)
-    finally:
-        store.close()
+    """Candidates, members, kinship, events and test scores of a run (plain search or population)."""
+    with Archive.open(find_archive(run_dir), readonly=True) as archive:
+        records = archive.results("search")
+        by_id = {r.id: r for r in records}
+        rows = [CandidateRow(r.id, r.aggregate, r.ok, _tasks(r), r.generation, _label(r), r.recipe, r.error)
+                for r in records]
+        raw_events = archive.events()
+        events = [{"kind": e["kind"], "payload": e["data"], "time": e["time"]} for e in raw_events]
+        start = next((e["data"] for e in raw_events if e["kind"] == "population_start"), None)
+        models = archive.get_meta("models", {}) or {}
+        originals = [k for k in models if k != "base"]
+        info: dict[str, Any] = {"base": models.get("base"), "models": ", ".join(originals),
+                                "seed": archive.get_meta("seed")}
+        sessions = [e["data"] for e in raw_events if e["kind"] == "session_start"]
+        if sessions:
+            info["budget"] = sessions[-1].get("budget")
+        ends = [e["data"] for e in raw_events if e["kind"] == "session_end"]
+        info["status"] = (f"stopped: {ends[-1].get('reason')}" if ends and len(ends) >= len(sessions)
+                          else "running or interrupted")
+        if start is not None:
+            metric = str(start.get("metric", "pcc"))
+            info["population"] = (f"k={start.get('k')}, metric={metric}, pair_budget={start.get('pair_budget')}, "
+                                  f"explore={start.get('explore')}")
+            members = _population_members(raw_events, by_id)
+        else:
+            metric = "pcc"
+            info["mode"] = "search over the whole genome"
+            members = _search_members(archive, originals)
+        kin = {(a, b): v for (a, b, _m), v in archive.kinship_table(metric).items()}
+        tests: dict[str, str] = {}
+        for r in archive.best(len(records) or 1, rank_by="test"):
+            res = archive.rescore(r.id, "test")
+            if res is None:
+                continue
+            tests[f"test (#{r.id})"] = f"{res.aggregate:.4f} " + ", ".join(
+                f"{k} {v['value']:.3f}" for k, v in res.scores.items())
+    return RunData(Path(run_dir).resolve().name, rows, members, kin, metric, events, info, tests)
 
 
-def status_text(run_dir: str | os.PathLike[str]) -> str:
-    """Generation, top-k and the last decision of a population run (for ``evomerge status``)."""
-    data = load_run(run_dir)
-    lines = [f"run {data.name}: {len(data.candidates)} evaluations, {data.info.get('status')}"]
-    gens = data.generations()
-    plans = [e["payload"] for e in data.events if e["kind"] == "generation_plan"]
-    if plans:
-        cur = plans[-1]
-        done = {tuple(sorted((e["payload"]["a"], e["payload"]["b"]))) for e in data.events
-                if e["kind"] == "pair_done" and e["payload"]["generation"] == cur["generation"]}
-        lines.append(f"generation {cur['generation']}: {len(done)}/{len(cur['plans'])} pair merges done")
-    if gens:
-        last = gens[-1]
-        lines.append(f"top-k after generation {last['generation']}: "
-                     + ", ".join(f"{k} ({_score(data, k)})" for k in last["top"]))
-    best = data.best_candidate()
-    if best is not None:
-        lines.append(f"best: #{best.id} {best.label} fitness {best.score:.4f}")
-    dec = data.decisions()
-    if dec:
-        lines.append(f"last decision: {dec[-1][0]}: {dec[-1][1]}")
-    return "\n".join(lines)
+def _population_members(events: list[dict[str, Any]], by_id: dict[int, CandidateRecord]) -> list[MemberRow]:
+    out = []
+    for e in events:
+        p = e["data"]
+        if e["kind"] == "member":
+            cid = p.get("candidate_id")
+            rec = by_id.get(cid) if cid is not None else None
+            out.append(MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid, _tasks(rec) if rec else {}))
+        elif e["kind"] == "pair_done":
+            cid = p.get("candidate_id")
+            rec = by_id.get(cid) if cid is not None else None
+            out.append(MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]),
+                                 (str(p["a"]), str(p["b"])), cid, _tasks(rec) if rec else {}))
+    return out
 
 
-def _score(data: RunData, key: str) -> str:
-    m = data.member(key)
-    return "?" if m is None or m.score is None else f"{m.score:.4f}"
+def _search_members(archive: Archive, originals: list[str]) -> list[MemberRow]:
+    """The originals (unscored) and the best candidate with the models of its recipe as its parents."""
+    out = [MemberRow(k, None, 0) for k in originals]
+    best = archive.best(1)
+    if best:
+        r = best[0]
+        parents = tuple(str(p) for p in r.parents if str(p) in originals)
+        out.append(MemberRow(f"#{r.id}", r.aggregate, 1, parents, r.id, _tasks(r)))
+    return out
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None

@@ -396,8 +396,11 @@ class PopulationManager:
             self._event("population_start", starting=starting, k=self.cfg.k, metric=self.cfg.metric,
                         budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget)
         st = self._replay(events)
-        if st.stopped is not None:
+        if st.stopped is not None and not (st.stopped.startswith("budget") and self._budget_left() > 0):
             return self._outcome(st.generation, st.stopped)
+        if st.stopped is not None:  # a budget stop, and the budget was raised on resume: go on
+            self._log(f"budget raised to {self.budget}: continuing after '{st.stopped}'")
+            st.stopped = None
         if st.generation == 0:
             st.generation = 1
             st.pending = initial_pairs(starting)
