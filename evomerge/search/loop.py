@@ -148,7 +148,9 @@ class _Loop:
         state = self.run_dir.load_checkpoint()
         self.run_dir.clean_temporaries()
         if state is None:
-            self.optimizer = new_optimizer(self.space, self.genome, self.executor.capacity)
+            # nevergrad's num_workers: candidates asked before results come back (optimizer.batch_size)
+            self.optimizer = new_optimizer(self.space, self.genome,
+                                           max(self.space.batch_size, self.executor.capacity))
             self.inflight: dict[int, _InFlight] = {}
             self.told: set[int] = set()
             self.next_id = self.archive.max_id() + 1

@@ -88,3 +88,25 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path: Pa
         # killed after archiving but before the optimizer checkpoint: the result was told from the archive
         assert len(a.events("replayed")) == 2
     assert killed_counts == sorted(killed_counts)
+
+
+def test_ctrl_c_finishes_in_flight_work_then_resume_completes(tmp_path: Path) -> None:
+    space = write_space(tmp_path / "space.yaml", micro_space(optimizer={"name": "CMA", "budget": 6}, test_top=0))
+    runs = tmp_path / "runs"
+    marker = tmp_path / "hook"
+    # pause inside the 2nd evaluation, deliver SIGINT there, then let the evaluation go on by design: the hook
+    # sleeps forever, so here the signal handler only marks the stop; a second SIGINT abandons the evaluation
+    proc = _cli("run", str(space), "--runs-dir", str(runs), "--name", "c", hook="evaluate@2", marker=marker)
+    t0 = time.monotonic()
+    while not marker.exists() and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, out[-2000:]
+    assert "SIGINT: finishing the candidates in flight" in out and "evomerge resume" in out
+    assert len(_archive(runs / "c")) == 1
+    final = _cli("resume", str(runs / "c"))
+    assert final.wait(timeout=300) == 0
+    assert len(_archive(runs / "c")) == 6
