@@ -1,0 +1,300 @@
+"""The population manager as a mode of the search core: pairing rules through the archive, stopping rules,
+lost workers, SIGKILL + resume (same archive as an uninterrupted run), status and report from the archive."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _spaces import RecipeScoreWorker, micro_space, write_space
+
+from evomerge.executors.base import InProcessExecutor
+from evomerge.search.loop import SearchSummary, StopFlag
+from evomerge.search.population import exploration_partner, pair_key
+from evomerge.search.population_driver import MANAGER_EVENTS, population_config, run_population_session
+from evomerge.search.run import RunDir
+from evomerge.search.space import space_from_dict
+
+POP = {"k": 3, "pair_budget": 2, "saturation": None, "max_generations": 4, "revive_after": 1, "max_revivals": 1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _micro() -> None:
+    from evomerge.fitness.zoo import ensure_zoo
+
+    ensure_zoo("micro")
+
+
+class HashScoreWorker(RecipeScoreWorker):
+    """Model-free: a score in [0, 1) from the recipe's hash, so rankings shuffle like real merges do."""
+
+    def evaluate(self, job: Any) -> Any:
+        from evomerge.executors.base import EvalOutcome
+        from evomerge.fitness.result import EvalResult, TaskScore
+
+        self.calls.append((job.candidate_id, job.attempt))
+        if job.candidate_id in self.lose_once and job.attempt == 0:
+            return EvalOutcome(job=job, result=EvalResult.failure("worker died", -1.0), worker="w0", lost=True)
+        score = int(job.recipe.content_hash()[:8], 16) / 2**32
+        return EvalOutcome(job=job, result=EvalResult(aggregate=score, tasks=(TaskScore("fake", "score", score),)),
+                           worker="w0", eval_seconds=0.001)
+
+
+def _pop_space(budget: int, **pop: Any) -> dict[str, Any]:
+    return micro_space(optimizer={"name": "CMA", "budget": budget}, population={**POP, **pop}, test_top=0)
+
+
+def _fake_pop(tmp_path: Path, data: dict[str, Any], worker: RecipeScoreWorker | None = None,
+              name: str = "p") -> tuple[RunDir, SearchSummary, RecipeScoreWorker]:
+    space = space_from_dict(data)
+    run = RunDir.create(tmp_path / name, space)
+    w = worker or HashScoreWorker()
+    summary = run_population_session(run, space, InProcessExecutor(lambda: w, penalty=space.penalty),
+                                     stop=StopFlag(), log=lambda m: None, progress=False)
+    return run, summary, w
+
+
+def _events(run: RunDir, kind: str | None = None) -> list[dict[str, Any]]:
+    with run.archive(readonly=True) as a:
+        return [e["data"] for e in a.events(kind)]
+
+
+# ------------------------------------------------------------------------------------------ pairing rules
+
+
+def test_pairing_rules_through_the_archive(tmp_path: Path) -> None:
+    run, summary, _ = _fake_pop(tmp_path, _pop_space(40))
+    plans = _events(run, "generation_plan")
+    gen_ends = {e["generation"]: e for e in _events(run, "generation_end")}
+    done = _events(run, "pair_done")
+    with run.archive(readonly=True) as a:
+        records = a.results()
+        kin = {(x, y): v for (x, y, _m), v in a.kinship_table("pcc").items()}
+    originals = ["add", "rev", "sort", "enc"]
+    # generation 1: every pair of the starting models
+    assert plans[0]["generation"] == 1
+    assert {pair_key(p["a"], p["b"]) for p in plans[0]["plans"]} == {
+        pair_key(x, y) for x, y in itertools.combinations(originals, 2)}
+    assert {p["reason"] for p in plans[0]["plans"]} == {"initial"}
+    assert len(plans) >= 2
+    scores = {m["key"]: m["score"] for m in _events(run, "member")}
+    scores.update({d["child"]: d["score"] for d in done})
+    merged_before: set[tuple[str, str]] = set()
+    for plan in plans:
+        g = plan["generation"]
+        pairs = [pair_key(p["a"], p["b"]) for p in plan["plans"]]
+        assert len(pairs) == len(set(pairs)) and not set(pairs) & merged_before  # no pair twice
+        if g > 1 and not plan.get("revival"):
+            top = gen_ends[g - 1]["top"]
+            topk = {pair_key(p["a"], p["b"]) for p in plan["plans"] if p["reason"] == "top-k"}
+            assert topk == {pair_key(x, y) for x, y in itertools.combinations(top, 2)} - merged_before
+            explore = [p for p in plan["plans"] if p["reason"] == "exploration"]
+            assert len(explore) == 1 and explore[0]["a"] == top[0]
+            # the exploration partner has the lowest kinship to the best among the unmerged members
+            existing = [m for m in scores if m in originals or any(d["child"] == m and d["generation"] < g
+                                                                   for d in done)]
+            from evomerge.search.population import Member
+
+            members = [Member(k, scores[k]) for k in existing]
+            chosen = exploration_partner(top[0], members, lambda x, y: kin[pair_key(x, y)], "pcc",
+                                         merged_before | topk)
+            assert chosen is not None and chosen[0] == explore[0]["b"]
+        merged_before |= {pair_key(d["a"], d["b"]) for d in done if d["generation"] == g}
+    # every evaluation is in the archive with its parents, generation and recipe; no recipe twice
+    assert len(records) == summary.evaluations <= 40
+    assert len({r.recipe_hash for r in records}) == len(records)
+    assert [r.parents for r in records[:4]] == [[o] for o in originals]
+    assert {r.generation for r in records[:4]} == {0}
+    members = set(scores)
+    for r in records[4:]:
+        assert r.generation >= 1 and len(r.parents) == 2 and set(r.parents) <= members
+        assert r.genome is not None and len(r.genome["x"]) == 4
+        assert {m["model"] for m in r.recipe["models"]} == set(r.parents)
+    # a child is the best candidate of its pair
+    for d in done:
+        pair = [r for r in records if r.generation == d["generation"] and pair_key(*r.parents) == pair_key(d["a"], d["b"])]
+        assert d["candidate_id"] == max(pair, key=lambda r: (r.aggregate, -r.id)).id
+    assert _events(run, "stop")[-1]["reason"] == summary.stop_reason
+    assert all(math.isfinite(v) and -1 <= v <= 1 for v in kin.values())
+
+
+def test_stopping_rules(tmp_path: Path) -> None:
+    _, s, _ = _fake_pop(tmp_path, _pop_space(100, saturation=-1.0, max_revivals=0), name="sat")  # pcc > -1
+    assert s.stop_reason.startswith("saturated") and s.evaluations == 4 + 6 * 2
+    _, s, _ = _fake_pop(tmp_path, _pop_space(100, max_generations=1, max_revivals=0), name="maxgen")
+    assert s.stop_reason.startswith("max_generations") and s.evaluations == 16
+    run, s, _ = _fake_pop(tmp_path, _pop_space(100, max_generations=20, k=2, explore=False, max_revivals=0),
+                          name="conv")
+    assert s.stop_reason.startswith(("converged", "exhausted")), s.stop_reason
+    assert _events(run, "stop")[-1]["reason"] == s.stop_reason
+    _, s, _ = _fake_pop(tmp_path, _pop_space(100, pair_budget=0, max_generations=1, max_revivals=0), name="fixed")
+    assert s.evaluations == 4 + 6  # budget 0: the fixed starting recipe of each pair only
+
+
+def test_a_lost_worker_requeues_then_the_budget_continues_on_resume(tmp_path: Path) -> None:
+    run, s, w = _fake_pop(tmp_path, _pop_space(12), HashScoreWorker(lose_once={6}))
+    assert (6, 0) in w.calls and (6, 1) in w.calls and s.evaluations == 12
+    assert _events(run, "requeued")[0]["candidate"] == 6
+    # a larger budget on resume continues after the budget stop, without repeating an evaluation
+    space = space_from_dict(_pop_space(20))
+    w2 = HashScoreWorker()
+    s2 = run_population_session(run, space, InProcessExecutor(lambda: w2, penalty=space.penalty), stop=StopFlag(),
+                                log=lambda m: None, progress=False)
+    ref, _, _ = _fake_pop(tmp_path, _pop_space(20), name="ref20")
+    assert s2.evaluations == 20 and len(w2.calls) == 8
+    assert _rows(run) == _rows(ref)
+
+
+def test_population_section_errors_name_the_field(tmp_path: Path) -> None:
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="population.pair: unknown"):
+        population_config(space_from_dict(_pop_space(10, pair={"pionts": 2})))
+    with pytest.raises(ConfigError, match="population.kk: unknown"):
+        population_config(space_from_dict(_pop_space(10, kk=2)))
+
+
+def _rows(run: RunDir) -> list[tuple[Any, ...]]:
+    with run.archive(readonly=True) as a:
+        return [(r.id, r.recipe_hash, round(r.aggregate, 9), r.parents, r.generation) for r in a.results()]
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL + resume
+
+
+def _cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.pop("EVOMERGE_TEST_HOOK", None)
+    if hook:
+        env["EVOMERGE_TEST_HOOK"] = hook
+        env["EVOMERGE_TEST_HOOK_FILE"] = str(marker)
+    return subprocess.Popen([sys.executable, "-m", "evomerge", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 180.0) -> None:
+    t0 = time.monotonic()
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before the hook: {proc.stdout.read().decode()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("hook never reached")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marker.unlink()
+
+
+def _decisions(run: Path) -> list[tuple[str, Any]]:
+    with RunDir.open(run).archive(readonly=True) as a:
+        return [(e["kind"], e["data"]) for e in a.events() if e["kind"] in (*MANAGER_EVENTS, "member")]
+
+
+def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    # 4 originals + 6 pairs x 2 in generation 1, then generation 2; kills inside a pair of each generation
+    data = micro_space(optimizer={"name": "CMA", "budget": 22}, population=POP, test_top=1,
+                       executor={"threads_per_worker": 1})
+    space = write_space(tmp_path / "space.yaml", data)
+    runs = tmp_path / "runs"
+    ref = _cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
+    out = ref.communicate(timeout=600)[0].decode()
+    assert ref.returncode == 0, out[-2000:]
+    marker = tmp_path / "hook"
+    _kill_at(_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook="after_record@7", marker=marker),
+             marker)
+    assert len(_rows(RunDir.open(runs / "k"))) == 7  # killed after the first evaluation of the second pair
+    _kill_at(_cli("resume", str(runs / "k"), hook="after_record@12", marker=marker), marker)
+    assert len(_rows(RunDir.open(runs / "k"))) == 19  # inside a pair of generation 2
+    final = _cli("resume", str(runs / "k"))
+    out = final.communicate(timeout=600)[0].decode()
+    assert final.returncode == 0, out[-2000:]
+
+    got, want = _rows(RunDir.open(runs / "k")), _rows(RunDir.open(runs / "ref"))
+    assert len(got) == 22 and got == want
+    assert _decisions(runs / "k") == _decisions(runs / "ref")
+    with RunDir.open(runs / "k").archive(readonly=True) as a, RunDir.open(runs / "ref").archive(readonly=True) as b:
+        assert len(a.events("session_start")) == 3
+        assert a.kinship_table() == pytest.approx(b.kinship_table())
+        assert [(r.candidate_id, round(r.aggregate, 9)) for r in a.rescores()] == [
+            (r.candidate_id, round(r.aggregate, 9)) for r in b.rescores()]
+        assert a.rescores() and a.rescores()[0].status == "ok"  # re-scored with its merged parents
+
+    # status and report read the same archive
+    from evomerge.search.status import status_text
+
+    text = status_text(runs / "k")
+    assert "population: k=3" in text and "top-3:" in text and "last decision" in text
+    from evomerge.report.html import write_report
+    from evomerge.report.load import load_run
+
+    rd = load_run(runs / "k")
+    assert len(rd.candidates) == 22 and rd.test_scores
+    assert {m.key for m in rd.members} >= {"add", "rev", "sort", "enc", "g1.1", "g2.1"}
+    files = write_report(rd, tmp_path / "report")
+    assert set(files.images) >= {"fitness", "tasks", "tree", "kinship", "gain"}, files.skipped
+    assert files.html.is_file()
+
+
+def test_report_and_status_of_a_plain_search(tmp_path: Path) -> None:
+    from evomerge.report.html import write_report
+    from evomerge.report.load import load_run
+    from evomerge.search.loop import run_search
+    from evomerge.search.status import status_text
+
+    space = space_from_dict(micro_space(optimizer={"name": "CMA", "budget": 6}, test_top=0))
+    run = RunDir.create(tmp_path / "plain", space)
+    w = RecipeScoreWorker()
+    run_search(run, space, InProcessExecutor(lambda: w, penalty=space.penalty), progress=False)
+    rd = load_run(run.path)
+    assert len(rd.candidates) == 6 and rd.info["mode"].startswith("search")
+    best = [m for m in rd.members if m.parents]
+    assert len(best) == 1 and set(best[0].parents) <= {"add", "rev", "sort", "enc"}
+    files = write_report(rd, tmp_path / "report")
+    assert {"fitness", "tasks", "tree"} <= set(files.images)
+    assert "population:" not in status_text(run.path)
+
+
+class ShuffledExecutor:
+    """Three slots; finished jobs come back newest first (as from several workers finishing out of order)."""
+
+    def __init__(self, worker: RecipeScoreWorker) -> None:
+        self.worker, self.jobs = worker, []
+
+    @property
+    def capacity(self) -> int:
+        return 3
+
+    def submit(self, job: Any) -> None:
+        self.jobs.append(job)
+
+    def pending(self) -> int:
+        return len(self.jobs)
+
+    def poll(self, timeout: float | None = None) -> list[Any]:
+        out = [self.worker.evaluate(j) for j in reversed(self.jobs)]
+        self.jobs = []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_several_slots_fill_the_budget_out_of_order(tmp_path: Path) -> None:
+    space = space_from_dict(_pop_space(30))
+    run = RunDir.create(tmp_path / "wide", space)
+    w = HashScoreWorker(lose_once={9})
+    s = run_population_session(run, space, ShuffledExecutor(w), stop=StopFlag(), log=lambda m: None,
+                               progress=False)
+    rows = _rows(run)
+    assert s.evaluations == len(rows) == 30
+    assert len({r[0] for r in rows}) == len({r[1] for r in rows}) == 30
+    assert sorted(cid for cid, attempt in w.calls if attempt == 0) == sorted(r[0] for r in rows)
