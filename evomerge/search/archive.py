@@ -330,6 +330,7 @@ class Archive:
     def lineage(self, candidate_id: int) -> dict[str, Any]:
         """The candidate's ancestry as a tree: parents are earlier candidates (``cand:ID``) or original models."""
         models = self.get_meta("models", {}) or {}
+        merged = self.member_candidates()
         seen: set[int] = set()
 
         def node(cid: int) -> dict[str, Any]:
@@ -343,12 +344,19 @@ class Archive:
             for p in rec.parents:
                 if isinstance(p, str) and p.startswith("cand:"):
                     parents.append(node(int(p[5:])))
+                elif isinstance(p, str) and p in merged and p not in models:
+                    parents.append({"member": p, **node(merged[p])})
                 else:
                     parents.append({"model": p, "path": models.get(p)})
             return {"candidate": cid, "method": rec.method, "aggregate": rec.aggregate,
                     "generation": rec.generation, "parents": parents}
 
         return node(int(candidate_id))
+
+    def member_candidates(self) -> dict[str, int]:
+        """Merged population members (model keys such as ``g1.3``) -> the candidate that made them."""
+        return {str(e["data"]["child"]): int(e["data"]["candidate_id"]) for e in self.events("pair_done")
+                if "child" in e["data"] and "candidate_id" in e["data"]}
 
     # ------------------------------------------------------------------------------------------ rescores
 

@@ -70,6 +70,31 @@ def recipe_with_paths(recipe: Recipe, paths: Mapping[str, str]) -> Recipe:
     )
 
 
+def merged_ancestors(archive: Archive, rec: CandidateRecord, originals: Mapping[str, str]
+                     ) -> list[tuple[str, Recipe]]:
+    """The merged population members ``rec`` depends on, each with its recipe, in the order to build them."""
+    members = archive.member_candidates()
+    order: list[tuple[str, Recipe]] = []
+    seen: set[str] = set()
+
+    def visit(recipe_dict: Mapping[str, Any], where: str) -> None:
+        recipe = Recipe.from_dict(recipe_dict, where=where)
+        for key in recipe.model_keys():
+            if key in originals or key in seen:
+                continue
+            if key not in members:
+                raise RunDirError(f"{where}: model {key!r} is neither an original model nor a recorded member")
+            parent = archive.get(members[key])
+            if parent is None:
+                raise RunDirError(f"{archive.path}: member {key} names candidate {members[key]}, not archived")
+            visit(parent.recipe, f"member {key} (candidate {parent.id}) recipe")
+            seen.add(key)
+            order.append((key, Recipe.from_dict(parent.recipe, where=f"member {key}")))
+
+    visit(rec.recipe, f"candidate {rec.id} recipe")
+    return order
+
+
 def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                      candidate_id: int | None = None, rank_by: str = "search", overwrite: bool = False,
                      device: str = "cpu", dtype: str | None = None, max_shard_size: str = "5GB",
@@ -90,17 +115,47 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         refs: dict[str, str] = archive.get_meta("model_refs", {}) or {}
         test = archive.rescore(rec.id, "test")
         lineage = archive.lineage(rec.id)
+        ancestors = merged_ancestors(archive, rec, paths)
     recipe = Recipe.from_dict(rec.recipe, where=f"candidate {rec.id} recipe")
-    resolved = recipe_with_paths(recipe, paths)
-    try:
-        mk_text: str | None = mergekit_yaml(resolved)
-        mk_reason = ""
-    except ConfigError as exc:
-        mk_text, mk_reason = None, str(exc)
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
-        merge_to_disk(resolved, tmp, device=device, dtype=dtype, max_shard_size=max_shard_size, overwrite=True,
-                      progress=progress, where=f"candidate {rec.id}")
-        (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(resolved), encoding="utf-8")
+        # merged parents (population members) first, oldest first, into a scratch folder next to the output
+        scratch = tmp.parent / f".{target.name}.parents-{os.getpid()}"
+        try:
+            all_paths = dict(paths)
+            for key, parent in ancestors:
+                folder = scratch / key
+                merge_to_disk(recipe_with_paths(parent, all_paths), folder, device=device, dtype=dtype,
+                              max_shard_size=max_shard_size, overwrite=True, progress=progress,
+                              where=f"member {key}")
+                all_paths[key] = str(folder)
+            resolved = recipe_with_paths(recipe, all_paths)
+            merge_to_disk(resolved, tmp, device=device, dtype=dtype, max_shard_size=max_shard_size,
+                          overwrite=True, progress=progress, where=f"candidate {rec.id}")
+        finally:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+        if ancestors:  # the recipe names folders that are gone: keep it as lineage, not as a re-runnable file
+            mk_text, mk_reason = None, "its inputs include merged population members (see evomerge_lineage.json)"
+        else:
+            try:
+                mk_text = mergekit_yaml(resolved)
+                mk_reason = ""
+            except ConfigError as exc:
+                mk_text, mk_reason = None, str(exc)
+        if ancestors:  # the engine's recipe file names scratch folders: replace it by the whole chain
+            (tmp / "evomerge_recipe.yaml").unlink(missing_ok=True)
+            chain = [{"member": k, "recipe": recipe_with_paths(r, {**paths, **{a: a for a, _ in ancestors}}).to_dict()}
+                     for k, r in ancestors]
+            chain.append({"member": "output", "recipe": recipe_with_paths(
+                recipe, {**paths, **{a: a for a, _ in ancestors}}).to_dict()})
+            import yaml
+
+            (tmp / "evomerge_recipe_chain.yaml").write_text(
+                "# merge these in order; a model named by a member key is the folder of that earlier step\n"
+                + yaml.safe_dump(chain, sort_keys=False, default_flow_style=None), encoding="utf-8")
+        else:
+            (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(resolved), encoding="utf-8")
         if mk_text is not None:
             (tmp / "mergekit_config.yml").write_text(mk_text, encoding="utf-8")
         (tmp / "evomerge_lineage.json").write_text(json.dumps({
@@ -108,9 +163,16 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
             "model_refs": refs, "scores": {"search": rec.scores, "search_aggregate": rec.aggregate,
                                            "test": test.scores if test else None,
                                            "test_aggregate": test.aggregate if test else None},
-            "settings": rec.settings}, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(model_card(run, rec, test, refs, lineage, recipe_yaml(resolved), mk_text,
-                                                  mk_reason), encoding="utf-8")
+            "settings": rec.settings,
+            "ancestor_recipes": {k: r.to_dict() for k, r in ancestors}}, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        if ancestors:
+            how = ("Built in steps: merge each entry of `evomerge_recipe_chain.yaml` in order with `evomerge merge` "
+                   "(a model named by a member key is the folder of that earlier step):")
+            text = (tmp / "evomerge_recipe_chain.yaml").read_text(encoding="utf-8")
+        else:
+            how, text = "Re-run with `evomerge merge evomerge_recipe.yaml OUT`:", recipe_yaml(resolved)
+        (tmp / "README.md").write_text(model_card(run, rec, test, refs, lineage, text, mk_text, mk_reason, how),
+                                       encoding="utf-8")
     return ExportSummary(target, rec.id, rec.aggregate, test.aggregate if test else None, mk_text is not None,
                          time.perf_counter() - t0)
 
@@ -120,7 +182,8 @@ def _lineage_lines(node: Mapping[str, Any], refs: Mapping[str, str], depth: int 
     if "model" in node:
         key = node["model"]
         return [f"{pad}- original model `{key}`: {refs.get(key, node.get('path'))}"]
-    lines = [f"{pad}- candidate {node['candidate']} ({node.get('method')}, generation {node.get('generation')}, "
+    member = f"member `{node['member']}` = " if "member" in node else ""
+    lines = [f"{pad}- {member}candidate {node['candidate']} ({node.get('method')}, generation {node.get('generation')}, "
              f"fitness {node.get('aggregate', float('nan')):.4f})"]
     for p in node.get("parents", []):
         lines += _lineage_lines(p, refs, depth + 1)
@@ -128,7 +191,8 @@ def _lineage_lines(node: Mapping[str, Any], refs: Mapping[str, str], depth: int 
 
 
 def model_card(run: RunDir, rec: CandidateRecord, test: Any, refs: Mapping[str, str], lineage: Mapping[str, Any],
-               recipe_text: str, mergekit_text: str | None, mergekit_reason: str) -> str:
+               recipe_text: str, mergekit_text: str | None, mergekit_reason: str,
+               how: str = "Re-run with `evomerge merge evomerge_recipe.yaml OUT`:") -> str:
     """A Hugging Face model card: what was merged, how, how well it scores and how to reproduce it."""
     base_ref = refs.get("base", "")
     rows = ["| task | metric | search | test |", "|---|---|---|---|"]
@@ -159,7 +223,7 @@ def model_card(run: RunDir, rec: CandidateRecord, test: Any, refs: Mapping[str, 
         f"- other settings: `{json.dumps(settings, sort_keys=True, default=str)}`",
         f"- versions: `{json.dumps(versions, sort_keys=True)}`", "",
         "## Lineage", "", *_lineage_lines(lineage, refs), "",
-        "## Recipe", "", "Re-run with `evomerge merge evomerge_recipe.yaml OUT`:", "",
+        "## Recipe", "", how, "",
         f"```yaml\n{recipe_text}```", "", "### mergekit", "", mk, "",
     ])
 

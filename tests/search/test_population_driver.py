@@ -243,6 +243,19 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path)
     assert set(files.images) >= {"fitness", "tasks", "tree", "kinship", "gain"}, files.skipped
     assert files.html.is_file()
 
+    # export a generation-2 child: its merged parents are rebuilt from their recipes, then it scores as archived
+    from evomerge.search.export import export_candidate, verify_export
+
+    with RunDir.open(runs / "k").archive(readonly=True) as a:
+        child = max((r for r in a.results() if r.generation == 2 and r.ok), key=lambda r: r.aggregate)
+        assert any(p.startswith("g1.") for p in child.parents)
+    summary = export_candidate(runs / "k", tmp_path / "child", candidate_id=child.id, progress=False)
+    got, want = verify_export(runs / "k", summary.out_dir, child.id)
+    assert got == pytest.approx(want, abs=1e-6)
+    card = (tmp_path / "child" / "README.md").read_text()
+    assert "member `g1." in card and (tmp_path / "child" / "evomerge_recipe_chain.yaml").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".parents-" in p.name or p.name.endswith(".partial")]
+
 
 def test_report_and_status_of_a_plain_search(tmp_path: Path) -> None:
     from evomerge.report.html import write_report
