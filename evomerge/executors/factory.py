@@ -41,4 +41,4 @@ def make_executor(space: Space, spec: WorkerSpec, *, address: str | None = None)
 
     return RayExecutor(spec, workers=raw.workers, address=address or raw.executor.address,
                        cpus_per_worker=raw.executor.cpus_per_worker, gpus_per_worker=raw.executor.gpus_per_worker,
-                       eval_timeout=raw.executor.eval_timeout, penalty=space.penalty)
+                       eval_timeout=raw.executor.eval_timeout, penalty=space.penalty, prefetch=raw.executor.prefetch)

@@ -7,6 +7,7 @@ into in place, and an evaluator with its tasks prepared. Weights never cross a p
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections import OrderedDict
@@ -86,6 +87,7 @@ class MergeEvalWorker:
         t0 = time.perf_counter()
         try:
             self._ensure(job.extra_models, [m.model for m in job.recipe.models])
+            self._method_data(job.recipe)
             self.merger.apply(job.recipe, into=self.model)
         except Exception as exc:  # noqa: BLE001 - a bad candidate never stops the search
             res = EvalResult.failure(f"{type(exc).__name__}: {exc}", self.evaluator.spec.effective_penalty,
@@ -94,10 +96,45 @@ class MergeEvalWorker:
         t1 = time.perf_counter()
         hook("evaluate")
         res = self.evaluator.score(self.model, job.split)
+        diagnostics = self.merger.last_diagnostics(job.recipe)
+        if diagnostics:
+            res = dataclasses.replace(res, settings={**res.settings, **diagnostics})
         self.evaluations += 1
         self._release()
         return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=t1 - t0,
                            eval_seconds=time.perf_counter() - t1)
+
+    def _method_data(self, recipe: Any) -> None:
+        """Give methods that need data (qp, apl: task rows; mergeability_weighted: base scores) the fitness's.
+
+        Rows and scores are keyed by model key: a fine-tune's task is the fitness task of the same name.
+        """
+        from evomerge.merge.registry import get_method
+
+        method = get_method(recipe.method)
+        if getattr(method, "prepare", None) is None:
+            return
+        fitness = self.evaluator.spec
+        names = {str(t.name) for t in fitness.tasks}
+        task_of = {k: k for k in self.originals if k in names}
+        if self.merger.calibration is None and any(t.kind == "jsonl" for t in fitness.tasks):
+            from evomerge.merge.calibration import calibration_from_spec
+
+            self.merger.calibration = calibration_from_spec(fitness, self.evaluator.tokenizer,
+                                                            task_of_model=task_of)
+        if recipe.method == "mergeability_weighted" and self.merger.base_scores is None and task_of:
+            from evomerge.merge.params import ParamValue
+            from evomerge.merge.recipe import ModelEntry, Recipe
+
+            # the base itself, written into the live model (task arithmetic with zero weights)
+            as_base = Recipe(method="task_arithmetic", base_model=BASE_KEY,
+                             models=tuple(ModelEntry(k, {"weight": ParamValue.constant(0.0)})
+                                          for k in sorted(self.originals)))
+            self.merger.apply(as_base, into=self.model)
+            scores = self.evaluator.score(self.model, "search")
+            if scores.ok:
+                values = scores.task_values()
+                self.merger.base_scores = {k: float(values[t]) for k, t in task_of.items()}
 
     def _release(self) -> None:
         """Drop what one evaluation left behind (activations, caches) so memory stays flat over a long run."""

@@ -170,7 +170,8 @@ def needs_global_trim(plan: MergePlan) -> bool:
 
 
 def prepare_options(plan: MergePlan, device: str, cache: dict[str, Any] | None = None,
-                    model_paths: Mapping[str, Any] | None = None) -> Mapping[str, Mapping[str, Any]] | None:
+                    model_paths: Mapping[str, Any] | None = None, calibration: Any = None,
+                    base_scores: Mapping[str, float] | None = None) -> Mapping[str, Mapping[str, Any]] | None:
     """Run the method's ``prepare`` hook once (calibration Grams and the like), if it has one."""
     hook = getattr(plan.method, "prepare", None)
     if hook is None:
@@ -178,7 +179,8 @@ def prepare_options(plan: MergePlan, device: str, cache: dict[str, Any] | None =
     from evomerge.merge.registry import MethodContext
 
     paths = dict(model_paths) if model_paths is not None else {k: Path(k) for k in plan.folders}
-    ctx = MethodContext(recipe=plan.recipe, model_paths=paths, device=device, cache=cache if cache is not None else {})
+    ctx = MethodContext(recipe=plan.recipe, model_paths=paths, device=device, calibration=calibration,
+                        base_scores=base_scores, cache=cache if cache is not None else {})
     return hook(ctx)
 
 

@@ -97,6 +97,10 @@ class ResidentMerger:
         self._targets: dict[int, tuple[weakref.ref[torch.nn.Module], dict[str, torch.Tensor]]] = {}
         self._thresholds: dict[tuple[Any, ...], list[float]] = {}
         self._prepare_cache: dict[str, Any] = {}
+        # data for methods with a prepare hook (qp, apl: task rows; mergeability_weighted: base scores),
+        # set by the caller (a search worker passes its fitness data); None: the recipe's options say
+        self.calibration: Any = None
+        self.base_scores: dict[str, float] | None = None
         # one (T, *shape) allocation per tensor, filled row by row (no concatenation copies)
         self._stack: dict[str, torch.Tensor] = {}
         for name, b in self._base.items():
@@ -257,6 +261,13 @@ class ResidentMerger:
         """Memory held by the base and the task vectors."""
         return sum(t.numel() * t.element_size() for t in [*self._base.values(), *self._stack.values()])
 
+    def last_diagnostics(self, recipe: Recipe) -> dict[str, float]:
+        """What the last :meth:`apply` of ``recipe`` measured about itself (qp: the residual-energy rho)."""
+        if recipe.method != "qp":
+            return {}
+        report = self._prepare_cache.get("qp_report")
+        return {} if report is None else {"qp_rho": float(report.overall())}
+
     def close(self) -> None:
         """Stop the worker threads (the merger frees its memory when dropped)."""
         if self._pool is not None:
@@ -326,7 +337,8 @@ class ResidentMerger:
         options["inputs_are_deltas"] = True
         if needs_global_trim(plan):
             options["global_threshold"] = self._global_thresholds(plan, rows)
-        prepared = prepare_options(plan, str(self.device), self._prepare_cache, self._paths)
+        prepared = prepare_options(plan, str(self.device), self._prepare_cache, self._paths,
+                                   calibration=self.calibration, base_scores=self.base_scores)
         fused = method.name in _FUSABLE and not prepared
         used = sorted(r for r in rows if r is not None)
         def merge_one(name: str) -> None:

@@ -88,6 +88,7 @@ class ExecutorSection(BaseModel):
     eval_timeout: float | str | None = None  # an evaluation running longer is treated as a lost worker
     max_retries: int = Field(default=2, ge=0)  # re-queues of a candidate whose worker died, then failed
     threads_per_worker: int | None = Field(default=None, gt=0)
+    prefetch: int = Field(default=1, ge=0)  # jobs queued in each Ray worker beyond the running one (no idle gap)
 
     @field_validator("eval_timeout")
     @classmethod

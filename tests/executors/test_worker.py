@@ -1,0 +1,51 @@
+"""The merge-and-score worker: data-hungry methods get the fitness's data; diagnostics are recorded."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "search"))
+from _spaces import micro_space  # noqa: E402
+
+from evomerge.executors.base import EvalJob  # noqa: E402
+from evomerge.executors.factory import worker_spec  # noqa: E402
+from evomerge.executors.worker import MergeEvalWorker  # noqa: E402
+from evomerge.search.genome import Genome  # noqa: E402
+from evomerge.search.space import space_from_dict  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _micro() -> None:
+    from evomerge.fitness.zoo import ensure_zoo
+
+    ensure_zoo("micro")
+
+
+@pytest.mark.parametrize(("method", "genes"), [
+    ("qp", {"weight": [0.0, 1.0]}),
+    ("apl", {"density": [0.3, 0.9]}),
+    ("mergeability_weighted", {"tau": [0.05, 1.0]}),
+])
+def test_seed_methods_work_as_search_genes(method: str, genes: dict) -> None:
+    space = space_from_dict(micro_space(methods={method: genes}))
+    worker = MergeEvalWorker(worker_spec(space))
+    genome = Genome(space)
+    out = worker.evaluate(EvalJob(1, genome.decode(genome.parametrization(0).value)))
+    assert out.result.ok, out.result.error
+    assert 0.0 <= out.result.aggregate <= 1.0
+    if method == "qp":
+        assert 0.0 <= out.result.settings["qp_rho"] <= 1.0
+    if method == "mergeability_weighted":
+        # the base's own task scores, measured once by the worker on the live model
+        base = worker.evaluator.score(_base_model(space), "search").task_values()
+        assert worker.merger.base_scores == pytest.approx({k: base[k] for k in ("add", "rev", "sort", "enc")})
+
+
+def _base_model(space: object) -> object:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(space.base_path), dtype=torch.float32)  # type: ignore[attr-defined]
