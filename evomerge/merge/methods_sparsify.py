@@ -5,7 +5,8 @@ Pure torch (no other evomerge import), so kernels stay cheap to call from any en
 Exact selection without sorting: the k-th largest magnitude is found by a sample-bracketed selection
 (a strided sample brackets the answer, one vectorized pass counts and extracts the band between the
 brackets, a sort runs on that small band); when the bracket misses (adversarial data) it falls
-back to sorting everything (never ``torch.kthvalue``: quadratic on reverse-sorted input). Either way the result is exact. Ties at the threshold are broken
+back to selecting over everything: numpy's introselect on CPU (linear worst case), a sort elsewhere (never
+``torch.kthvalue``: quadratic on reverse-sorted input). Either way the result is exact. Ties at the threshold are broken
 by flat index (lowest first) so exactly ``k`` entries are kept; mergekit's unstable argsort breaks them
 arbitrarily, which only matters for repeated magnitudes.
 """
@@ -29,6 +30,17 @@ def keep_count(density: float, numel: int) -> int:
     if density >= 1:
         return numel
     return min(numel, max(1, int(density * numel)))
+
+
+def _kth(flat: torch.Tensor, rank: int) -> torch.Tensor:
+    """The value at ascending ``rank`` of a 1-D tensor: introselect on CPU (linear worst case), else a sort."""
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        import numpy as np
+
+        host = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # exact widening
+        value = np.partition(host.numpy(), rank)[rank]
+        return torch.tensor(value, dtype=host.dtype).to(flat.dtype)
+    return torch.sort(flat).values[rank]
 
 
 def select_rank(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
@@ -67,10 +79,10 @@ def select_rank(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, int]:
             below = lower.numel() - band.numel()
         local = rank - below
         if 0 <= local < band.numel() and band.numel() < n:
-            value = torch.sort(band).values[local]
+            value = _kth(band, local)
             return value, above + int(torch.count_nonzero(band >= value))
     # Small tensors, or a bracket the sample got wrong: sort (no quickselect worst case on sorted data).
-    value = torch.sort(flat).values[rank]
+    value = _kth(flat, rank)
     return value, int(torch.count_nonzero(flat >= value))
 
 
