@@ -110,8 +110,31 @@ def new_optimizer(space: Space, genome: Genome, num_workers: int) -> Any:
     except KeyError:
         raise ConfigError(f"{space.where}: optimizer.name: unknown nevergrad optimizer {space.optimizer_name!r}") \
             from None
-    return cls(parametrization=genome.parametrization(space.seed), budget=space.budget,
-               num_workers=max(1, num_workers))
+    optimizer = cls(parametrization=genome.parametrization(space.seed), budget=space.budget,
+                    num_workers=max(1, num_workers))
+    bound_archives(optimizer)
+    return optimizer
+
+
+def bound_archives(optimizer: Any) -> None:
+    """Keep nevergrad's own archive of told points small (up to 1000 by default, pickled with every checkpoint;
+    evomerge's archive is the record), so a checkpoint stays bounded however long the run."""
+    from nevergrad.optimization.utils import Pruning
+
+    keep = max(32, 4 * max(1, int(getattr(optimizer, "num_workers", 1))))
+    _limit_archives(optimizer, Pruning(min_len=keep, max_len=2 * keep), set())
+
+
+def _limit_archives(optimizer: Any, pruning: Any, seen: set[int]) -> None:
+    """Set ``pruning`` on an optimizer and the ones it wraps (configured and portfolio optimizers)."""
+    if optimizer is None or id(optimizer) in seen or not hasattr(optimizer, "pruning"):
+        return
+    seen.add(id(optimizer))
+    if not isinstance(optimizer.pruning, type(pruning)) or optimizer.pruning.max_len != pruning.max_len:
+        optimizer.pruning = pruning
+    _limit_archives(getattr(optimizer, "_optim", None), pruning, seen)
+    for inner in getattr(optimizer, "optims", None) or []:
+        _limit_archives(inner, pruning, seen)
 
 
 def run_search(run: RunDir, space: Space, executor: Executor, *, progress: bool = True,
@@ -170,6 +193,7 @@ class _Loop:
 
     def _checkpoint(self) -> None:
         t0 = time.perf_counter()
+        bound_archives(self.optimizer)  # inner optimizers appear at the first ask
         self.run_dir.save_checkpoint({
             "format": CHECKPOINT_FORMAT, "optimizer": self.optimizer,
             "inflight": sorted(self.inflight.values(), key=lambda e: e.candidate_id), "told": sorted(self.told),

@@ -130,4 +130,4 @@ def test_shipped_demo_space_validates_on_the_micro_zoo(micro_ok: None, tmp_path:
     (tmp_path / "demo.yaml").write_text(text)
     space = load_space(tmp_path / "demo.yaml")
     assert sorted(space.models) == ["add", "enc", "rev", "sort"]
-    assert [m.name for m in space.methods] == ["task_arithmetic", "ties"] and space.budget == 60
+    assert [m.name for m in space.methods] == ["task_arithmetic", "ties"] and space.budget == 150
