@@ -295,7 +295,11 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     threads_before = torch.get_num_threads()
     written = 0
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_bytes, metadata)
+        # every output tensor's shape and dtype is known now: shard headers go first and each merged tensor
+        # streams to its place while the next ones merge (no shard held in memory, I/O overlaps compute)
+        ref = plan.reference
+        layout = [(n, ref.shape(n), out_dtype if out_dtype is not None else ref.dtype(n)) for n in names]
+        writer = ShardedWriter(tmp, shard_bytes, metadata, layout=layout)
         bar = _progress(len(names), progress)
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="evomerge-merge")
         window: deque[tuple[str, Future[torch.Tensor]]] = deque()

@@ -104,11 +104,11 @@ def linear(
         if wsum / denom != 1.0:
             out.mul_(wsum / denom)
         for t, w in zip(tensors, weights):
-            out.add_(t.to(wd), alpha=w / denom)
+            out.add_(t, alpha=w / denom)  # mixed dtypes are cast inside the kernel: no widened copy
         return out
     out = torch.zeros(tensors[0].shape, dtype=wd, device=tensors[0].device)
     for t, w in zip(tensors, weights):
-        out.add_(t.to(wd), alpha=w)
+        out.add_(t, alpha=w)
     if normalize:
         out.div_(denom)
     return out
