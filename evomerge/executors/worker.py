@@ -62,6 +62,10 @@ class MergeEvalWorker:
         self.originals = set(spec.models)
         self._extra: OrderedDict[str, str] = OrderedDict()
         self.evaluations = 0
+        # everything built so far (torch, transformers, lm-eval, tasks) lives as long as the worker: move it out
+        # of the collector's view, so the periodic full collections only walk what candidates allocate
+        gc.collect()
+        gc.freeze()
 
     def _ensure(self, extra: Mapping[str, str], needed: Sequence[str]) -> None:
         wanted = [k for k in needed if k not in self.originals and k != BASE_KEY]
