@@ -302,7 +302,7 @@ class _Loop:
         self.archive.add_candidate(
             id=entry.candidate_id, recipe_hash=entry.recipe_hash, recipe=entry.recipe.to_dict(),
             parents=sorted(m.model for m in entry.recipe.models), generation=0, method=entry.recipe.method,
-            genome=entry.genome, ok=result.ok, scores=_scores(result), aggregate=aggregate, split="search",
+            genome=entry.genome, ok=result.ok, scores=task_scores(result), aggregate=aggregate, split="search",
             settings={**self.settings_base, **result.settings, "attempt": entry.attempt},
             merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
             error=result.error, session=self.session)
@@ -381,7 +381,8 @@ class _Loop:
                              self.progress.best, reason, self.session, self.timings)
 
 
-def _scores(result: EvalResult) -> dict[str, Any]:
+def task_scores(result: EvalResult) -> dict[str, Any]:
+    """Per-task scores as the archive stores them."""
     return {t.task: {"metric": t.metric, "value": t.value, "higher_is_better": t.higher_is_better,
                      "weight": t.weight} for t in result.tasks}
 
@@ -413,7 +414,7 @@ def rescore_best(run: RunDir, space: Space, executor: Executor, k: int, split: s
                     queue.append(dataclasses.replace(o.job, attempt=attempts[cid]))
                     continue
                 res = o.result
-                archive.add_rescore(candidate_id=cid, split=split, ok=res.ok and not o.lost, scores=_scores(res),
+                archive.add_rescore(candidate_id=cid, split=split, ok=res.ok and not o.lost, scores=task_scores(res),
                                     aggregate=res.aggregate if math.isfinite(res.aggregate) else space.penalty,
                                     settings=res.settings, merge_seconds=o.merge_seconds,
                                     eval_seconds=o.eval_seconds, worker=o.worker, error=res.error)

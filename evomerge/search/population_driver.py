@@ -37,7 +37,7 @@ from evomerge.fitness.result import EvalResult
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.hooks import hook
-from evomerge.search.loop import SearchSummary, StopFlag, Timings
+from evomerge.search.loop import SearchSummary, StopFlag, Timings, task_scores
 from evomerge.search.population import (
     Member,
     PairPlan,
@@ -78,11 +78,6 @@ def population_config(space: Space) -> tuple[PopulationConfig, PairSpace]:
     except TypeError as exc:
         raise ConfigError(f"{where}.pair: {exc}") from None
     return cfg, ps
-
-
-def _scores(result: EvalResult) -> dict[str, Any]:
-    return {t.task: {"metric": t.metric, "value": t.value, "higher_is_better": t.higher_is_better,
-                     "weight": t.weight} for t in result.tasks}
 
 
 @dataclasses.dataclass
@@ -343,7 +338,7 @@ class ArchiveBackend:
         self.archive.add_candidate(
             id=job.candidate_id, recipe_hash=job.recipe_hash, recipe=job.recipe.to_dict(), parents=job.parents,
             generation=job.generation, method=job.recipe.method, genome=job.genome, ok=result.ok,
-            scores=_scores(result), aggregate=aggregate, split="search",
+            scores=task_scores(result), aggregate=aggregate, split="search",
             settings={"mode": "population", "seed": self.space.seed, **result.settings, "attempt": job.attempt},
             merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
             error=result.error, session=self.session)
@@ -485,7 +480,7 @@ class ArchiveBackend:
             assert outcome is not None
             res = outcome.result
             self.archive.add_rescore(candidate_id=r.id, split=split, ok=res.ok and not outcome.lost,
-                                     scores=_scores(res),
+                                     scores=task_scores(res),
                                      aggregate=res.aggregate if math.isfinite(res.aggregate) else self.space.penalty,
                                      settings=res.settings, merge_seconds=outcome.merge_seconds,
                                      eval_seconds=outcome.eval_seconds, worker=outcome.worker, error=res.error)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +80,30 @@ class RecipeScoreWorker:
         task = TaskScore("fake", "score", score)
         return EvalOutcome(job=job, result=EvalResult(aggregate=score, tasks=(task,)), worker="w0",
                            eval_seconds=0.001)
+
+
+def run_cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
+    """``python -m evomerge ARGS --quiet`` in a subprocess, optionally paused at a test hook (see hooks.py)."""
+    env = dict(os.environ)
+    env.pop("EVOMERGE_TEST_HOOK", None)
+    if hook:
+        env["EVOMERGE_TEST_HOOK"] = hook
+        env["EVOMERGE_TEST_HOOK_FILE"] = str(marker)
+    return subprocess.Popen([sys.executable, "-m", "evomerge", *args, "--quiet"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def kill_at_hook(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 180.0) -> None:
+    """Wait until ``proc`` pauses at its hook (the marker file appears), then SIGKILL it."""
+    t0 = time.monotonic()
+    while not marker.exists():
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"the run ended before the hook: {out[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("hook never reached")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    marker.unlink()

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _spaces import RecipeScoreWorker, micro_space, write_space
+from _spaces import RecipeScoreWorker, kill_at_hook, micro_space, run_cli, write_space
 
 from evomerge.executors.base import InProcessExecutor
 from evomerge.search.loop import SearchSummary, StopFlag
@@ -170,30 +165,6 @@ def _rows(run: RunDir) -> list[tuple[Any, ...]]:
 # ------------------------------------------------------------------------------------------ SIGKILL + resume
 
 
-def _cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.pop("EVOMERGE_TEST_HOOK", None)
-    if hook:
-        env["EVOMERGE_TEST_HOOK"] = hook
-        env["EVOMERGE_TEST_HOOK_FILE"] = str(marker)
-    return subprocess.Popen([sys.executable, "-m", "evomerge", *args, "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 180.0) -> None:
-    t0 = time.monotonic()
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before the hook: {proc.stdout.read().decode()[-2000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("hook never reached")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    marker.unlink()
-
-
 def _decisions(run: Path) -> list[tuple[str, Any]]:
     with RunDir.open(run).archive(readonly=True) as a:
         return [(e["kind"], e["data"]) for e in a.events() if e["kind"] in (*MANAGER_EVENTS, "member")]
@@ -205,16 +176,16 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path)
                        executor={"threads_per_worker": 1})
     space = write_space(tmp_path / "space.yaml", data)
     runs = tmp_path / "runs"
-    ref = _cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
+    ref = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
     out = ref.communicate(timeout=600)[0].decode()
     assert ref.returncode == 0, out[-2000:]
     marker = tmp_path / "hook"
-    _kill_at(_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook="after_record@7", marker=marker),
+    kill_at_hook(run_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook="after_record@7", marker=marker),
              marker)
     assert len(_rows(RunDir.open(runs / "k"))) == 7  # killed after the first evaluation of the second pair
-    _kill_at(_cli("resume", str(runs / "k"), hook="after_record@12", marker=marker), marker)
+    kill_at_hook(run_cli("resume", str(runs / "k"), hook="after_record@12", marker=marker), marker)
     assert len(_rows(RunDir.open(runs / "k"))) == 19  # inside a pair of generation 2
-    final = _cli("resume", str(runs / "k"))
+    final = run_cli("resume", str(runs / "k"))
     out = final.communicate(timeout=600)[0].decode()
     assert final.returncode == 0, out[-2000:]
 

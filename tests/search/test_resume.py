@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from _spaces import micro_space, write_space
+from _spaces import kill_at_hook, micro_space, run_cli, write_space
 
 from evomerge.search.run import RunDir
 
@@ -27,30 +24,6 @@ def _micro() -> None:
     ensure_zoo("micro")
 
 
-def _cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env.pop("EVOMERGE_TEST_HOOK", None)
-    if hook:
-        env["EVOMERGE_TEST_HOOK"] = hook
-        env["EVOMERGE_TEST_HOOK_FILE"] = str(marker)
-    return subprocess.Popen([sys.executable, "-m", "evomerge", *args, "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _kill_at(proc: subprocess.Popen[bytes], marker: Path, timeout: float = 120.0) -> None:
-    t0 = time.monotonic()
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the search ended before the hook: {proc.stdout.read().decode()[-2000:]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("hook never reached")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    marker.unlink()
-
-
 def _archive(run: Path) -> list[tuple[int, str, float]]:
     with RunDir.open(run).archive(readonly=True) as a:
         return [(r.id, r.recipe_hash, round(r.aggregate, 9)) for r in a.results()]
@@ -60,18 +33,18 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path: Pa
     space = write_space(tmp_path / "space.yaml", micro_space(optimizer={"name": "CMA", "budget": BUDGET},
                                                              test_top=0))
     runs = tmp_path / "runs"
-    ref = _cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
+    ref = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()[-2000:]
 
     marker = tmp_path / "hook"
     point, nth = KILL_POINTS[0]
-    _kill_at(_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook=f"{point}@{nth}", marker=marker),
+    kill_at_hook(run_cli("run", str(space), "--runs-dir", str(runs), "--name", "k", hook=f"{point}@{nth}", marker=marker),
              marker)
     killed_counts = []
     for point, nth in KILL_POINTS[1:]:
         killed_counts.append(len(_archive(runs / "k")))
-        _kill_at(_cli("resume", str(runs / "k"), hook=f"{point}@{nth}", marker=marker), marker)
-    final = _cli("resume", str(runs / "k"))
+        kill_at_hook(run_cli("resume", str(runs / "k"), hook=f"{point}@{nth}", marker=marker), marker)
+    final = run_cli("resume", str(runs / "k"))
     out = final.communicate(timeout=300)[0].decode()
     assert final.returncode == 0, out[-2000:]
 
@@ -96,7 +69,7 @@ def test_ctrl_c_finishes_in_flight_work_then_resume_completes(tmp_path: Path) ->
     marker = tmp_path / "hook"
     # pause inside the 2nd evaluation, deliver SIGINT there, then let the evaluation go on by design: the hook
     # sleeps forever, so here the signal handler only marks the stop; a second SIGINT abandons the evaluation
-    proc = _cli("run", str(space), "--runs-dir", str(runs), "--name", "c", hook="evaluate@2", marker=marker)
+    proc = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "c", hook="evaluate@2", marker=marker)
     t0 = time.monotonic()
     while not marker.exists() and time.monotonic() - t0 < 120:
         time.sleep(0.05)
@@ -107,6 +80,6 @@ def test_ctrl_c_finishes_in_flight_work_then_resume_completes(tmp_path: Path) ->
     assert proc.returncode == 130, out[-2000:]
     assert "SIGINT: finishing the candidates in flight" in out and "evomerge resume" in out
     assert len(_archive(runs / "c")) == 1
-    final = _cli("resume", str(runs / "c"))
+    final = run_cli("resume", str(runs / "c"))
     assert final.wait(timeout=300) == 0
     assert len(_archive(runs / "c")) == 6
