@@ -62,7 +62,7 @@ def _recipe(skills: list[str], i: int) -> Recipe:
                         for k, s in enumerate(skills)), base_model="base")
 
 
-def _drain(executor: Executor, timeout: float = 120.0) -> list[EvalOutcome]:
+def _drain(executor: Executor, timeout: float = 400.0) -> list[EvalOutcome]:
     out: list[EvalOutcome] = []
     deadline = time.monotonic() + timeout
     while executor.pending():
@@ -147,7 +147,8 @@ def test_sigkilled_worker_is_replaced_and_its_job_comes_back_lost(micro: dict[st
 
 def test_hung_evaluation_past_timeout_is_lost_and_the_worker_replaced(micro: dict[str, Any], tmp_path: Path,
                                                                       reference: dict[int, float]) -> None:
-    with RayExecutor(micro["spec"], 1, eval_timeout=4.0, worker_env={"*": _hook_env(tmp_path, 1)}) as executor:
+    # the hook makes job 0 hang forever; the timeout leaves a loaded machine room for job 1's honest evaluation
+    with RayExecutor(micro["spec"], 1, eval_timeout=20.0, worker_env={"*": _hook_env(tmp_path, 1)}) as executor:
         first_pid = executor.worker_pids()["w0"]
         executor.submit(EvalJob(0, _recipe(micro["skills"], 0)))
         executor.submit(EvalJob(1, _recipe(micro["skills"], 1)))
@@ -157,7 +158,7 @@ def test_hung_evaluation_past_timeout_is_lost_and_the_worker_replaced(micro: dic
     by_id = {o.job.candidate_id: o for o in outcomes}
     assert by_id[0].lost and "eval_timeout" in (by_id[0].result.error or "")
     assert by_id[1].result.ok and by_id[1].result.aggregate == pytest.approx(reference[1], abs=1e-6)
-    assert time.monotonic() - t0 >= 4.0
+    assert time.monotonic() - t0 >= 20.0
     assert executor.stats()["workers"]["w0"]["restarts"] == 1
     assert executor.worker_pids()["w0"] != first_pid
 
@@ -168,7 +169,7 @@ def test_unmet_resource_requests_fail_at_once_with_a_clear_message(micro: dict[s
         RayExecutor(micro["spec"], 2, gpus_per_worker=1)
     with pytest.raises(ConfigError, match="can place only 2"):
         RayExecutor(micro["spec"], 3, cpus_per_worker=1)
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < 30  # at once: no waiting for resources that will never come
 
 
 def test_worker_that_cannot_start_raises_instead_of_hanging(micro: dict[str, Any], tmp_path: Path) -> None:
@@ -178,7 +179,7 @@ def test_worker_that_cannot_start_raises_instead_of_hanging(micro: dict[str, Any
     t0 = time.monotonic()
     with pytest.raises(EvomergeError, match="Ray worker w0 could not start"):
         RayExecutor(bad, 1)
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 300  # well before the 600 s startup timeout: the error is reported, not waited out
 
 
 def test_resident_memory_does_not_grow_over_many_candidates(micro: dict[str, Any]) -> None:
