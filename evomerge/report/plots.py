@@ -85,7 +85,7 @@ def fitness_over_evaluations(scores: Sequence[float], path: str | os.PathLike[st
     x = np.arange(1, len(scores) + 1)
     y = np.asarray(scores, dtype=float)
     ok = np.ones(len(y), bool) if failed is None else ~np.asarray(failed, bool)
-    if generations is not None and any(g is not None for g in generations):
+    if generations is not None and len({g for g in generations if g is not None}) > 1:  # one generation: no scale
         g = np.array([-1 if v is None else v for v in generations], float)
         sc = ax.scatter(x[ok], y[ok], c=g[ok], cmap="viridis", s=14, alpha=0.8, label="candidate")
         fig.colorbar(sc, ax=ax, label="generation", pad=0.01)
@@ -153,7 +153,9 @@ def family_tree(nodes: Sequence[Mapping[str, Any]], edges: Sequence[tuple[str, s
             pos[str(node["id"])] = ((i + 0.5) * widest / len(members), -row)
     scores = [float(n["score"]) for n in nodes if n.get("score") is not None and math.isfinite(float(n["score"]))]
     lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    norm = colors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
+    if hi - lo < 1e-6:  # one score (or all equal): a readable scale around it
+        lo, hi = lo - 0.05, hi + 0.05
+    norm = colors.Normalize(vmin=lo, vmax=hi)
     cmap = cm.get_cmap("viridis") if hasattr(cm, "get_cmap") else plt.get_cmap("viridis")
     for a, b in edges:
         if a in pos and b in pos:
