@@ -33,3 +33,20 @@ def test_a_bad_input_exits_2_with_the_message(tmp_path: Path, capsys: pytest.Cap
     assert "missing.yaml does not exist" in capsys.readouterr().err
     assert main(["status", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_analysis_commands_read_evomerge_search_spaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`qp-diagnose` takes the same SPACE.yaml as `evomerge run` (models: {base, fine_tunes}, inline fitness)."""
+    import sys
+
+    from evomerge.fitness.zoo import ensure_zoo
+
+    ensure_zoo("micro")
+    sys.path.insert(0, str(Path(__file__).parent / "search"))
+    from _spaces import micro_space, write_space
+
+    space = write_space(tmp_path / "s.yaml", micro_space())
+    assert main(["qp-diagnose", str(space), "--basis", "full"]) == 0
+    out = capsys.readouterr().out
+    rho = float(out.split("overall rho")[1].split()[0])
+    assert 0.0 <= rho <= 1.0

@@ -21,7 +21,7 @@ HELP = "estimate each fine-tune's mergeability (own-task score merged with M ran
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     """SPACE.yaml and the explicit alternatives (shared with qp-diagnose)."""
     parser.add_argument("space", nargs="?", metavar="SPACE.yaml",
-                        help="search space (base_model, models, fitness); flags below override it")
+                        help="search space (evomerge's, or a YAML with base_model, models, fitness); flags override it")
     parser.add_argument("--base", help="base model folder (or zoo:SIZE/base)")
     parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="fine-tuned model folders")
     parser.add_argument("--fitness", metavar="SPEC.yaml", help="fitness spec (jsonl tasks named after the models)")
@@ -79,6 +79,17 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping")
         space_dir = p.parent
+        if isinstance(data.get("models"), dict) and "base" in data["models"]:
+            # an evomerge search space (models: {base, fine_tunes}): validated and resolved like `evomerge run`
+            from evomerge.search.space import load_space
+
+            space = load_space(p)
+            base = base or str(space.base_path)
+            if not args.models:
+                models = {k: str(v) for k, v in space.models.items()}
+            if not args.fitness:
+                spec = space.fitness
+            data = {}
         base = base or data.get("base_model") or data.get("base")
         if data.get("models") is not None and not args.models:
             models = _model_entries(data["models"], str(p))
