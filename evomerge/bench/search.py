@@ -86,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
     raw = FitnessSpec.from_yaml(zoo / "fitness.yaml")
-    spec = FitnessSpec.from_dict({**raw.model_dump(exclude_none=True),
-                                  "tasks": [{**t.model_dump(exclude_none=True), "metric": args.metric,
-                                             "direction": None} for t in raw.tasks]})
+    spec = raw.with_metric(args.metric)
     skills = list(SPECIALISTS)
     originals = {s: str(zoo / s) for s in skills}
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))

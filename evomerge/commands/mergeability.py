@@ -119,9 +119,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         base = fix(base)
         models = {k: fix(v) for k, v in models.items()}
     if args.metric:
-        spec = FitnessSpec.from_dict({**spec.model_dump(exclude_none=True),
-                                      "tasks": [{**t.model_dump(exclude_none=True), "metric": args.metric,
-                                                 "direction": None} for t in spec.tasks]})
+        spec = spec.with_metric(args.metric)
     tasks = {}
     for item in args.task:
         if "=" not in item:

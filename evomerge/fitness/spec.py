@@ -112,6 +112,11 @@ class FitnessSpec(BaseModel):
             raise ValueError(f"task names must be unique (repeated: {', '.join(map(str, dup))}); set 'name'")
         return self
 
+    def with_metric(self, metric: str) -> FitnessSpec:
+        """The same spec scoring every task with ``metric`` (direction re-derived from the metric)."""
+        return FitnessSpec.from_dict({**self.model_dump(exclude_none=True), "tasks": [
+            {**t.model_dump(exclude_none=True), "metric": metric, "direction": None} for t in self.tasks]})
+
     @property
     def effective_penalty(self) -> float:
         """The score of a failed candidate: given, else below any reachable aggregate of bounded metrics."""

@@ -298,16 +298,7 @@ def prepare_apl(ctx: Any) -> dict[str, dict[str, Any]]:
     paths = ctx.model_paths
     if plan.base is None or plan.base not in paths:
         raise ConfigError(f"apl: no path for the base model {plan.base!r}")
-    calib = ctx.calibration
-    if calib is None:
-        source = str(opts.get("calibration") or "")
-        if not source:
-            raise ConfigError("method apl needs task examples: set options.calibration to a fitness spec or a "
-                              "mapping of model keys to jsonl files (a search passes its fitness data)")
-        ck = f"calib:{source}"
-        if ck not in ctx.cache:
-            ctx.cache[ck] = C.calibration_from_file(source, C.load_tokenizer(recipe.tokenizer_source or paths[plan.base]))
-        calib = ctx.cache[ck]
+    calib = C.context_calibration(ctx, opts, paths[plan.base], "apl needs task examples")
     level = str(opts.get("level", "row"))
     estimator = str(opts.get("estimator", "gradient"))
     grad_point = str(opts.get("grad_point", "midpoint"))

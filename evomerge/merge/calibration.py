@@ -479,6 +479,21 @@ def sequential_grams(
     return out
 
 
+def context_calibration(ctx: Any, opts: Mapping[str, Any], base_path: Any, need: str) -> CalibrationSet:
+    """The rows a prepare hook works on: the caller's (a search passes its fitness data), else the file named by
+    ``options.calibration`` (read once per file and kept in ``ctx.cache``)."""
+    if ctx.calibration is not None:
+        return ctx.calibration
+    source = str(opts.get("calibration") or "")
+    if not source:
+        raise ConfigError(f"method {need}: set options.calibration to a fitness spec or a mapping of model keys "
+                          "to jsonl files (a search passes its fitness data)")
+    key = f"calib:{source}"
+    if key not in ctx.cache:
+        ctx.cache[key] = calibration_from_file(source, load_tokenizer(ctx.recipe.tokenizer_source or base_path))
+    return ctx.cache[key]
+
+
 def prepare_qp_context(ctx: Any) -> dict[str, dict[str, Any]]:
     """The ``qp`` prepare hook (see :func:`evomerge.merge.qp.prepare_qp`)."""
     from evomerge.merge.qp import QPReport
@@ -491,17 +506,7 @@ def prepare_qp_context(ctx: Any) -> dict[str, dict[str, Any]]:
     paths = ctx.model_paths
     if plan.base is None or plan.base not in paths:
         raise ConfigError(f"qp: no path for the base model {plan.base!r}")
-    calib = ctx.calibration
-    if calib is None:
-        source = str(opts.get("calibration") or "")
-        if not source:
-            raise ConfigError("method qp needs calibration data: set options.calibration to a fitness spec or "
-                              "a mapping of model keys to jsonl files (a search passes its fitness data)")
-        tok_src = recipe.tokenizer_source or paths[plan.base]
-        ck = f"calib:{source}"
-        if ck not in ctx.cache:
-            ctx.cache[ck] = calibration_from_file(source, load_tokenizer(tok_src))
-        calib = ctx.cache[ck]
+    calib = context_calibration(ctx, opts, paths[plan.base], "qp needs calibration data")
     tokens = int(opts.get("calibration_tokens", 512))
     normalize = str(opts.get("gram_normalize", "mean"))
     batches = [calib.token_batches(k, tokens) for k in plan.models]
