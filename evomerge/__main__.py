@@ -1,5 +1,3 @@
-import sys
+from evomerge.cli import entry
 
-from evomerge.cli import main
-
-sys.exit(main())
+entry()

@@ -43,25 +43,45 @@ def build_parser() -> argparse.ArgumentParser:
     for module in discover("evomerge.commands"):
         cmd = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _fast_exit=bool(getattr(module, "FAST_EXIT", False)))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _dispatch(argv: Sequence[str] | None) -> tuple[int, bool]:
+    """(exit code, whether the process may skip the interpreter's teardown)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
-        return int(args._run(args) or 0)
+        return int(args._run(args) or 0), args._fast_exit
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
-        return 2
+        return 2, False
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
-        return 130
+        return 130, False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _dispatch(argv)[0]
+
+
+def entry() -> None:
+    """The console script. A command that sets ``FAST_EXIT`` (it has closed and renamed everything it wrote
+    before returning) ends the process at once: tearing down torch's modules takes about 0.5 s, a fifth of a
+    small merge's wall time."""
+    code, fast = _dispatch(None)
+    if fast:
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

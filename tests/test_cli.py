@@ -50,3 +50,37 @@ def test_analysis_commands_read_evomerge_search_spaces(tmp_path: Path, capsys: p
     out = capsys.readouterr().out
     rho = float(out.split("overall rho")[1].split()[0])
     assert 0.0 <= rho <= 1.0
+
+
+def test_merge_in_a_subprocess_exits_fast_with_complete_output(tmp_path: Path) -> None:
+    # `evomerge merge` ends with os._exit (no interpreter teardown): its output and summary line must be complete
+    # and its exit code kept, for success and for a bad input
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from evomerge.fitness.zoo import ensure_zoo
+
+    zoo = ensure_zoo("micro")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "linear", "models": [{"model": str(zoo / "add")},
+                                                                     {"model": str(zoo / "rev")}]}))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "merged " in done.stdout and str(out) in done.stdout
+    from safetensors.torch import load_file
+
+    def state(folder: Path) -> dict:
+        return {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+    merged, a, b = state(out), state(zoo / "add"), state(zoo / "rev")
+    assert merged.keys() == a.keys() and json.loads((out / "config.json").read_text())
+    for name in merged:
+        assert (merged[name] - (a[name] + b[name]) / 2).abs().max().item() <= 1e-6, name
+    bad = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(tmp_path / "missing.yaml"), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr

@@ -32,7 +32,7 @@ HELP = "held-out scores: uniform, TA (λ grid), TIES, per-layer CMA-ES, Top-k gr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", type=int, default=100, help="evaluations per search row and seed (default 100)")
+    parser.add_argument("--budget", type=int, default=200, help="evaluations per search row and seed (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
     parser.add_argument("--small", action="store_true", help="quick run: budget 30, seed 0 only")
     parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-budget", type=int, default=6, help="evaluations per parent pair (default 6)")
     parser.add_argument("--pair-init", default="kinship",
                         help="starting weight of both parents of a pair merge: a number or 'kinship' (default)")
+    parser.add_argument("--pair-method", default="qp",
+                        help="how a parent pair is merged (qp, task_arithmetic, ties, dare_ties, ...; default qp); "
+                             "the same for the greedy and the population rows")
+    parser.add_argument("--pair-option", action="append", default=None, metavar="KEY=VALUE",
+                        help="an option of the pair method, repeatable (default for qp: sequential=true)")
     parser.add_argument("--rows", nargs="+", default=None,
                         help="subset of rows: uniform ta ties cmaes greedy population")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -82,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         from evomerge.errors import ConfigError
 
         raise ConfigError(f"--rows: unknown {bad} (known: {', '.join(ROWS)})")
+    if {"greedy", "population"} & set(rows):  # a bad pair method fails now, not after the baselines
+        from evomerge.search.population_backend import PairSpace
+
+        PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
@@ -121,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.zoo_size} zoo (seed {args.zoo_seed}), metric {args.metric}, budget {args.budget} evaluations per "
           f"search row and seed, seeds {args.seeds}; held-out = mean over the {len(skills)} tasks of the test split; "
           f"{total / 60:.1f} min")
+    if {"greedy", "population"} & set(rows):
+        opts = pair_options(args.pair_option, args.pair_method)
+        print(f"pair merges: {args.pair_method}" + (f" {opts}" if opts else "") + f", {args.pair_budget} evaluations "
+              f"per pair, top-k {args.k}")
     if args.json:
         write_json_atomic(args.json, {"zoo": str(zoo), "metric": args.metric, "budget": args.budget,
                                       "seeds": args.seeds, "rows": results, "seconds": total})
@@ -240,7 +253,8 @@ def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argpars
         pop: dict[str, Any] = {"k": args.k, "pair_budget": args.pair_budget}
     else:
         pop = {"k": args.k, "pair_budget": args.pair_budget, "explore": False, "saturation": None, "max_revivals": 0}
-    pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init)}
+    pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init),
+                   "method": args.pair_method, "options": pair_options(args.pair_option, args.pair_method)}
     return {
         "name": f"bench-{'population' if explore else 'greedy'}-{seed}", "seed": seed,
         "models": {"base": f"{zoo_ref}/base", "fine_tunes": {s: f"{zoo_ref}/{s}" for s in skills}},
@@ -250,6 +264,23 @@ def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argpars
         "device": args.device, "progress_interval": 0, "test_top": 1,
         "population": pop,
     }
+
+
+def pair_options(items: Sequence[str] | None, method: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as method options (YAML scalars: true, 0.5, full); None: the bench's defaults."""
+    import yaml
+
+    from evomerge.errors import ConfigError
+
+    if items is None:
+        return {"sequential": True} if method == "qp" else {}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--pair-option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, args: argparse.Namespace, seed: int,

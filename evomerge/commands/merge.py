@@ -7,6 +7,7 @@ from pathlib import Path
 
 NAME = "merge"
 HELP = "merge models from a recipe (evomerge or mergekit YAML) into a new model folder"
+FAST_EXIT = True  # the output folder is complete and renamed when run() returns (see evomerge.cli.entry)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,13 +20,16 @@ from evomerge.merge.recipe import Recipe
 @dataclass(frozen=True)
 class EvalJob:
     """One candidate to merge and score. ``extra_models`` maps keys of materialized merged parents
-    (population manager) to their folders, beyond the models the worker was built with."""
+    (population manager) to their folders, beyond the models the worker was built with; ``model_tasks`` names
+    the fitness tasks each of them stands for (for calibration rows)."""
 
     candidate_id: int
     recipe: Recipe
     split: str = "search"
     attempt: int = 0
     extra_models: Mapping[str, str] = field(default_factory=dict)
+    # fitness tasks whose rows stand for a merged model in data-aware merges (qp, apl): its originals' tasks
+    model_tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

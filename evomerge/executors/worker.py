@@ -92,7 +92,7 @@ class MergeEvalWorker:
         t0 = time.perf_counter()
         try:
             self._ensure(job.extra_models, [m.model for m in job.recipe.models])
-            self._method_data(job.recipe)
+            self._method_data(job.recipe, job.model_tasks)
             self.merger.apply(job.recipe, into=self.model)
         except Exception as exc:  # noqa: BLE001 - a bad candidate never stops the search
             res = EvalResult.failure(f"{type(exc).__name__}: {exc}", self.evaluator.spec.effective_penalty,
@@ -109,10 +109,11 @@ class MergeEvalWorker:
         self._release(full=not res.ok or self.evaluations % FULL_RELEASE_EVERY == 0)
         return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=t1 - t0, eval_seconds=t2 - t1)
 
-    def _method_data(self, recipe: Any) -> None:
+    def _method_data(self, recipe: Any, model_tasks: Mapping[str, Sequence[str]] | None = None) -> None:
         """Give methods that need data (qp, apl: task rows; mergeability_weighted: base scores) the fitness's.
 
-        Rows and scores are keyed by model key: a fine-tune's task is the fitness task of the same name.
+        Rows and scores are keyed by model key: a fine-tune's task is the fitness task of the same name; a merged
+        parent's rows are its ``model_tasks`` interleaved (the tasks of the originals it descends from).
         """
         from evomerge.merge.registry import get_method
 
@@ -127,6 +128,11 @@ class MergeEvalWorker:
 
             self.merger.calibration = calibration_from_spec(fitness, self.evaluator.tokenizer,
                                                             task_of_model=task_of)
+        calibration = self.merger.calibration
+        if calibration is not None:
+            for m in recipe.models:
+                if m.model not in calibration.rows and (model_tasks or {}).get(m.model):
+                    calibration.add_union(m.model, list((model_tasks or {})[m.model]))
         if recipe.method == "mergeability_weighted" and self.merger.base_scores is None and task_of:
             from evomerge.merge.params import ParamValue
             from evomerge.merge.recipe import ModelEntry, Recipe

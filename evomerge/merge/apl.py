@@ -311,7 +311,7 @@ def prepare_apl(ctx: Any) -> dict[str, dict[str, Any]]:
     shapes = {n: t.shape for n, t in base_state.items()}
     imps, stats = [], []
     for k in plan.models:
-        key = ("apl", str(paths[k]), level, estimator, grad_point, n_ex, calib.content_hash())
+        key = ("apl", str(paths[k]), level, estimator, grad_point, n_ex, calib.content_hash([k]))
         if key not in ctx.cache:
             tuned = C.cached_state(ctx.cache, paths[k])
             per = importance(probe, base_state, tuned, calib.loss_batch(k, n_ex), level, estimator, grad_point,

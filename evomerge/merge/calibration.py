@@ -67,8 +67,17 @@ class CalibrationSet:
             f"no calibration data for model {key!r} (calibration has: {', '.join(sorted(self.rows)) or 'nothing'})"
         )
 
-    def content_hash(self) -> str:
-        blob = json.dumps({"rows": self.rows, "seq_len": self.seq_len, "term": self.terminator,
+    def add_union(self, key: str, sources: Sequence[str]) -> None:
+        """Rows for ``key`` (a merged model): the rows of ``sources`` (its ancestors' tasks) interleaved, so the
+        first calibration tokens already cover every source."""
+        if not sources:
+            raise ConfigError(f"model {key!r}: no calibration sources given")
+        self.rows[key] = interleave_rows([self.rows_for(s) for s in sources])
+
+    def content_hash(self, keys: Sequence[str] | None = None) -> str:
+        """A hash of the rows (of ``keys`` only, when given: adding another model's rows keeps it)."""
+        rows = self.rows if keys is None else {k: self.rows_for(k) for k in keys}
+        blob = json.dumps({"rows": rows, "seq_len": self.seq_len, "term": self.terminator,
                            "vocab": len(self.tokenizer)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -123,6 +132,14 @@ class CalibrationSet:
         return input_ids, mask, labels
 
 
+def interleave_rows(sources: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round-robin over ``sources``: a0, b0, a1, b1, ... (the longer ones continue alone)."""
+    out: list[dict[str, Any]] = []
+    for i in range(max((len(s) for s in sources), default=0)):
+        out.extend(s[i] for s in sources if i < len(s))
+    return out
+
+
 def _read_rows(path: str | os.PathLike[str], limit: int | None = None) -> list[dict[str, Any]]:
     from evomerge.fitness.builtin import read_jsonl
 
@@ -163,8 +180,36 @@ def calibration_from_spec(spec: Any, tokenizer: Any, split: str = "search", limi
     return CalibrationSet(rows, tokenizer, seq_len, getattr(spec, "terminator", "\n"))
 
 
+def calibration_for_models(spec: Any, tokenizer: Any, model_tasks: Mapping[str, Sequence[str]],
+                           split: str = "search", limit: int | None = 200) -> CalibrationSet:
+    """The fitness spec's task rows with each model of ``model_tasks`` (a key or a folder) given the rows of its
+    tasks, interleaved: what a search's worker gives the same models."""
+    calib = calibration_from_spec(spec, tokenizer, split, limit)
+    for key, tasks in model_tasks.items():
+        calib.add_union(str(key), list(tasks))
+    return calib
+
+
+def calibration_file_data(spec: Any, model_tasks: Mapping[str, Sequence[str]], split: str = "search",
+                          limit: int | None = 200, seq_len: int = 64) -> dict[str, Any]:
+    """The long-form calibration file (see :func:`calibration_from_file`) that gives each model of
+    ``model_tasks`` the rows a search's worker gave it (:func:`calibration_from_spec` + ``add_union``), so an
+    exported data-aware recipe rebuilds with ``evomerge merge`` alone."""
+    sources = {str(t.name): t.source(split) for t in spec.tasks if t.kind == "jsonl"}
+    models: dict[str, list[str]] = {}
+    for key, tasks in model_tasks.items():
+        missing = [t for t in tasks if t not in sources]
+        if missing or not tasks:
+            raise ConfigError(f"model {key!r}: task(s) {missing or list(tasks)} are not jsonl tasks of the fitness "
+                              f"spec (known: {', '.join(sorted(sources))})")
+        models[str(key)] = [str(_resolve(sources[t]).resolve()) for t in tasks]
+    return {"terminator": str(getattr(spec, "terminator", "\n")), "seq_len": seq_len, "limit": limit,
+            "models": models}
+
+
 def calibration_from_file(path: str | os.PathLike[str], tokenizer: Any, limit: int | None = 200) -> CalibrationSet:
-    """A calibration file: a FitnessSpec (has ``tasks``; search split) or a mapping ``model key: jsonl path``."""
+    """A calibration file: a FitnessSpec (has ``tasks``; search split) or a mapping ``model key: jsonl path``
+    (or a list of paths, interleaved: the rows of a merged model's ancestors' tasks)."""
     import yaml
 
     p = _resolve(path)
@@ -178,11 +223,28 @@ def calibration_from_file(path: str | os.PathLike[str], tokenizer: Any, limit: i
         from evomerge.fitness.spec import FitnessSpec
 
         return calibration_from_spec(FitnessSpec.from_yaml(p), tokenizer, "search", limit)
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+    def files(value: Any) -> list[str] | None:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+            return None
+        return [v if v.startswith("zoo:") or Path(v).is_absolute() else str(p.parent / v) for v in items]
+
+    if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a fitness spec or a mapping of model keys to jsonl files")
-    paths = {str(k): (v if v.startswith("zoo:") or Path(v).is_absolute() else str(p.parent / v))
-             for k, v in data.items()}
-    return calibration_from_jsonl(paths, tokenizer, limit)
+    settings: dict[str, Any] = {}
+    if isinstance(data.get("models"), dict):  # the long form: models + how rows are encoded
+        settings = {k: v for k, v in data.items() if k != "models"}
+        unknown = sorted(set(settings) - {"terminator", "seq_len", "limit"})
+        if unknown:
+            raise ConfigError(f"{p}: unknown key(s) {unknown} (known: models, terminator, seq_len, limit)")
+        data = data["models"]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for k, v in data.items():
+        listed = files(v)
+        if listed is None:
+            raise ConfigError(f"{p}: model {k!r}: expected a jsonl file or a list of them, got {v!r}")
+        rows[str(k)] = interleave_rows([_read_rows(f, settings.get("limit", limit)) for f in listed])
+    return CalibrationSet(rows, tokenizer, int(settings.get("seq_len", 64)), str(settings.get("terminator", "\n")))
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -215,13 +277,26 @@ def model_state(model: torch.nn.Module) -> StateDict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+MAX_CACHED = 8  # model states / Gram sets a prepare cache keeps (a population run meets many merged parents)
+
+
+def lru_get(cache: dict[str, Any], section: str, key: Any, make: Callable[[], Any], limit: int = MAX_CACHED) -> Any:
+    """``cache[section][key]``, made on a miss; the least recently used entries beyond ``limit`` are dropped."""
+    from collections import OrderedDict
+
+    entries = cache.setdefault(section, OrderedDict())
+    if key in entries:
+        entries.move_to_end(key)
+        return entries[key]
+    value = entries[key] = make()
+    while len(entries) > limit:
+        entries.popitem(last=False)
+    return value
+
+
 def cached_state(cache: dict[str, Any], path: str | os.PathLike[str]) -> StateDict:
-    """Load a model's state once per ``cache`` (the prepare context's cross-recipe cache)."""
-    states = cache.setdefault("states", {})
-    key = str(_resolve(path))
-    if key not in states:
-        states[key] = model_state(load_model(path))
-    return states[key]
+    """Load a model's state once per ``cache`` (the prepare context's cross-recipe cache; bounded LRU)."""
+    return lru_get(cache, "states", str(_resolve(path)), lambda: model_state(load_model(path)))
 
 
 def layer_info(config: Mapping[str, Any] | Any) -> Callable[[str], tuple[int | None, str | None, int]]:
@@ -432,12 +507,14 @@ def sequential_grams(
     batches: Sequence[Sequence[Tensor]],
     normalize: str = "mean",
     progress: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> dict[str, list[Tensor]]:
     """Grams per linear weight and model, collected with the earlier groups already merged (qp sequential).
 
     ``batches[t]``: calibration token batches of the t-th kernel input model. Each group is solved with the
     ``qp`` kernel exactly as the engine will solve it (same options and generator), so the engine's result
-    equals the model the later groups were calibrated on.
+    equals the model the later groups were calibrated on. ``model``: a loaded copy of the base architecture
+    to work in (reset to the base weights first; a search reuses one instead of loading the base per candidate).
     """
     from evomerge.merge.qp import qp as qp_kernel
     from evomerge.merge.registry import (
@@ -451,10 +528,13 @@ def sequential_grams(
     method = get_method(recipe.method)
     plan = plan_inputs(recipe, method)
     opts = resolve_options(recipe, method)
-    model = load_model(base_path)
+    base_state = states[str(plan.base)]
+    if model is None:
+        model = load_model(base_path)
+    else:
+        model.load_state_dict(base_state, strict=False)
     info = layer_info(model.config)
     mods = linear_modules(model)
-    base_state = states[str(plan.base)]
     # non-linear tensors first, with the fallback (the kernel without Grams)
     non_linear = [n for n in base_state if n not in mods]
     merged = merge_in_memory(recipe, states, model.config, None, non_linear)
@@ -511,23 +591,25 @@ def prepare_qp_context(ctx: Any) -> dict[str, dict[str, Any]]:
     normalize = str(opts.get("gram_normalize", "mean"))
     batches = [calib.token_batches(k, tokens) for k in plan.models]
     states = {k: cached_state(ctx.cache, paths[k]) for k in [plan.base, *plan.models]}
+    probe = ctx.cache.get("probe_model")
+    if probe is None:
+        probe = ctx.cache["probe_model"] = load_model(paths[plan.base])
     if bool(opts.get("sequential", False)):
-        grams = sequential_grams(recipe, paths[plan.base], states, batches, normalize)
+        grams = sequential_grams(recipe, paths[plan.base], states, batches, normalize, model=probe)
     else:
         activations = str(opts.get("activations", "finetuned"))
-        gk = ("qp_grams", activations, normalize, tokens, calib.content_hash(),
+        gk = (activations, normalize, tokens, calib.content_hash(plan.models),
               tuple(str(paths[k]) for k in [plan.base, *plan.models]))
-        if gk not in ctx.cache:
-            probe = ctx.cache.get("probe_model")
-            if probe is None:
-                probe = ctx.cache["probe_model"] = load_model(paths[plan.base])
+
+        def collect() -> dict[str, list[Tensor]]:
             per_model = []
             for t, k in enumerate(plan.models):
                 probe.load_state_dict(states[plan.base] if activations == "base" else states[k])
                 per_model.append(collect_grams(probe, batches[t], normalize=normalize))
             probe.load_state_dict(states[plan.base])
-            ctx.cache[gk] = {n: [pm[n] for pm in per_model] for n in per_model[0]}
-        grams = ctx.cache[gk]
+            return {n: [pm[n] for pm in per_model] for n in per_model[0]}
+
+        grams = lru_get(ctx.cache, "qp_grams", gk, collect)
     report = QPReport()
     ctx.cache["qp_report"] = report
     out: dict[str, dict[str, Any]] = {"*": {"qp_report": report}}

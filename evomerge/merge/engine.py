@@ -21,6 +21,7 @@ import logging
 import re
 import resource
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -212,6 +213,7 @@ def merge_to_disk(
     progress: bool = True,
     where: str = "recipe",
     workers: int | None = None,
+    calibration: Any = None,
 ) -> MergeSummary:
     """Merge the recipe's models into ``out_dir`` (sharded safetensors + config + tokenizer), streaming.
 
@@ -219,7 +221,8 @@ def merge_to_disk(
     ``seed`` overrides the recipe's seed (DARE masks come from (seed, tensor name), so they do not depend on
     the order tensors are merged in). ``workers``: tensors merged concurrently (default: torch's thread count
     on CPU, 1 on CUDA), each kernel then running single-threaded. The recipe YAML and evomerge's version go into the safetensors metadata
-    and ``evomerge_recipe.yaml``.
+    and ``evomerge_recipe.yaml``. ``calibration``: the task rows of data-aware methods (qp, apl), keyed by
+    the recipe's model folders, instead of the recipe's ``options.calibration`` file.
     """
     from evomerge.models import parse_size
 
@@ -239,14 +242,16 @@ def merge_to_disk(
     plan = plan_merge(recipe, vocab_policy=vocab_policy, where=where)
     try:
         return _merge_planned(plan, target, t0, device=device, out_dtype=out_dtype, shard_bytes=shard_bytes,
-                              overwrite=overwrite, progress=progress, n_workers=n_workers, where=where)
+                              overwrite=overwrite, progress=progress, n_workers=n_workers, where=where,
+                              calibration=calibration)
     finally:
         for folder in plan.folders.values():
             folder.close()
 
 
 def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out_dtype: torch.dtype | None,
-                   shard_bytes: int, overwrite: bool, progress: bool, n_workers: int, where: str) -> MergeSummary:
+                   shard_bytes: int, overwrite: bool, progress: bool, n_workers: int, where: str,
+                   calibration: Any = None) -> MergeSummary:
     from evomerge.merge.recipe_io import recipe_yaml
     from evomerge.merge.registry import prepared_options, tensor_generator
     from evomerge.models import ShardedWriter, copy_model_files
@@ -259,7 +264,7 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    prepared = prepare_options(plan, device)
+    prepared = prepare_options(plan, device, calibration=calibration)
     options = dict(plan.options)
     if needs_global_trim(plan):
         from evomerge.merge.methods_sparsify import global_trim_thresholds
@@ -272,8 +277,36 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     base_folder = plan.folders[plan.base_key] if plan.base_key else None
     in_folders = [plan.folders[k] for k in plan.input_keys]
 
+    sources = ([base_folder] if base_folder is not None else []) + in_folders
+    in_pieces = method.elementwise and not prepared and device == "cpu"
+
+    def merge_in_pieces(name: str) -> torch.Tensor | None:
+        """An elementwise kernel run piece by piece: each piece of every input is read into a small reused
+        buffer and merged while it is in cache, straight into the output tensor (no full-size intermediates)."""
+        from evomerge.models.folder import read_shape
+
+        dtypes = [f.dtype(name) for f in sources]
+        if not dtypes[0].is_floating_point:
+            return None
+        shape = read_shape(sources[0].info(name), plan.vocab_slices.get(name))
+        out = torch.empty(shape, dtype=out_dtype if out_dtype is not None else dtypes[0])
+        flat = out.view(-1)
+        model_params, params = kernel_args(plan, name)
+        buffers = _piece_buffers(dtypes)
+        n = flat.numel()
+        for begin in range(0, n, PIECE_ELEMS):
+            count = min(PIECE_ELEMS, n - begin)
+            pieces = [f.read_range(name, begin, buf[:count]) for f, buf in zip(sources, buffers)]
+            base_p, inputs = (pieces[0], pieces[1:]) if base_folder is not None else (None, pieces)
+            flat[begin:begin + count].copy_(method.fn(base_p, inputs, model_params, params, options, None))
+        return out
+
     def merge_one(name: str) -> torch.Tensor:
         """Read one tensor's inputs, merge them, cast to the output dtype (runs in a worker thread)."""
+        if in_pieces:
+            merged = merge_in_pieces(name)
+            if merged is not None:
+                return merged
         base_t = read_input(base_folder, name, plan, device) if base_folder is not None else None
         tensors = [read_input(f, name, plan, device) for f in in_folders]
         ref = base_t if base_t is not None else tensors[0]
@@ -339,6 +372,22 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
         peak_rss_bytes=peak_rss_bytes(),
         peak_cuda_bytes=int(torch.cuda.max_memory_allocated()) if on_cuda else None, method=method.name,
     )
+
+
+PIECE_ELEMS = 1 << 18  # elements per piece of an elementwise merge: a float32 piece is 1 MiB and stays in cache
+_pieces = threading.local()
+
+
+def _piece_buffers(dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """One reusable piece buffer per input (this thread's, of each input's stored dtype)."""
+    cache: dict[tuple[int, torch.dtype], torch.Tensor] = getattr(_pieces, "buffers", None) or {}
+    _pieces.buffers = cache
+    out = []
+    for i, dt in enumerate(dtypes):
+        if (i, dt) not in cache:
+            cache[(i, dt)] = torch.empty(PIECE_ELEMS, dtype=dt)
+        out.append(cache[(i, dt)])
+    return out
 
 
 def _worker_count(workers: int | None, device: str) -> int:

@@ -98,6 +98,10 @@ class MergeMethod:
     doc: str = ""
     base_as_input: bool = False
     uses_generator: bool = False
+    # The kernel computes each element from the same element of its inputs (linear, task arithmetic): the disk
+    # engine may run it on pieces of a tensor that stay in cache, which is exact and never allocates full-size
+    # intermediates.
+    elementwise: bool = False
     # Hook for methods that need more than per-tensor inputs (qp: calibration Grams; apl: importance;
     # mergeability_weighted: base scores). Engines call it once per recipe, before any tensor, with a
     # MethodContext; it returns {tensor_name: {option: value}} ("*" applies to every tensor) and the engine
@@ -409,11 +413,11 @@ def _rescale(default: str) -> OptionSpec:
 
 def _register_builtins() -> None:
     register(MergeMethod(
-        "linear", K.linear, (_WEIGHT,), (_NORMALIZE_T,), needs_base=False, min_models=1,
+        "linear", K.linear, (_WEIGHT,), (_NORMALIZE_T,), needs_base=False, min_models=1, elementwise=True,
         doc="weighted average of the models (model soup); base_model is not an input",
     ))
     register(MergeMethod(
-        "task_arithmetic", K.task_arithmetic, (_WEIGHT, _LAMBDA), (_NORMALIZE_F,), needs_base=True,
+        "task_arithmetic", K.task_arithmetic, (_WEIGHT, _LAMBDA), (_NORMALIZE_F,), needs_base=True, elementwise=True,
         doc="base + lambda * sum_t w_t (theta_t - base)",
     ))
     register(MergeMethod(

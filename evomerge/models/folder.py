@@ -168,6 +168,18 @@ class _Shard:
         self._pread(memoryview(out.view(-1).view(torch.uint8).numpy()), info.start, info.name)
         return out
 
+    def read_range(self, info: TensorInfo, begin: int, out: torch.Tensor) -> torch.Tensor:
+        """Elements ``begin .. begin + out.numel()`` of the flattened tensor into ``out`` (contiguous CPU, the
+        stored dtype)."""
+        if self.fd is None:
+            raise ModelError(f"safetensors file {self.path} was closed")
+        size = info.dtype.itemsize
+        if begin < 0 or info.start + (begin + out.numel()) * size > info.end:
+            raise ModelError(f"tensor {info.name!r}: elements {begin}..{begin + out.numel()} are out of range")
+        if out.numel():
+            self._pread(memoryview(out.view(-1).view(torch.uint8).numpy()), info.start + begin * size, info.name)
+        return out
+
     def read_converted(self, info: TensorInfo, rows: int | None, out: torch.Tensor) -> torch.Tensor:
         """Read into a contiguous CPU ``out`` of another dtype, converting chunk by chunk through a small
         per-thread staging buffer: no full-size intermediate in the stored dtype is allocated."""
@@ -483,6 +495,15 @@ class ModelFolder:
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor
+
+    def read_range(self, name: str, begin: int, out: torch.Tensor) -> torch.Tensor:
+        """A piece of one tensor: flattened elements ``begin .. begin + out.numel()`` into ``out`` (contiguous
+        CPU, the stored dtype), for engines that merge large tensors piece by piece in cache."""
+        info = self.info(name)
+        if out.dtype != info.dtype or out.device.type != "cpu" or not out.is_contiguous():
+            raise ModelError(f"model {self.path}: tensor {name!r} is {info.dtype}; read_range needs a contiguous "
+                             f"CPU buffer of that dtype, got {out.dtype} on {out.device}")
+        return self._shard_of[info.file].read_range(info, begin, out)
 
     def iter_tensors(
         self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None

@@ -95,6 +95,98 @@ def merged_ancestors(archive: Archive, rec: CandidateRecord, originals: Mapping[
     return order
 
 
+CALIBRATION_FILE = "calibration.yaml"
+
+
+class _MethodData:
+    """What data-aware recipes (qp, apl: task rows; mergeability_weighted: base scores) of an export need, so
+    the export merges exactly what the search's workers merged and its recipe files rebuild it alone.
+
+    Task rows come from the run's fitness spec: an original model's are its task's (the task of the same name),
+    a merged member's its originals' tasks interleaved, as in the workers. The written recipes name them
+    through ``options.calibration`` (a ``calibration.yaml`` in the export); base scores become ``base_score``
+    parameters.
+    """
+
+    def __init__(self, run: RunDir, steps: list[tuple[str, Recipe]], originals: Mapping[str, str]) -> None:
+        from evomerge.merge.registry import get_method
+        from evomerge.search.population_backend import ancestor_tasks
+
+        self.run, self.originals = run, dict(originals)
+        self.spec: Any = None
+        self._tokenizer: Any = None
+        self.base_scores: dict[str, float] = {}
+        members = dict(steps[:-1])
+        need_rows = [r for _, r in steps
+                     if getattr(get_method(r.method), "prepare", None) is not None and r.method != "mergeability_weighted"
+                     and not r.options.get("calibration")]
+        need_scores = [r for _, r in steps if r.method == "mergeability_weighted" and not r.options.get("fitness")
+                       and any("base_score" not in m.parameters for m in r.models)]
+        self.model_tasks: dict[str, tuple[str, ...]] = {}
+        if not need_rows and not need_scores:
+            return
+        self.spec = run.snapshot_space(check_models=False).fitness
+        names = [str(t.name) for t in self.spec.tasks]
+        keys = {m.model for r in need_rows for m in r.models}
+        self.model_tasks = {k: ancestor_tasks(k, lambda x: None if x in self.originals else members.get(x), names)
+                            for k in sorted(keys)}
+        orphans = [k for k, t in self.model_tasks.items() if not t]
+        if orphans:
+            raise ConfigError(f"models {orphans} need calibration rows (method qp/apl), but no jsonl task of the "
+                              f"run's fitness is named after them or their ancestors (tasks: {', '.join(names)})")
+        score_keys = sorted({m.model for r in need_scores for m in r.models if "base_score" not in m.parameters})
+        if score_keys:
+            unknown = [k for k in score_keys if k not in self.originals or k not in names]
+            if unknown:
+                raise ConfigError(f"mergeability_weighted: no base score for {unknown}: set base_score per model "
+                                  f"(base scores are measured for original models named after a task only)")
+            from evomerge.merge.mergeability import measure_base_scores
+
+            self.base_scores = measure_base_scores(str(originals["base"]), score_keys, self.spec,
+                                                   task_of_model={k: k for k in score_keys})
+
+    @property
+    def needs_rows(self) -> bool:
+        return bool(self.model_tasks)
+
+    def calibration(self, recipe: Recipe, folders: Mapping[str, str]) -> Any:
+        """The rows for building ``recipe`` (model keys -> ``folders``), or None when it needs none."""
+        if not any(m.model in self.model_tasks for m in recipe.models):
+            return None
+        from evomerge.merge.calibration import calibration_for_models, load_tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.originals["base"])
+        return calibration_for_models(self.spec, self._tokenizer,
+                                      {folders[m.model]: self.model_tasks[m.model] for m in recipe.models})
+
+    def with_scores(self, recipe: Recipe) -> Recipe:
+        """``recipe`` with measured ``base_score`` parameters where it needs them."""
+        if recipe.method != "mergeability_weighted" or not self.base_scores:
+            return recipe
+        return dataclasses.replace(recipe, models=tuple(
+            m if "base_score" in m.parameters or m.model not in self.base_scores else
+            ModelEntry(m.model, {**m.parameters, "base_score": _constant(self.base_scores[m.model])})
+            for m in recipe.models))
+
+    def written(self, recipe: Recipe, calibration_file: Path) -> Recipe:
+        """The recipe as written into the export: its rows named by ``options.calibration``."""
+        if not any(m.model in self.model_tasks for m in recipe.models):
+            return recipe
+        return dataclasses.replace(recipe, options={**recipe.options, "calibration": str(calibration_file)})
+
+    def file_data(self, names: Mapping[str, str]) -> dict[str, Any]:
+        from evomerge.merge.calibration import calibration_file_data
+
+        return calibration_file_data(self.spec, {names.get(k, k): t for k, t in self.model_tasks.items()})
+
+
+def _constant(value: float) -> Any:
+    from evomerge.merge.params import ParamValue
+
+    return ParamValue.constant(float(value))
+
+
 def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                      candidate_id: int | None = None, rank_by: str = "search", overwrite: bool = False,
                      device: str = "cpu", dtype: str | None = None, max_shard_size: str = "5GB",
@@ -117,6 +209,10 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         lineage = archive.lineage(rec.id)
         ancestors = merged_ancestors(archive, rec, paths)
     recipe = Recipe.from_dict(rec.recipe, where=f"candidate {rec.id} recipe")
+    data = _MethodData(run, [*ancestors, ("output", recipe)], paths)
+    ancestors = [(k, data.with_scores(r)) for k, r in ancestors]
+    recipe = data.with_scores(recipe)
+    calibration_file = target.resolve() / CALIBRATION_FILE
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         # merged parents (population members) first, oldest first, into a scratch folder next to the output
         scratch = tmp.parent / f".{target.name}.parents-{os.getpid()}"
@@ -126,11 +222,12 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                 folder = scratch / key
                 merge_to_disk(recipe_with_paths(parent, all_paths), folder, device=device, dtype=dtype,
                               max_shard_size=max_shard_size, overwrite=True, progress=progress,
-                              where=f"member {key}")
+                              where=f"member {key}", calibration=data.calibration(parent, all_paths))
                 all_paths[key] = str(folder)
             resolved = recipe_with_paths(recipe, all_paths)
             merge_to_disk(resolved, tmp, device=device, dtype=dtype, max_shard_size=max_shard_size,
-                          overwrite=True, progress=progress, where=f"candidate {rec.id}")
+                          overwrite=True, progress=progress, where=f"candidate {rec.id}",
+                          calibration=data.calibration(recipe, all_paths))
         finally:
             import shutil
 
@@ -145,17 +242,26 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                 mk_text, mk_reason = None, str(exc)
         if ancestors:  # the engine's recipe file names scratch folders: replace it by the whole chain
             (tmp / "evomerge_recipe.yaml").unlink(missing_ok=True)
-            chain = [{"member": k, "recipe": recipe_with_paths(r, {**paths, **{a: a for a, _ in ancestors}}).to_dict()}
+            names = {**paths, **{a: a for a, _ in ancestors}}
+            chain = [{"member": k, "recipe": recipe_with_paths(data.written(r, calibration_file), names).to_dict()}
                      for k, r in ancestors]
             chain.append({"member": "output", "recipe": recipe_with_paths(
-                recipe, {**paths, **{a: a for a, _ in ancestors}}).to_dict()})
+                data.written(recipe, calibration_file), names).to_dict()})
             import yaml
 
             (tmp / "evomerge_recipe_chain.yaml").write_text(
                 "# merge these in order; a model named by a member key is the folder of that earlier step\n"
                 + yaml.safe_dump(chain, sort_keys=False, default_flow_style=None), encoding="utf-8")
         else:
-            (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(resolved), encoding="utf-8")
+            written = recipe_with_paths(data.written(recipe, calibration_file), paths)
+            (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(written), encoding="utf-8")
+        if data.needs_rows:
+            import yaml
+
+            (tmp / CALIBRATION_FILE).write_text(
+                "# task rows of the data-aware merges (qp/apl) of this model, as the search gave them:\n"
+                "# each model (folder or member key) -> the jsonl files of its tasks, interleaved\n"
+                + yaml.safe_dump(data.file_data(paths), sort_keys=False), encoding="utf-8")
         if mk_text is not None:
             (tmp / "mergekit_config.yml").write_text(mk_text, encoding="utf-8")
         (tmp / "evomerge_lineage.json").write_text(json.dumps({
@@ -170,7 +276,12 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                    "(a model named by a member key is the folder of that earlier step):")
             text = (tmp / "evomerge_recipe_chain.yaml").read_text(encoding="utf-8")
         else:
-            how, text = "Re-run with `evomerge merge evomerge_recipe.yaml OUT`:", recipe_yaml(resolved)
+            how, text = ("Re-run with `evomerge merge evomerge_recipe.yaml OUT`:",
+                         recipe_yaml(recipe_with_paths(data.written(recipe, calibration_file), paths)))
+        if data.needs_rows:
+            how = how.rstrip(":") + (f". Data-aware steps (qp, apl) read their task rows through "
+                                     f"`{CALIBRATION_FILE}`, which finds a merged member by its key: name each "
+                                     "step's folder after its member:")
         (tmp / "README.md").write_text(model_card(run, rec, test, refs, lineage, text, mk_text, mk_reason, how),
                                        encoding="utf-8")
     return ExportSummary(target, rec.id, rec.aggregate, test.aggregate if test else None, mk_text is not None,

@@ -63,9 +63,11 @@ class ParentCache:
         return self.root / key
 
     def get(self, key: str, recipe_of: Callable[[str], Recipe], path_of: Callable[[str], str],
-            keep: Sequence[str] = ()) -> Path:
-        """The folder of merged model ``key`` (built from ``recipe_of(key)`` whose inputs ``path_of`` resolves)."""
+            keep: Sequence[str] = (), calibration_of: Callable[[Mapping[str, str]], Any] | None = None) -> Path:
+        """The folder of merged model ``key`` (built from ``recipe_of(key)`` whose inputs ``path_of`` resolves;
+        ``calibration_of(model key -> folder)`` gives data-aware methods their task rows)."""
         from evomerge.merge.engine import merge_to_disk
+        from evomerge.merge.registry import get_method
 
         target = self.path(key)
         if key in self._used and (target / "config.json").is_file():
@@ -75,7 +77,10 @@ class ParentCache:
         concrete = dataclasses.replace(
             recipe, base_model=path_of(recipe.base_model) if recipe.base_model else None,
             models=tuple(ModelEntry(path_of(m.model), m.parameters) for m in recipe.models), dtype="float32")
-        merge_to_disk(concrete, target, overwrite=True, progress=False)
+        calibration = None
+        if calibration_of is not None and getattr(get_method(recipe.method), "prepare", None) is not None:
+            calibration = calibration_of({m.model: path_of(m.model) for m in recipe.models})
+        merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=calibration)
         self.materialized += 1
         self._used[key] = _dir_bytes(target)
         self._evict(set(keep) | {key})
@@ -100,6 +105,34 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+# ------------------------------------------------------------------------------------------------- lineage
+
+
+def ancestor_tasks(key: str, recipe_of: Callable[[str], Recipe | None], task_names: Sequence[str]
+                   ) -> tuple[str, ...]:
+    """The fitness tasks a model stands for in data-aware merges: an original's own task (the task of the
+    same name), a merged member's the ordered union of its parents' (``recipe_of`` gives a member's recipe,
+    None for an original)."""
+    names = set(task_names)
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def visit(k: str) -> None:
+        if k == BASE_KEY or k in seen:
+            return
+        seen.add(k)
+        recipe = recipe_of(k)
+        if recipe is None:
+            if k in names and k not in out:
+                out.append(k)
+            return
+        for m in recipe.models:
+            visit(m.model)
+
+    visit(key)
+    return tuple(out)
+
+
 # ------------------------------------------------------------------------------------------------- search
 
 
@@ -115,19 +148,39 @@ class PairSpace:
     # (cos 0 -> w = 1) and the mean of identical ones (cos 1 -> w = 0.5), smoothly in between.
     init: float | str = "kinship"
     optimizer: str = "CMA"
+    # how the two parents are merged: any registry method with a base and per-model weights (task_arithmetic,
+    # ties, dare_ties, qp, ...); ``parameters`` are further constant per-model parameters (e.g. density),
+    # ``options`` the method's options (e.g. qp's basis and sequential)
     method: str = "task_arithmetic"
     sigma: float = 0.25
+    parameters: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def dims(self) -> int:
         return 2 * self.points
 
     def __post_init__(self) -> None:
+        from evomerge.merge.registry import get_method, validate_recipe
+
         if isinstance(self.init, str) and self.init != "kinship":
             raise ConfigError(f"pair init: a weight or 'kinship', got {self.init!r}")
         if self.points < 1 or not self.lower < self.upper:
             raise ConfigError(f"pair space: points >= 1 and lower < upper (got {self.points}, {self.lower}, "
                               f"{self.upper})")
+        if not isinstance(self.parameters, Mapping) or not isinstance(self.options, Mapping):
+            raise ConfigError("pair space: parameters and options must be mappings")
+        method = get_method(self.method)  # unknown names: a ConfigError listing the methods
+        names = {p.name for p in method.params}
+        if not method.needs_base or "weight" not in names:
+            raise ConfigError(f"pair method {self.method!r}: a pair merge needs a method with a base model and "
+                              "per-model weights (task_arithmetic, ties, dare_ties, breadcrumbs, qp, ...)")
+        bad = {k: v for k, v in self.parameters.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise ConfigError(f"pair parameters: numbers expected, got {bad}")
+        if "weight" in self.parameters:
+            raise ConfigError("pair parameters: 'weight' is the pair genome's; set lower/upper/init instead")
+        validate_recipe(self.recipe("a", "b", self.x0(0.0)), where=f"pair method {self.method}")
 
     def x0(self, cos: float | None = None) -> np.ndarray:
         """The starting genome; with ``init: kinship`` it needs the parents' cosine kinship."""
@@ -142,8 +195,9 @@ class PairSpace:
         p = self.points
         wa = ParamValue.per_layer([float(v) for v in x[:p]]) if p > 1 else ParamValue.constant(float(x[0]))
         wb = ParamValue.per_layer([float(v) for v in x[p:]]) if p > 1 else ParamValue.constant(float(x[p]))
-        return Recipe(self.method, (ModelEntry(a, {"weight": wa}), ModelEntry(b, {"weight": wb})),
-                      base_model=BASE_KEY, seed=seed)
+        fixed = {k: ParamValue.constant(float(v)) for k, v in self.parameters.items()}
+        return Recipe(self.method, (ModelEntry(a, {"weight": wa, **fixed}), ModelEntry(b, {"weight": wb, **fixed})),
+                      base_model=BASE_KEY, seed=seed, options=dict(self.options))
 
 
 def make_optimizer(name: str, x0: np.ndarray, lower: float, upper: float, sigma: float, budget: int,

@@ -47,7 +47,14 @@ from evomerge.search.population import (
     pair_key,
     top_k,
 )
-from evomerge.search.population_backend import BASE_KEY, PairSpace, ParentCache, make_optimizer, seed_of
+from evomerge.search.population_backend import (
+    BASE_KEY,
+    PairSpace,
+    ParentCache,
+    ancestor_tasks,
+    make_optimizer,
+    seed_of,
+)
 from evomerge.search.progress import ProgressLine
 from evomerge.search.run import RunDir
 from evomerge.search.space import Space
@@ -112,6 +119,7 @@ class ArchiveBackend:
         self._recipes: dict[str, Recipe] = {}
         self._kin_memo: dict[tuple[str, str, str], float] = {}
         self._gram: Any = None
+        self._tokenizer: Any = None
         self._forms: dict[str, Any] = {}
         self._layer_map: Any = None
         self._plans: dict[int, list[PairPlan]] = {}
@@ -306,7 +314,8 @@ class ArchiveBackend:
 
         def submit(job: _Job) -> None:
             self.executor.submit(EvalJob(candidate_id=job.candidate_id, recipe=job.recipe, split="search",
-                                         attempt=job.attempt, extra_models=extra))
+                                         attempt=job.attempt, extra_models=extra,
+                                         model_tasks=self.model_tasks(extra)))
 
         while queue or inflight:
             while queue and inflight < max(1, self.executor.capacity):
@@ -391,6 +400,15 @@ class ArchiveBackend:
         names = [m.model for m in recipe.models if m.model not in self.original_paths and m.model != BASE_KEY]
         return {k: self._path(k, keep=names) for k in names}
 
+    def model_tasks(self, keys: Sequence[str] | Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+        """The fitness tasks each merged member of ``keys`` stands for (calibration rows of qp/apl pairs)."""
+        names = [str(t.name) for t in self.space.fitness.tasks]
+        def recipe_of(k: str) -> Recipe | None:
+            return None if k in self.original_paths else self._recipes.get(k)
+
+        out = {k: ancestor_tasks(k, recipe_of, names) for k in keys}
+        return {k: v for k, v in out.items() if v}
+
     def _path(self, key: str, keep: Sequence[str] = ()) -> str:
         if key == BASE_KEY:
             return self.base
@@ -399,7 +417,20 @@ class ArchiveBackend:
         recipe = self._recipes[key]
         if recipe.method == "linear" and len(recipe.models) == 1 and recipe.models[0].model in self.original_paths:
             return self.original_paths[recipe.models[0].model]
-        return str(self.cache.get(key, self._recipes.__getitem__, lambda k: self._path(k, keep), keep=keep))
+        return str(self.cache.get(key, self._recipes.__getitem__, lambda k: self._path(k, keep), keep=keep,
+                                  calibration_of=self._calibration_of))
+
+    def _calibration_of(self, folders: Mapping[str, str]) -> Any:
+        """Task rows for materializing a data-aware member, keyed by the folders its recipe resolves to."""
+        from evomerge.merge.calibration import calibration_for_models, load_tokenizer
+
+        if not any(t.kind == "jsonl" for t in self.space.fitness.tasks):
+            return None  # the method's own options.calibration, if any, applies
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.base)
+        tasks = self.model_tasks(list(folders))
+        return calibration_for_models(self.space.fitness, self._tokenizer,
+                                      {folders[k]: t for k, t in tasks.items()})
 
     # ------------------------------------------------------------------------------------ kinship
 
@@ -470,7 +501,7 @@ class ArchiveBackend:
             outcome: EvalOutcome | None = None
             for attempt in range(self.max_retries + 1):
                 self.executor.submit(EvalJob(candidate_id=r.id, recipe=recipe, split=split, attempt=attempt,
-                                             extra_models=extra))
+                                             extra_models=extra, model_tasks=self.model_tasks(extra)))
                 outs: list[EvalOutcome] = []
                 while not outs:
                     outs = self.executor.poll(timeout=0.5)

@@ -186,3 +186,41 @@ def test_tokenizer_source_files_are_copied(tmp_path: Path, llamas: list[Path]) -
     with pytest.raises(ModelError, match="tokenizer_source"):
         merge_to_disk(bad, tmp_path / "o2", progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_methods_merged_in_pieces_equal_whole_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 dtype: torch.dtype) -> None:
+    # pieces of 7 elements (not a divisor of any shape) against the whole-tensor kernel: bitwise equal, for the
+    # stored and a wider output dtype, and with the embeddings of a larger vocabulary sliced to the base's
+    import dataclasses
+
+    import evomerge.merge.engine as engine
+    from evomerge.merge.registry import REGISTRY
+
+    small = build_llamas(tmp_path / "a", 2, dtype=dtype, vocab=64)
+    wide = build_llamas(tmp_path / "b", 1, dtype=dtype, vocab=72, seed=5)[1]
+    recipes = [
+        Recipe("linear", (_entry(small[1], weight=1.0), _entry(small[2], weight=[0.2, 0.9]))),
+        Recipe("task_arithmetic", (_entry(small[1], weight=[0.3, 1.2]), _entry(small[2], weight=0.5)),
+               base_model=str(small[0]), parameters={"lambda": ParamValue.parse(0.8)}),
+        Recipe("task_arithmetic", (_entry(small[1], weight=0.7), _entry(wide, weight=0.4)), base_model=str(small[0])),
+    ]
+    for i, recipe in enumerate(recipes):
+        policy = "slice_to_base" if i == 2 else "refuse"
+        for out_dtype in (None, "float32"):
+            whole = tmp_path / f"whole{i}{out_dtype}"
+            with monkeypatch.context() as m:
+                method = REGISTRY.get(recipe.method)
+                m.setitem(REGISTRY._methods, recipe.method, dataclasses.replace(method, elementwise=False))
+                merge_to_disk(recipe, whole, dtype=out_dtype, vocab_policy=policy, progress=False)
+            with monkeypatch.context() as m:
+                m.setattr(engine, "PIECE_ELEMS", 7)
+                m.setattr(engine, "_pieces", __import__("threading").local())
+                merge_to_disk(recipe, tmp_path / f"pieces{i}{out_dtype}", dtype=out_dtype, vocab_policy=policy,
+                              progress=False)
+            a, b = load_state(whole), load_state(tmp_path / f"pieces{i}{out_dtype}")
+            assert a.keys() == b.keys()
+            for name in a:
+                assert a[name].dtype == (dtype if out_dtype is None else torch.float32)
+                assert torch.equal(a[name], b[name]), (i, out_dtype, name)

@@ -90,3 +90,32 @@ def test_status_shows_progress_leaderboard_and_time(finished_run: Path) -> None:
     text = status_text(finished_run)
     assert "evaluations 5/5 (0 failed)" in text and "stopped: budget of 5 evaluations reached" in text
     assert "leaderboard" in text and "wall time" in text and "evaluation" in text
+
+
+@pytest.mark.parametrize("methods", [
+    {"qp": {"weight": [0.2, 1.0]}},
+    {"mergeability_weighted": {"tau": [0.05, 1.0]}},
+])
+def test_data_aware_candidates_export_with_the_workers_data(tmp_path: Path, methods: dict) -> None:
+    # qp needs the fitness's task rows, mergeability_weighted the base scores: the export gives the engine what
+    # the search's worker used, so the exported model scores as archived, and its recipe rebuilds it alone
+    from safetensors.torch import load_file
+
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe import Recipe
+
+    space = space_from_dict(micro_space(methods=methods, optimizer={"name": "CMA", "budget": 3}, test_top=0))
+    start_run(space, tmp_path / "r", progress=False, log=lambda m: None)
+    out = tmp_path / "out"
+    summary = export_candidate(tmp_path / "r", out, progress=False)
+    got, want = verify_export(tmp_path / "r", out, summary.candidate_id)
+    assert got == pytest.approx(want, abs=1e-6)
+    recipe = Recipe.from_dict(yaml.safe_load((out / "evomerge_recipe.yaml").read_text()))
+    if recipe.method == "qp":
+        assert recipe.options["calibration"] == str((out / "calibration.yaml").resolve())
+    else:
+        assert all(0 <= m.parameters["base_score"].to_yaml() <= 1 for m in recipe.models)
+        assert not (out / "calibration.yaml").exists()
+    merge_to_disk(recipe, tmp_path / "again", progress=False)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all((a[n] - b[n]).abs().max().item() <= 1e-5 for n in a)

@@ -282,3 +282,73 @@ def test_several_slots_fill_the_budget_out_of_order(tmp_path: Path) -> None:
     assert s.evaluations == len(rows) == 30
     assert len({r[0] for r in rows}) == len({r[1] for r in rows}) == 30
     assert sorted(cid for cid, attempt in w.calls if attempt == 0) == sorted(r[0] for r in rows)
+
+
+def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tmp_path: Path) -> None:
+    # pair merges by sequential QP: a generation-2 pair merges merged members, whose calibration rows are their
+    # originals' tasks; the export rebuilds the whole chain and scores as archived, and its written recipes
+    # (with calibration.yaml) rebuild the same weights with `evomerge merge` alone
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
+    from evomerge.merge.engine import merge_to_disk
+    from evomerge.merge.recipe import Recipe
+    from evomerge.search.export import export_candidate, verify_export
+
+    pop = {**POP, "max_generations": 2, "pair": {"method": "qp", "options": {"sequential": True}, "points": 1}}
+    data = _pop_space(22, **pop)
+    space = space_from_dict(data)
+    run = RunDir.create(tmp_path / "qp", space)
+    worker = MergeEvalWorker(WorkerSpec(base=str(space.base_path), models={k: str(v) for k, v in space.models.items()},
+                                        fitness=space.fitness))
+    seen_tasks: list[dict[str, tuple[str, ...]]] = []
+    evaluate = worker.evaluate
+
+    def spy(job: Any) -> Any:
+        seen_tasks.append(dict(job.model_tasks))
+        return evaluate(job)
+
+    worker.evaluate = spy  # type: ignore[method-assign]
+    run_population_session(run, space, InProcessExecutor(lambda: worker, penalty=space.penalty), stop=StopFlag(),
+                           log=lambda m: None, progress=False)
+    with run.archive(readonly=True) as a:
+        results = a.results()
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        assert {r.method for r in results if r.generation > 0} == {"qp"}
+        child = max((r for r in results if r.generation == 2 and all(p.startswith("g1.") for p in r.parents)),
+                    key=lambda r: r.aggregate)
+        members = a.member_candidates()
+        first = Recipe.from_dict(a.get(members[child.parents[0]]).recipe)
+    # the worker was told which tasks a merged parent stands for: the union of its originals'
+    want = tuple(m.model for m in first.models)
+    assert any(t.get(child.parents[0]) == want for t in seen_tasks)
+
+    out = tmp_path / "child"
+    export_candidate(run.path, out, candidate_id=child.id, progress=False)
+    got, archived = verify_export(run.path, out, child.id)
+    assert got == pytest.approx(archived, abs=1e-6)
+    calib = yaml.safe_load((out / "calibration.yaml").read_text())
+    assert set(calib["models"]) >= set(child.parents)
+    from evomerge.merge.calibration import _resolve
+
+    source = {t.name: str(_resolve(t.source("search")).resolve()) for t in space.fitness.tasks}
+    assert calib["models"][child.parents[0]] == [source[k] for k in want]
+
+    # rebuild from the written chain: each member into a folder named by its key, then the output
+    chain = yaml.safe_load((out / "evomerge_recipe_chain.yaml").read_text())
+    built: dict[str, str] = {}
+    for step in chain:
+        recipe = Recipe.from_dict(step["recipe"])
+        assert recipe.options["calibration"] == str((out / "calibration.yaml").resolve())
+        names = {k: built.get(k, k) for k in recipe.model_keys()}
+        from evomerge.search.export import recipe_with_paths
+
+        target = tmp_path / "rebuilt" / step["member"]
+        merge_to_disk(recipe_with_paths(recipe, names), target, progress=False)
+        built[step["member"]] = str(target)
+    rebuilt, exported = load_file(str(tmp_path / "rebuilt" / "output" / "model.safetensors")), load_file(
+        str(out / "model.safetensors"))
+    assert rebuilt.keys() == exported.keys()
+    for name, tensor in exported.items():
+        assert (rebuilt[name].float() - tensor.float()).abs().max().item() <= 1e-5, name

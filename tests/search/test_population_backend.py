@@ -1,0 +1,51 @@
+"""Pair genome (method, parameters, options), the tasks a merged member stands for."""
+
+from __future__ import annotations
+
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.search.population_backend import BASE_KEY, PairSpace, ancestor_tasks
+
+
+def _pair(a: str, b: str) -> Recipe:
+    return Recipe("qp", (ModelEntry(a), ModelEntry(b)), base_model=BASE_KEY)
+
+
+def test_ancestor_tasks_is_the_ordered_union_over_the_lineage() -> None:
+    members = {"g1.1": _pair("rev", "add"), "g1.2": _pair("enc", "add"), "g2.1": _pair("g1.2", "g1.1"),
+               "g2.2": _pair("g2.1", "sort")}
+    names = ["add", "rev", "sort", "enc"]
+    assert ancestor_tasks("add", members.get, names) == ("add",)
+    assert ancestor_tasks("g1.1", members.get, names) == ("rev", "add")
+    assert ancestor_tasks("g2.1", members.get, names) == ("enc", "add", "rev")
+    assert ancestor_tasks("g2.2", members.get, names) == ("enc", "add", "rev", "sort")
+    # an original without a task of its name stands for nothing; the base never does
+    assert ancestor_tasks("chat", members.get, names) == ()
+    assert ancestor_tasks(BASE_KEY, members.get, names) == ()
+
+
+def test_pair_space_method_parameters_and_options_go_into_the_recipe() -> None:
+    ps = PairSpace(points=2, method="ties", parameters={"density": 0.4}, options={"sign_rule": "majority_count"})
+    r = ps.recipe("rev", "add", [0.5, 1.0, 0.7, 0.9], seed=3)
+    assert r.method == "ties" and r.options == {"sign_rule": "majority_count"} and r.seed == 3
+    assert [m.model for m in r.models] == ["rev", "add"]
+    assert r.models[0].parameters["weight"].to_yaml() == [0.5, 1.0]
+    assert r.models[1].parameters["density"].to_yaml() == 0.4
+    qp = PairSpace(method="qp", options={"basis": "full", "sequential": True}).recipe("a", "b", [1, 1, 1, 1])
+    assert qp.options == {"basis": "full", "sequential": True}
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"method": "nope"}, "unknown merge method 'nope'"),
+    ({"method": "linear"}, "needs a method with a base model and per-model weights"),
+    ({"method": "qp", "options": {"basis": "huge"}}, "basis = 'huge' is not one of"),
+    ({"method": "ties", "parameters": {"density": 1.5}}, "density = 1.5 outside"),
+    ({"method": "ties", "parameters": {"density": "high"}}, "numbers expected"),
+    ({"method": "ties", "parameters": {"weight": 1.0}}, "'weight' is the pair genome's"),
+    ({"method": "ties", "options": {"colour": 1}}, "colour"),
+])
+def test_pair_space_errors_name_the_field(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        PairSpace(**kw)
