@@ -263,12 +263,19 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
     """A causal LM in float32 (weights loaded offline, no remote code), in eval mode."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     p = _resolve(path)
+    # a search loads merged parents many times: no "Loading weights" bar each time (restored afterwards)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"cannot load model {p}: {exc}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
