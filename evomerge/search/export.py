@@ -109,17 +109,14 @@ class _MethodData:
     """
 
     def __init__(self, run: RunDir, steps: list[tuple[str, Recipe]], originals: Mapping[str, str]) -> None:
-        from evomerge.merge.registry import get_method
         from evomerge.search.population_backend import ancestor_tasks
 
-        self.run, self.originals = run, dict(originals)
+        self.originals = dict(originals)
         self.spec: Any = None
         self._tokenizer: Any = None
         self.base_scores: dict[str, float] = {}
         members = dict(steps[:-1])
-        need_rows = [r for _, r in steps
-                     if getattr(get_method(r.method), "prepare", None) is not None and r.method != "mergeability_weighted"
-                     and not r.options.get("calibration")]
+        need_rows = [r for _, r in steps if self.needs_rows_for(r)]
         need_scores = [r for _, r in steps if r.method == "mergeability_weighted" and not r.options.get("fitness")
                        and any("base_score" not in m.parameters for m in r.models)]
         self.model_tasks: dict[str, tuple[str, ...]] = {}
@@ -145,13 +142,21 @@ class _MethodData:
             self.base_scores = measure_base_scores(str(originals["base"]), score_keys, self.spec,
                                                    task_of_model={k: k for k in score_keys})
 
+    @staticmethod
+    def needs_rows_for(recipe: Recipe) -> bool:
+        """A data-aware method (qp, apl) whose recipe names no calibration file of its own."""
+        from evomerge.merge.registry import get_method
+
+        return (getattr(get_method(recipe.method), "prepare", None) is not None
+                and recipe.method != "mergeability_weighted" and not recipe.options.get("calibration"))
+
     @property
     def needs_rows(self) -> bool:
         return bool(self.model_tasks)
 
     def calibration(self, recipe: Recipe, folders: Mapping[str, str]) -> Any:
         """The rows for building ``recipe`` (model keys -> ``folders``), or None when it needs none."""
-        if not any(m.model in self.model_tasks for m in recipe.models):
+        if not self.needs_rows_for(recipe):
             return None
         from evomerge.merge.calibration import calibration_for_models, load_tokenizer
 
@@ -171,7 +176,7 @@ class _MethodData:
 
     def written(self, recipe: Recipe, calibration_file: Path) -> Recipe:
         """The recipe as written into the export: its rows named by ``options.calibration``."""
-        if not any(m.model in self.model_tasks for m in recipe.models):
+        if not self.needs_rows_for(recipe):
             return recipe
         return dataclasses.replace(recipe, options={**recipe.options, "calibration": str(calibration_file)})
 
