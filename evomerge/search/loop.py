@@ -25,7 +25,7 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.executors.base import EvalJob, EvalOutcome, Executor
 from evomerge.fitness.result import EvalResult
-from evomerge.search.archive import Archive
+from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.genome import Genome
 from evomerge.search.hooks import hook
 from evomerge.search.progress import ProgressLine
@@ -297,21 +297,13 @@ class _Loop:
                 return
             result = EvalResult.failure(f"worker lost {entry.attempt + 1} times; last: {result.error}",
                                         self.space.penalty, "search", result.seconds, result.settings)
-        t0 = time.perf_counter()
-        aggregate = result.aggregate if math.isfinite(result.aggregate) else self.space.penalty
-        self.archive.add_candidate(
-            id=entry.candidate_id, recipe_hash=entry.recipe_hash, recipe=entry.recipe.to_dict(),
-            parents=sorted(m.model for m in entry.recipe.models), generation=0, method=entry.recipe.method,
-            genome=entry.genome, ok=result.ok, scores=task_scores(result), aggregate=aggregate, split="search",
-            settings={**self.settings_base, **result.settings, "attempt": entry.attempt},
-            merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
-            error=result.error, session=self.session)
-        self.timings.archive += time.perf_counter() - t0
-        self.timings.evaluation += outcome.eval_seconds
-        self.timings.merging += outcome.merge_seconds
-        hook("after_record")
-        rec = self.archive.get(entry.candidate_id)
-        self.hashes[entry.recipe_hash] = rec  # type: ignore[assignment]
+        rec = archive_evaluation(
+            self.archive, self.timings, outcome, result, candidate_id=entry.candidate_id,
+            recipe_hash=entry.recipe_hash, recipe=entry.recipe, parents=sorted(m.model for m in entry.recipe.models),
+            generation=0, genome=entry.genome, settings={**self.settings_base, "attempt": entry.attempt},
+            penalty=self.space.penalty, session=self.session)
+        aggregate = rec.aggregate
+        self.hashes[entry.recipe_hash] = rec
         del self.inflight[entry.candidate_id]
         self._tell(entry, aggregate)
         self.told.add(entry.candidate_id)
@@ -385,6 +377,31 @@ def task_scores(result: EvalResult) -> dict[str, Any]:
     """Per-task scores as the archive stores them."""
     return {t.task: {"metric": t.metric, "value": t.value, "higher_is_better": t.higher_is_better,
                      "weight": t.weight} for t in result.tasks}
+
+
+def archive_evaluation(archive: Archive, timings: Timings, outcome: EvalOutcome, result: EvalResult, *,
+                       candidate_id: int, recipe_hash: str, recipe: Any, parents: list[str], generation: int,
+                       genome: dict[str, Any] | None, settings: dict[str, Any], penalty: float,
+                       session: int) -> CandidateRecord:
+    """Append one evaluated candidate to the archive (a non-finite score becomes the penalty), count its time,
+    and return the stored record. The result's settings are recorded between ``settings``' keys and its
+    ``attempt``, so the attempt always wins."""
+    t0 = time.perf_counter()
+    aggregate = result.aggregate if math.isfinite(result.aggregate) else penalty
+    base = {k: v for k, v in settings.items() if k != "attempt"}
+    archive.add_candidate(
+        id=candidate_id, recipe_hash=recipe_hash, recipe=recipe.to_dict(), parents=parents, generation=generation,
+        method=recipe.method, genome=genome, ok=result.ok, scores=task_scores(result), aggregate=aggregate,
+        split="search", settings={**base, **result.settings, "attempt": settings.get("attempt", 0)},
+        merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
+        error=result.error, session=session)
+    timings.archive += time.perf_counter() - t0
+    timings.evaluation += outcome.eval_seconds
+    timings.merging += outcome.merge_seconds
+    hook("after_record")
+    rec = archive.get(candidate_id)
+    assert rec is not None
+    return rec
 
 
 def rescore_best(run: RunDir, space: Space, executor: Executor, k: int, split: str = "test",

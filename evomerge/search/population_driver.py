@@ -36,8 +36,7 @@ from evomerge.executors.base import EvalJob, EvalOutcome, Executor
 from evomerge.fitness.result import EvalResult
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.search.archive import Archive, CandidateRecord
-from evomerge.search.hooks import hook
-from evomerge.search.loop import SearchSummary, StopFlag, Timings, task_scores
+from evomerge.search.loop import SearchSummary, StopFlag, Timings, archive_evaluation, task_scores
 from evomerge.search.population import (
     Member,
     PairPlan,
@@ -342,21 +341,11 @@ class ArchiveBackend:
         if outcome.lost:
             result = EvalResult.failure(f"worker lost {job.attempt + 1} times; last: {result.error}",
                                         self.space.penalty, "search", result.seconds, result.settings)
-        aggregate = result.aggregate if math.isfinite(result.aggregate) else self.space.penalty
-        t0 = time.perf_counter()
-        self.archive.add_candidate(
-            id=job.candidate_id, recipe_hash=job.recipe_hash, recipe=job.recipe.to_dict(), parents=job.parents,
-            generation=job.generation, method=job.recipe.method, genome=job.genome, ok=result.ok,
-            scores=task_scores(result), aggregate=aggregate, split="search",
-            settings={"mode": "population", "seed": self.space.seed, **result.settings, "attempt": job.attempt},
-            merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
-            error=result.error, session=self.session)
-        self.timings.archive += time.perf_counter() - t0
-        self.timings.evaluation += outcome.eval_seconds
-        self.timings.merging += outcome.merge_seconds
-        hook("after_record")
-        rec = self.archive.get(job.candidate_id)
-        assert rec is not None
+        rec = archive_evaluation(
+            self.archive, self.timings, outcome, result, candidate_id=job.candidate_id,
+            recipe_hash=job.recipe_hash, recipe=job.recipe, parents=job.parents, generation=job.generation,
+            genome=job.genome, settings={"mode": "population", "seed": self.space.seed, "attempt": job.attempt},
+            penalty=self.space.penalty, session=self.session)
         job.record = rec
         before = self.best
         self._note(rec)
