@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from evomerge.errors import ConfigError
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -54,7 +56,6 @@ def atomic_output_dir(path: str | os.PathLike[str], overwrite: bool = False) -> 
     An existing ``path`` is refused unless ``overwrite``; then it is only removed once the new folder is
     complete, so a failed write never loses the old output.
     """
-    from evomerge.errors import ConfigError
 
     target = Path(path).resolve()
     if target.exists() and not overwrite:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,18 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.methods.registry import get_method
+from evomerge.merge.plan import MergePlan
+from evomerge.merge.recipe import Recipe
+from evomerge.models.folder import ModelFolder
+from evomerge.models.layers import LayerMap
 
 METRICS: tuple[str, ...] = ("pcc", "cos", "abs_cos", "ed")
 # Metrics where a larger value means LESS related (lowest kinship = largest value).
 DISTANCE_METRICS: frozenset[str] = frozenset({"ed"})
 # Elements per float64 block: bounds the temporary memory of one tensor's contribution (T x 4M x 8 bytes).
 _CHUNK = 1 << 22
-_LAYER_FALLBACK = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-LINEAR_METHODS: frozenset[str] = frozenset({"linear", "task_arithmetic"})
+_GENERIC_LAYERS = LayerMap.generic()
 
 
 @runtime_checkable
@@ -82,8 +85,6 @@ SourceLike = str | os.PathLike[str] | TensorSource | Mapping[str, torch.Tensor]
 def open_source(source: SourceLike, name: str | None = None) -> Any:
     """A path opens a :class:`ModelFolder`; a mapping becomes a :class:`DictSource`; sources pass through."""
     if isinstance(source, (str, os.PathLike)):
-        from evomerge.models import ModelFolder
-
         return ModelFolder.open(source)
     if isinstance(source, Mapping):
         return DictSource(source, name or "<state dict>")
@@ -189,15 +190,13 @@ class GramAccumulator:
 # ------------------------------------------------------------------------------------------- streaming
 
 
-def layer_label(name: str, layer_map: Any | None) -> str:
+def layer_label(name: str, layer_map: LayerMap | None) -> str:
     """Group of a tensor in the per-layer breakdown: ``layer.N`` inside the stack, else its kind."""
-    if layer_map is not None:
-        layer = layer_map.layer_of(name)
-        if layer is not None:
-            return f"layer.{layer}"
-        return str(layer_map.kind_of(name))
-    m = _LAYER_FALLBACK.search(name)
-    return f"layer.{int(m.group(1))}" if m else "other"
+    lm = layer_map if layer_map is not None else _GENERIC_LAYERS
+    layer = lm.layer_of(name)
+    if layer is not None:
+        return f"layer.{layer}"
+    return str(lm.kind_of(name)) if layer_map is not None else "other"
 
 
 def _label_key(label: str) -> tuple[int, int, str]:
@@ -207,15 +206,13 @@ def _label_key(label: str) -> tuple[int, int, str]:
     return (order.get(label, 3), 0, label)
 
 
-def _layer_map_of(source: Any) -> Any | None:
+def _layer_map_of(source: Any) -> LayerMap | None:
     config = getattr(source, "config", None)
     if not config:
         return None
     try:
-        from evomerge.models import LayerMap
-
         return LayerMap.from_config(config)
-    except (ModelError, ImportError):
+    except ModelError:
         return None
 
 
@@ -407,31 +404,28 @@ class TaskVectorGram:
 
 
 def linear_form(
-    recipe: Any,
+    recipe: Recipe,
     gram: TaskVectorGram,
     forms: Mapping[str, LinearForm],
     base_key: str,
-    layer_map: Any | None,
+    layer_map: LayerMap,
     *,
     tol: float = 1e-9,
 ) -> LinearForm | None:
     """The candidate's task vector as a per-tensor combination of the originals', or None when not exact.
 
-    Exact for ``task_arithmetic`` (τ = λ Σ w_t τ_t, optionally normalized) and for ``linear`` when its
-    effective weights sum to one on every tensor (θ = Σ w_t θ_t; otherwise a multiple of θ0 remains).
-    ``forms`` gives the forms of the recipe's inputs that are not originals (merged parents); inputs with no
-    form (non-linear ancestors) make the result None. The recipe's base must be ``base_key``.
+    Exact for linear methods (their registry entry declares ``coefficients``): ``task_arithmetic``
+    (τ = λ Σ w_t τ_t, optionally normalized) and ``linear`` when its effective weights sum to one on every
+    tensor (θ = Σ w_t θ_t; otherwise a multiple of θ0 remains). ``forms`` gives the forms of the recipe's
+    inputs that are not originals (merged parents); inputs with no form (non-linear ancestors) make the result
+    None. The recipe's base must be ``base_key``.
     """
-    from evomerge.merge.registry import get_method, plan_inputs, resolve_options, resolve_tensor_params
-
-    if recipe.method not in LINEAR_METHODS:
-        return None
     method = get_method(recipe.method)
-    if method.needs_base and recipe.base_model != base_key:
+    if not method.is_linear or (method.needs_base and recipe.base_model != base_key):
         return None
-    inputs = plan_inputs(recipe, method).models
+    plan = MergePlan.of(recipe, method, layer_map)
     input_forms: list[LinearForm | None] = []
-    for key in inputs:
+    for key in plan.input_keys:
         if key == base_key:
             input_forms.append(None)  # zero task vector
         elif key in forms:
@@ -440,42 +434,21 @@ def linear_form(
             input_forms.append(gram.unit(key))
         else:
             return None
-    options = resolve_options(recipe, method)
-    num_layers = getattr(layer_map, "num_layers", 1) if layer_map is not None else 1
     out: LinearForm = {}
     zero = np.zeros(len(gram.keys))
     for name in gram.tensors:
-        layer = layer_map.layer_of(name) if layer_map is not None else None
-        kind = layer_map.kind_of(name) if layer_map is not None else None
-        model_params, params = resolve_tensor_params(recipe, method, name, layer, num_layers, kind)
-        coef = _linear_coefficients(recipe.method, model_params, params, options, tol)
-        if coef is None:
+        try:
+            coef = plan.coefficients(name)
+        except ValueError:  # linear weights summing to 0 under normalize: no such merge
             return None
+        if coef is None or abs(coef.beta - 1.0) > tol:
+            return None  # θ = β θ0 + Σ c τ with β ≠ 1: not in the span of the task vectors
         acc = zero.copy()
-        for c, form in zip(coef, input_forms):
+        for c, form in zip(coef.coefficients, input_forms):
             if form is not None and c != 0.0:
                 acc = acc + c * form[name]
         out[name] = acc
     return out
-
-
-def _linear_coefficients(method: str, model_params: list[dict[str, float]], params: dict[str, float],
-                         options: Mapping[str, Any], tol: float) -> list[float] | None:
-    """Coefficients c with τ_candidate = Σ c_t τ_t on one tensor (the kernels' algebra), None if not exact."""
-    weights = [float(mp.get("weight", 1.0)) for mp in model_params]
-    if method == "linear":
-        normalize = bool(options.get("normalize", True))
-        denom = sum(weights) if normalize else 1.0
-        if abs(denom) < 1e-12 or abs(sum(weights) / denom - 1.0) > tol:
-            return None  # θ = β θ0 + Σ c τ with β ≠ 1: not in the span of the task vectors
-        return [w / denom for w in weights]
-    lam = float(params.get("lambda", 1.0))
-    divisor = 1.0
-    if bool(options.get("normalize", False)):
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    return [w * lam / divisor for w in weights]
 
 
 def format_matrix(matrix: np.ndarray, names: Sequence[str], metric: str, digits: int = 4) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.cli import build_parser, main
-from evomerge.merge.registry import REGISTRY
+from evomerge.merge.methods.registry import REGISTRY
 
 VERBS = {"run", "resume", "status", "export", "report", "merge", "methods", "kinship", "eval", "mergeability",
          "qp-diagnose", "zoo", "bench"}
@@ -39,7 +39,7 @@ def test_analysis_commands_read_evomerge_search_spaces(tmp_path: Path, capsys: p
     """`qp-diagnose` takes the same SPACE.yaml as `evomerge run` (models: {base, fine_tunes}, inline fitness)."""
     import sys
 
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
     sys.path.insert(0, str(Path(__file__).parent / "search"))
@@ -61,7 +61,7 @@ def test_merge_in_a_subprocess_exits_fast_with_complete_output(tmp_path: Path) -
 
     import yaml
 
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     zoo = ensure_zoo("micro")
     recipe = tmp_path / "r.yaml"

@@ -153,7 +153,7 @@ def test_streamed_equals_flattened_on_saved_models(tiny_family: dict) -> None:
 
 def test_matrix_reads_each_tensor_once_per_model(tiny_family: dict) -> None:
     root = tiny_family["root"]
-    from evomerge.models import ModelFolder
+    from evomerge.models.folder import ModelFolder
 
     class Counting(DictSource):
         def __init__(self, folder: ModelFolder) -> None:
@@ -175,7 +175,7 @@ def test_matrix_reads_each_tensor_once_per_model(tiny_family: dict) -> None:
 
 
 def _materialized(recipe: Recipe, root: Path, extra: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
-    from evomerge.merge.resident import ResidentMerger
+    from evomerge.merge.engines.resident import ResidentMerger
 
     models = {n: root / n for n in "abc"}
     models.update(extra or {})
@@ -202,7 +202,8 @@ def test_linear_recipe_algebra_equals_materialized(tiny_family: dict) -> None:
     root = tiny_family["root"]
     km = kinship_matrix([root / n for n in "abc"], root / "base", names=list("abc"), keep_tensors=True)
     gram = km.gram()
-    from evomerge.models import LayerMap, ModelFolder
+    from evomerge.models.folder import ModelFolder
+    from evomerge.models.layers import LayerMap
 
     base_folder = ModelFolder.open(root / "base")
     lm = LayerMap.from_config(base_folder.config)
@@ -225,8 +226,9 @@ def test_linear_recipe_algebra_equals_materialized(tiny_family: dict) -> None:
 
 def test_nested_linear_parent_and_non_exact_cases(tiny_family: dict, tmp_path: Path) -> None:
     """A child of a merged (linear) parent is still exact through the parent's form; others are refused."""
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.models import LayerMap, ModelFolder
+    from evomerge.merge.engines.disk import merge_to_disk
+    from evomerge.models.folder import ModelFolder
+    from evomerge.models.layers import LayerMap
 
     root = tiny_family["root"]
     km = kinship_matrix([root / n for n in "abc"], root / "base", names=list("abc"), keep_tensors=True)

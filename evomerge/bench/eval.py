@@ -70,7 +70,7 @@ def _bench_setting(label: str, model: Any, states: list[dict[str, Any]], tokeniz
 
     from evomerge.fitness.evaluator import Evaluator
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import SPECIALISTS, lm_eval_task_name
+    from evomerge.zoo.build import SPECIALISTS, lm_eval_task_name
 
     update = {"limit": limit, "batch_size": batch_size}
     lm_spec = FitnessSpec.from_yaml(zoo / "fitness_lmeval.yaml").model_copy(update=update)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.fitness.evaluator import set_offline_env
-    from evomerge.fitness.zoo import MODEL_NAMES, ensure_zoo
+    from evomerge.zoo.build import MODEL_NAMES, ensure_zoo
 
     set_offline_env()
     if args.threads:

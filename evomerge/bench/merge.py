@@ -128,7 +128,7 @@ def _floor(inputs: list[Path], out_dir: Path) -> float:
     """Read every input tensor once (as the engine does) and write one model's worth of output once."""
     from safetensors.torch import save_file
 
-    from evomerge.models import ModelFolder
+    from evomerge.models.folder import ModelFolder
 
     folders = [ModelFolder.open(p) for p in inputs]
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def _floor(inputs: list[Path], out_dir: Path) -> float:
 
 def _compare(a: Path, b: Path) -> tuple[float, str, int]:
     """(largest |difference|, where, tensors differing by more than 1e-2) between two merged folders."""
-    from evomerge.models import ModelFolder
+    from evomerge.models.folder import ModelFolder
 
     fa, fb = ModelFolder.open(a), ModelFolder.open(b)
     worst, at, n_far = 0.0, "", 0
@@ -174,9 +174,9 @@ def _mergekit_configs(paths: list[Path]) -> dict[str, dict[str, Any]]:
 def _resident(paths: list[Path], threads: int, repeats: int) -> dict[str, Any]:
     import torch
 
+    from evomerge.merge.engines.resident import ResidentMerger
     from evomerge.merge.params import ParamValue
     from evomerge.merge.recipe import ModelEntry, Recipe
-    from evomerge.merge.resident import ResidentMerger
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -207,7 +207,6 @@ def _resident(paths: list[Path], threads: int, repeats: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.merge.recipe_io import read_yaml  # noqa: F401  (import check: evomerge installed)
 
     threads = int(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -221,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     if cache is None:
         cache = Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge") / "bench"
     paths = build_models(Path(cache), params, small)
-    from evomerge.models import ModelFolder
+    from evomerge.models.folder import ModelFolder
 
     ref = ModelFolder.open(paths[0])
     n_params, nbytes = ref.num_parameters, ref.total_bytes

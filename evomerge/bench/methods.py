@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     from evomerge.atomic import write_json_atomic
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import SPECIALISTS, ensure_zoo
-    from evomerge.merge.mergeability import ZooLab, correlation, estimate_mergeability
+    from evomerge.lab import ZooLab, correlation, estimate_mergeability
+    from evomerge.zoo.build import SPECIALISTS, ensure_zoo
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from evomerge.atomic import write_json_atomic
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import SPECIALISTS, ensure_zoo
+    from evomerge.zoo.build import SPECIALISTS, ensure_zoo
 
     if args.small:
         args.budget, args.seeds = min(args.budget, 30), args.seeds[:1]

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_space_dict(zoo_size: str, *, budget: int, workers: int, optimizer: str = "CMA",
                     executor: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo search space (as in ``search_spaces/demo.yaml``) with the given budget, workers and executor."""
-    from evomerge.fitness.zoo import SPECIALISTS
+    from evomerge.zoo.build import SPECIALISTS
 
     return {
         "name": f"bench-{zoo_size}", "seed": 0,
@@ -63,12 +63,12 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import yaml
 
     from evomerge.executors.base import EvalJob
-    from evomerge.executors.factory import worker_spec
     from evomerge.executors.ray_executor import RayExecutor
     from evomerge.search.genome import Genome
     from evomerge.search.loop import run_search
     from evomerge.search.run import RunDir
     from evomerge.search.space import space_from_dict
+    from evomerge.search.workers import worker_spec
 
     data = demo_space_dict(args.zoo_size, budget=args.budget, workers=workers, optimizer=args.optimizer)
     space = space_from_dict(data, where=f"bench workers ({workers})", text=yaml.safe_dump(data, sort_keys=False))
@@ -99,7 +99,7 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from evomerge.atomic import write_json_atomic
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     print(f"evomerge bench workers: {args.zoo_size} zoo, budget {args.budget} candidates per row, "
           f"optimizer {args.optimizer}, Ray workers with 1 CPU and 1 torch thread each", flush=True)

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from evomerge.fitness.evaluator import Evaluator, set_offline_env
-    from evomerge.fitness.zoo import resolve_path
+    from evomerge.paths import resolve_path
 
     set_offline_env()
     spec = load_spec(args.space or args.tasks)

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from evomerge.atomic import write_json_atomic
     from evomerge.errors import ConfigError
-    from evomerge.fitness.zoo import resolve_path
     from evomerge.kinship import METRICS, format_matrix, iter_pairs, kinship_matrix
+    from evomerge.paths import resolve_path
 
     if len(args.models) < 2:
         raise ConfigError("kinship: give at least two models")

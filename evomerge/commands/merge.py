@@ -27,12 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.merge.recipe_io import load_recipe_with_form, mergekit_yaml
+    from evomerge.merge.formats.recipe_yaml import load_recipe_with_form, mergekit_yaml
+    from evomerge.method_data import merge_recipe_to_disk
 
     recipe, form = load_recipe_with_form(args.recipe)
     mk_text = mergekit_yaml(recipe) if args.write_mergekit_yaml else None
-    summary = merge_to_disk(
+    summary = merge_recipe_to_disk(
         recipe, args.out, device=args.device, dtype=args.dtype, seed=args.seed,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, vocab_policy=args.vocab_policy,
         progress=not args.no_progress, where=str(args.recipe),

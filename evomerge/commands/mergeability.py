@@ -103,7 +103,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         named = {m.split("=", 1)[0]: m.split("=", 1)[1] for m in args.models if "=" in m}
         models = {**{k: v for k, v in models.items() if v not in named.values()}, **named}
     if args.fitness:
-        from evomerge.merge.calibration import _resolve
+        from evomerge.paths import resolve_path as _resolve
 
         spec = FitnessSpec.from_yaml(_resolve(args.fitness))
     if not base:
@@ -130,7 +130,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
 
 
 def build_lab(args: argparse.Namespace, splits: tuple[str, ...] = ("search",)) -> Any:
-    from evomerge.merge.mergeability import ZooLab
+    from evomerge.lab import ZooLab
 
     base, models, spec, tasks = resolve_inputs(args)
     return ZooLab(base, models, spec, args.device, task_of_model=tasks, splits=splits)
@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from evomerge.atomic import write_json_atomic
-    from evomerge.merge.mergeability import estimate_mergeability
-    from evomerge.merge.registry import get_method
+    from evomerge.lab import estimate_mergeability
+    from evomerge.merge.methods.registry import get_method
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:

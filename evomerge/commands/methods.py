@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from evomerge.merge.registry import REGISTRY, MergeMethod, get_method
+from evomerge.merge.methods.registry import REGISTRY, get_method
+from evomerge.merge.methods.spec import MergeMethod
 
 NAME = "methods"
 HELP = "list merge methods, their parameters (ranges, defaults) and options"

@@ -15,7 +15,7 @@ HELP = "print the QP merge's residual-energy diagnostic rho per layer and overal
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from evomerge.commands.mergeability import add_input_arguments
-    from evomerge.merge.qp import BASES
+    from evomerge.merge.kernels.qp import BASES
 
     add_input_arguments(parser)
     parser.add_argument("--basis", nargs="+", choices=BASES, default=list(BASES), help="bases to diagnose")

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.fitness.zoo import build_zoo, ensure_zoo
+    from evomerge.zoo.build import build_zoo, ensure_zoo
 
     if args.zoo_command == "build":
         build_zoo(args.dir, size=args.size, seed=args.seed, force=args.force, threads=args.threads)

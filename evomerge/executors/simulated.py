@@ -79,12 +79,12 @@ class SimulatedWorker:
 
     def evaluate(self, job: EvalJob) -> EvalOutcome:
         """Sleep for the job's latency, then crash, fail or return the fake score, as drawn for this job."""
-        from evomerge.search.hooks import hook
+        from evomerge.killpoints import kill_point
 
         rng = self._rng(job, "outcome")
         crash, fail = rng.random(), rng.random()
         seconds = self.latency(job)
-        hook("evaluate")
+        kill_point("evaluate")
         time.sleep(seconds)
         self.evaluations += 1
         if crash < self.crash_rate:

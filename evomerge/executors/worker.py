@@ -15,11 +15,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from evomerge.errors import ConfigError
 from evomerge.executors.base import EvalJob, EvalOutcome
+from evomerge.fitness.evaluator import Evaluator
 from evomerge.fitness.result import EvalResult
+from evomerge.killpoints import kill_point
+from evomerge.merge.engines.resident import ResidentMerger
+from evomerge.merge.params import ParamValue
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.method_data import MethodDataProvider
 
-BASE_KEY = "base"
 FULL_RELEASE_EVERY = 25  # candidates between full garbage collections (see MergeEvalWorker._release)
 
 
@@ -46,11 +53,6 @@ class MergeEvalWorker:
     """
 
     def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
-        import torch
-
-        from evomerge.fitness.evaluator import Evaluator
-        from evomerge.merge.resident import ResidentMerger
-
         if spec.threads:
             torch.set_num_threads(int(spec.threads))
         self.spec = spec
@@ -59,6 +61,8 @@ class MergeEvalWorker:
                                      dtype=spec.dtype, base_key=BASE_KEY)
         self.model = self.merger.new_model()
         self.evaluator = Evaluator(spec.fitness, str(spec.base), spec.device, splits=spec.splits)
+        self.method_data = MethodDataProvider(spec.fitness, spec.base, tokenizer=self.evaluator.tokenizer,
+                                              device=spec.device, base_scorer=self._score_base)
         self.originals = set(spec.models)
         self._extra: OrderedDict[str, str] = OrderedDict()
         self.evaluations = 0
@@ -87,8 +91,6 @@ class MergeEvalWorker:
 
     def evaluate(self, job: EvalJob) -> EvalOutcome:
         """Merge ``job.recipe`` into the resident model and score it; a bad candidate is a recorded failure."""
-        from evomerge.search.hooks import hook
-
         t0 = time.perf_counter()
         try:
             self._ensure(job.extra_models, [m.model for m in job.recipe.models])
@@ -99,7 +101,7 @@ class MergeEvalWorker:
                                      job.split, time.perf_counter() - t0)
             return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=time.perf_counter() - t0)
         t1 = time.perf_counter()
-        hook("evaluate")
+        kill_point("evaluate")
         res = self.evaluator.score(self.model, job.split)
         t2 = time.perf_counter()
         diagnostics = self.merger.last_diagnostics(job.recipe)
@@ -109,43 +111,24 @@ class MergeEvalWorker:
         self._release(full=not res.ok or self.evaluations % FULL_RELEASE_EVERY == 0)
         return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=t1 - t0, eval_seconds=t2 - t1)
 
-    def _method_data(self, recipe: Any, model_tasks: Mapping[str, Sequence[str]] | None = None) -> None:
-        """Give methods that need data (qp, apl: task rows; mergeability_weighted: base scores) the fitness's.
+    def _method_data(self, recipe: Recipe, model_tasks: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Give a data-aware method (qp, apl: task rows; mergeability_weighted: base scores) the fitness's data,
+        through the one provider every caller uses; rows and scores are keyed by the recipe's model keys."""
+        data = self.method_data.for_recipe(recipe, model_tasks)
+        if data.calibration is not None:
+            self.merger.calibration = data.calibration
+        if data.base_scores is not None:
+            self.merger.base_scores = {**(self.merger.base_scores or {}), **data.base_scores}
 
-        Rows and scores are keyed by model key: a fine-tune's task is the fitness task of the same name; a merged
-        parent's rows are its ``model_tasks`` interleaved (the tasks of the originals it descends from).
-        """
-        from evomerge.merge.registry import get_method
-
-        method = get_method(recipe.method)
-        if getattr(method, "prepare", None) is None:
-            return
-        fitness = self.evaluator.spec
-        names = {str(t.name) for t in fitness.tasks}
-        task_of = {k: k for k in self.originals if k in names}
-        if self.merger.calibration is None and any(t.kind == "jsonl" for t in fitness.tasks):
-            from evomerge.merge.calibration import calibration_from_spec
-
-            self.merger.calibration = calibration_from_spec(fitness, self.evaluator.tokenizer,
-                                                            task_of_model=task_of)
-        calibration = self.merger.calibration
-        if calibration is not None:
-            for m in recipe.models:
-                if m.model not in calibration.rows and (model_tasks or {}).get(m.model):
-                    calibration.add_union(m.model, list((model_tasks or {})[m.model]))
-        if recipe.method == "mergeability_weighted" and self.merger.base_scores is None and task_of:
-            from evomerge.merge.params import ParamValue
-            from evomerge.merge.recipe import ModelEntry, Recipe
-
-            # the base itself, written into the live model (task arithmetic with zero weights)
-            as_base = Recipe(method="task_arithmetic", base_model=BASE_KEY,
-                             models=tuple(ModelEntry(k, {"weight": ParamValue.constant(0.0)})
-                                          for k in sorted(self.originals)))
-            self.merger.apply(as_base, into=self.model)
-            scores = self.evaluator.score(self.model, "search")
-            if scores.ok:
-                values = scores.task_values()
-                self.merger.base_scores = {k: float(values[t]) for k, t in task_of.items()}
+    def _score_base(self) -> dict[str, float]:
+        """The base model's score per fitness task, measured in the live model (task arithmetic, zero weights)."""
+        as_base = Recipe(method="task_arithmetic", base_model=BASE_KEY,
+                         models=tuple(ModelEntry(k, {"weight": ParamValue.constant(0.0)}) for k in sorted(self.originals)))
+        self.merger.apply(as_base, into=self.model)
+        scores = self.evaluator.score(self.model, "search")
+        if not scores.ok:
+            raise ConfigError(f"scoring the base model for mergeability_weighted failed: {scores.error}")
+        return dict(scores.task_values())
 
     def _release(self, full: bool) -> None:
         """Drop what evaluations left behind so memory stays flat over a long run.
@@ -154,8 +137,6 @@ class MergeEvalWorker:
         failure (an out-of-memory error leaves large frames behind): a full collection and, on GPU, the cached
         blocks. A full collection costs 0.1-0.3 s with transformers and lm-eval loaded, too much per candidate.
         """
-        import torch
-
         if not full:
             gc.collect(0)
             return
@@ -165,8 +146,6 @@ class MergeEvalWorker:
 
     def memory_bytes(self) -> dict[str, int]:
         """Resident set of this process and, on GPU, allocated device memory (for leak checks)."""
-        import torch
-
         out = {"rss": _rss_bytes()}
         if torch.cuda.is_available() and str(self.spec.device).startswith("cuda"):
             out["cuda_allocated"] = int(torch.cuda.memory_allocated())

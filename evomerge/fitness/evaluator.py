@@ -21,15 +21,21 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import yaml
 
+import evomerge
 from evomerge.errors import ConfigError
 from evomerge.fitness import builtin
 from evomerge.fitness.result import EvalResult, TaskScore
 from evomerge.fitness.spec import SPLITS, FitnessSpec, TaskSpec
+from evomerge.models.hf import load_tokenizer
+from evomerge.paths import resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +48,9 @@ def set_offline_env() -> None:
 
 
 def versions() -> dict[str, str]:
-    import evomerge
 
     out = {"evomerge": evomerge.__version__, "torch": torch.__version__}
     try:
-        from importlib.metadata import version
 
         out["lm_eval"] = version("lm_eval")
         out["transformers"] = version("transformers")
@@ -55,30 +59,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer object, or one loaded (offline) from a model folder path / ``zoo:`` path."""
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    from evomerge.fitness.zoo import resolve_path
-
-    path = resolve_path(tokenizer)
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot load a tokenizer from {path}: {exc}") from None
-
-
 def _resolve_source(value: str) -> str:
-    from evomerge.fitness.zoo import resolve_path
-
     return str(resolve_path(value))
 
 
 def _yaml_task_name(path: Path) -> str:
     """The ``task:`` name inside a custom lm-eval YAML (tolerating lm-eval's !function tags)."""
-    import yaml
 
     class _Loader(yaml.SafeLoader):
         pass
@@ -204,12 +190,13 @@ class Evaluator:
 
     def _build_lm_groups(self, lm_tasks: list[tuple[TaskSpec, str]], yaml_dirs: list[str],
                          need_defaults: bool) -> list[_LmEvalGroup]:
-        import lm_eval.tasks  # noqa: F401  (TaskManager lives here and needs the explicit import)
-        from lm_eval.tasks import TaskManager
 
         set_offline_env()
         if self._task_manager is None or need_defaults or any(
                 d not in (self._task_manager.include_path or []) for d in yaml_dirs):
+            import lm_eval.tasks  # noqa: F401  (TaskManager lives here and needs the explicit import)
+            from lm_eval.tasks import TaskManager  # lm-eval is imported only by fitnesses that use it (1.5 s)
+
             self._task_manager = TaskManager(include_path=yaml_dirs or None, include_defaults=need_defaults)
         by_limit: dict[int | None, list[tuple[TaskSpec, str]]] = {}
         for task, name in lm_tasks:
@@ -316,6 +303,7 @@ class Evaluator:
         """One HFLM per model object (the search rewrites the same object's weights in place)."""
         if self._lm is not None and self._lm_model_id == id(model) and self._lm._model is model:
             return self._lm
+
         from lm_eval.models.huggingface import HFLM
 
         self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.spec.batch_size,
@@ -324,12 +312,12 @@ class Evaluator:
         return self._lm
 
     def _run_lm_eval(self, model: torch.nn.Module, group: _LmEvalGroup) -> dict[str, TaskScore]:
-        from lm_eval.evaluator import evaluate
-
         lm = self._hflm(model)
         for obj in group.loaded["tasks"].values():
             obj.set_fewshot_seed(seed=self.spec.seed)  # the sampler's RNG advances per call: reset it
         with _quiet_lm_eval(), _compiled_templates():
+            from lm_eval.evaluator import evaluate
+
             res = evaluate(lm=lm, task_dict=group.loaded, limit=group.limit, cache_requests=False,
                            bootstrap_iters=0, log_samples=False, verbosity="ERROR")
         if not group.frozen:
@@ -376,7 +364,6 @@ def _max_length(model: torch.nn.Module) -> int | None:
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed every RNG lm-eval or a sampling generator might use, as simple_evaluate does."""
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
@@ -414,6 +401,7 @@ def _compiled_templates() -> Iterator[None]:
 
     Scoped to our evaluate calls: ``lm_eval.utils.apply_template`` is restored afterwards.
     """
+
     import lm_eval.utils as lm_utils
 
     original = lm_utils.apply_template

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
@@ -165,7 +166,6 @@ class FitnessSpec(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], section: str | None = None) -> FitnessSpec:
         """Read a spec file: a bare FitnessSpec, or a search space whose ``fitness:`` section is one."""
-        import yaml
 
         p = Path(path)
         if not p.is_file():

@@ -16,6 +16,8 @@ from evomerge.errors import ConfigError
 from evomerge.merge.params import ParamValue
 
 OptionValue = str | int | float | bool
+# The key a search's recipes give the base model (its fine-tunes go by their names in the search space).
+BASE_KEY = "base"
 
 
 @dataclass(frozen=True)

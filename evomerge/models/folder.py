@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from evomerge.dtypes import SAFETENSORS_CODES
 from evomerge.errors import ModelError
+from evomerge.models.layers import LayerMap
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,26 +36,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 _SHARD_RE = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 
-# safetensors dtype codes -> torch dtypes (only those this torch build has)
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _code, _attr in (
-    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-    ("U64", "uint64"), ("C64", "complex64"), ("F8_E8M0", "float8_e8m0fnu"),
-):
-    if hasattr(torch, _attr):
-        _DTYPES[_code] = getattr(torch, _attr)
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -125,14 +107,14 @@ class _Shard:
             if not isinstance(entry, dict):
                 raise self._corrupt(f"tensor {name!r}: entry is not an object")
             code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-            if code not in _DTYPES:
+            if code not in SAFETENSORS_CODES:
                 raise self._corrupt(f"tensor {name!r}: unsupported dtype {code!r}")
             if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
                 raise self._corrupt(f"tensor {name!r}: invalid shape {shape!r}")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
                 raise self._corrupt(f"tensor {name!r}: invalid data_offsets {offsets!r}")
             begin, end = offsets
-            dtype = _DTYPES[code]
+            dtype = SAFETENSORS_CODES[code]
             expected = math.prod(shape) * dtype.itemsize
             if not 0 <= begin <= end <= data_len:
                 raise self._corrupt(
@@ -435,7 +417,6 @@ class ModelFolder:
         return dict(self._shards[0].metadata) if self._shards else {}
 
     def _tied_aliases(self) -> dict[str, str]:
-        from evomerge.models.layers import LayerMap
 
         value = self._config_tie()
         try:
@@ -452,7 +433,6 @@ class ModelFolder:
 
     def layer_map(self) -> Any:
         """The :class:`~evomerge.models.layers.LayerMap` of this model's config."""
-        from evomerge.models.layers import LayerMap
 
         return LayerMap.from_config(self.config)
 

@@ -1,4 +1,7 @@
-"""File tensor names <-> a loaded transformers model's parameter names.
+"""transformers models and tokenizers: the one rule for loading them, and file tensor names <-> module names.
+
+Loading: local files only, safetensors only, never code from the model folder (``trust_remote_code=False``),
+in every command and worker; a folder holding only pickled weights or custom code is refused by name.
 
 transformers 5 renames some tensors between the checkpoint and the module (GPT-NeoX stores ``embed_out``
 for the module's ``lm_head``) and fuses others (Mixtral's per-expert ``w1/w2/w3`` become one
@@ -9,11 +12,45 @@ reported.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from evomerge.errors import ModelError
+from evomerge.paths import resolve_path
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object as given, or one loaded offline from a model folder (``zoo:`` paths too)."""
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    path = resolve_path(tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
+
+
+def load_causal_lm(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A causal LM from a local folder (safetensors, no remote code), in ``dtype`` on ``device``, in eval mode."""
+    p = resolve_path(path)
+    # a search loads merged parents many times: no "Loading weights" bar each time (restored afterwards)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False, use_safetensors=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load model {p}: {exc}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
 
 
 def _saved_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -169,6 +169,11 @@ class LayerMap:
             family = _GENERIC
         return LayerMap(family, n, mt)
 
+    @staticmethod
+    def generic(num_layers: int = 0) -> LayerMap:
+        """The generic table (``.layers.N.`` / ``.h.N.`` and keyword kinds) for tensors with no config at hand."""
+        return LayerMap(_GENERIC, num_layers)
+
     def layer_of(self, name: str) -> int | None:
         """Index of the decoder layer holding ``name``, None for tensors outside the stack (embed, norm, head)."""
         try:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.atomic import write_bytes_atomic, write_json_atomic
+from evomerge.dtypes import CODE_OF
 from evomerge.errors import ConfigError, ModelError
 from evomerge.models.folder import INDEX_NAME, SINGLE_NAME
 
@@ -158,8 +159,6 @@ class ShardedWriter:
 
     # ------------------------------------------------------------------ planned (streaming) mode
     def _plan(self, layout: Iterable[LayoutEntry]) -> None:
-        from evomerge.models.folder import DTYPE_CODES
-
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
         seen: set[str] = set()
@@ -167,7 +166,7 @@ class ShardedWriter:
             name, shape, dtype = entry
             if name in seen:
                 raise ModelError(f"layout lists tensor {name!r} twice")
-            if dtype not in DTYPE_CODES:
+            if dtype not in CODE_OF:
                 raise ModelError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
             seen.add(name)
             shp = tuple(int(d) for d in shape)
@@ -183,7 +182,7 @@ class ShardedWriter:
                 header: dict[str, Any] = {"__metadata__": self.metadata}
                 pos = 0
                 for name, shp, dtype, nbytes in entries:
-                    header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shp), "data_offsets": [pos, pos + nbytes]}
+                    header[name] = {"dtype": CODE_OF[dtype], "shape": list(shp), "data_offsets": [pos, pos + nbytes]}
                     pos += nbytes
                 raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
                 raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data, as safetensors writes it

@@ -257,9 +257,9 @@ class Archive:
                      float(aggregate), split, _dumps(settings), float(merge_seconds), float(eval_seconds), worker,
                      error, time.time() if created_at is None else float(created_at), int(session)),
                 )
-                from evomerge.search.hooks import hook
+                from evomerge.killpoints import kill_point
 
-                hook("archive_commit")
+                kill_point("archive_commit")
         except sqlite3.IntegrityError as exc:
             raise RunDirError(f"{self.path}: candidate {id} ({recipe_hash[:12]}) not archived: {exc}") from None
         if self._hash_cache is not None:

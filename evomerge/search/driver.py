@@ -66,7 +66,7 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
                 log: Callable[[str], None] = _print, executor_factory: Callable[..., Any] | None = None
                 ) -> SessionResult:
     """Search in ``run`` until a stopping rule fires, then re-score the best on the test split."""
-    from evomerge.executors.factory import make_executor, worker_spec
+    from evomerge.search.workers import make_executor, worker_spec
 
     stop = StopFlag()
     with run.locked(), _graceful_signals(stop, log):

@@ -15,15 +15,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evomerge.atomic import atomic_output_dir
 from evomerge.errors import ConfigError, RunDirError
-from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.fitness.evaluator import Evaluator
+from evomerge.merge.engines.disk import merge_to_disk
+from evomerge.merge.formats.recipe_yaml import mergekit_yaml, recipe_yaml
+from evomerge.merge.params import ParamValue
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.method_data import (
+    MethodDataProvider,
+    calibration_file_data,
+    recipe_needs_base_scores,
+    recipe_needs_rows,
+)
+from evomerge.models.hf import load_causal_lm
 from evomerge.search.archive import Archive, CandidateRecord
+from evomerge.search.population_backend import ancestor_tasks
 from evomerge.search.run import RunDir
 
 
@@ -98,57 +114,39 @@ def merged_ancestors(archive: Archive, rec: CandidateRecord, originals: Mapping[
 CALIBRATION_FILE = "calibration.yaml"
 
 
-class _MethodData:
-    """What data-aware recipes (qp, apl: task rows; mergeability_weighted: base scores) of an export need, so
-    the export merges exactly what the search's workers merged and its recipe files rebuild it alone.
-
-    Task rows come from the run's fitness spec: an original model's are its task's (the task of the same name),
-    a merged member's its originals' tasks interleaved, as in the workers. The written recipes name them
-    through ``options.calibration`` (a ``calibration.yaml`` in the export); base scores become ``base_score``
-    parameters.
+class _ExportData:
+    """What data-aware recipes of an export need, from the one provider the search's workers use, so the export
+    merges exactly what the workers merged; and how its recipe files name it so they rebuild alone: task rows
+    through ``options.calibration`` (a ``calibration.yaml`` in the export), base scores as ``base_score``
+    parameters. A merged member's rows are its originals' tasks interleaved, as in the workers.
     """
 
     def __init__(self, run: RunDir, steps: list[tuple[str, Recipe]], originals: Mapping[str, str]) -> None:
-        from evomerge.search.population_backend import ancestor_tasks
-
         self.originals = dict(originals)
-        self.spec: Any = None
-        self._tokenizer: Any = None
-        self.base_scores: dict[str, float] = {}
-        members = dict(steps[:-1])
-        need_rows = [r for _, r in steps if self.needs_rows_for(r)]
-        need_scores = [r for _, r in steps if r.method == "mergeability_weighted" and not r.options.get("fitness")
-                       and any("base_score" not in m.parameters for m in r.models)]
         self.model_tasks: dict[str, tuple[str, ...]] = {}
+        need_rows = [r for _, r in steps if recipe_needs_rows(r)]
+        need_scores = [r for _, r in steps if recipe_needs_base_scores(r) and not r.options.get("fitness")]
+        self.provider: MethodDataProvider | None = None
         if not need_rows and not need_scores:
             return
-        self.spec = run.snapshot_space(check_models=False).fitness
-        names = [str(t.name) for t in self.spec.tasks]
-        keys = {m.model for r in need_rows for m in r.models}
+        spec = run.snapshot_space(check_models=False).fitness
+        self.spec = spec
+        self.provider = MethodDataProvider(spec, self.originals[BASE_KEY])
+        names = [str(t.name) for t in spec.tasks]
+        members = dict(steps[:-1])
+        keys = sorted({m.model for r in need_rows for m in r.models if m.model != r.base_model})
         self.model_tasks = {k: ancestor_tasks(k, lambda x: None if x in self.originals else members.get(x), names)
-                            for k in sorted(keys)}
-        orphans = [k for k, t in self.model_tasks.items() if not t]
+                            for k in keys}
+        orphans = [k for k, tasks in self.model_tasks.items() if not tasks]
         if orphans:
             raise ConfigError(f"models {orphans} need calibration rows (method qp/apl), but no jsonl task of the "
                               f"run's fitness is named after them or their ancestors (tasks: {', '.join(names)})")
-        score_keys = sorted({m.model for r in need_scores for m in r.models if "base_score" not in m.parameters})
-        if score_keys:
-            unknown = [k for k in score_keys if k not in self.originals or k not in names]
+        for r in need_scores:
+            unknown = [m.model for m in r.models if m.model != r.base_model and "base_score" not in m.parameters
+                       and (m.model not in self.originals or m.model not in names)]
             if unknown:
                 raise ConfigError(f"mergeability_weighted: no base score for {unknown}: set base_score per model "
                                   f"(base scores are measured for original models named after a task only)")
-            from evomerge.merge.mergeability import measure_base_scores
-
-            self.base_scores = measure_base_scores(str(originals["base"]), score_keys, self.spec,
-                                                   task_of_model={k: k for k in score_keys})
-
-    @staticmethod
-    def needs_rows_for(recipe: Recipe) -> bool:
-        """A data-aware method (qp, apl) whose recipe names no calibration file of its own."""
-        from evomerge.merge.registry import get_method
-
-        return (getattr(get_method(recipe.method), "prepare", None) is not None
-                and recipe.method != "mergeability_weighted" and not recipe.options.get("calibration"))
 
     @property
     def needs_rows(self) -> bool:
@@ -156,51 +154,34 @@ class _MethodData:
 
     def calibration(self, recipe: Recipe, folders: Mapping[str, str]) -> Any:
         """The rows for building ``recipe`` (model keys -> ``folders``), or None when it needs none."""
-        if not self.needs_rows_for(recipe):
+        if self.provider is None or not recipe_needs_rows(recipe):
             return None
-        from evomerge.merge.calibration import calibration_for_models, load_tokenizer
-
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.originals["base"])
-        return calibration_for_models(self.spec, self._tokenizer,
-                                      {folders[m.model]: self.model_tasks[m.model] for m in recipe.models})
+        return self.provider.calibration(recipe, self.model_tasks, key_of=folders)
 
     def with_scores(self, recipe: Recipe) -> Recipe:
         """``recipe`` with measured ``base_score`` parameters where it needs them."""
-        if recipe.method != "mergeability_weighted" or not self.base_scores:
+        if self.provider is None or not recipe_needs_base_scores(recipe) or recipe.options.get("fitness"):
             return recipe
+        scores = self.provider.base_scores(recipe)
         return dataclasses.replace(recipe, models=tuple(
-            m if "base_score" in m.parameters or m.model not in self.base_scores else
-            ModelEntry(m.model, {**m.parameters, "base_score": _constant(self.base_scores[m.model])})
+            m if m.model not in scores else
+            ModelEntry(m.model, {**m.parameters, "base_score": ParamValue.constant(float(scores[m.model]))})
             for m in recipe.models))
 
     def written(self, recipe: Recipe, calibration_file: Path) -> Recipe:
         """The recipe as written into the export: its rows named by ``options.calibration``."""
-        if not self.needs_rows_for(recipe):
+        if not recipe_needs_rows(recipe):
             return recipe
         return dataclasses.replace(recipe, options={**recipe.options, "calibration": str(calibration_file)})
 
     def file_data(self, names: Mapping[str, str]) -> dict[str, Any]:
-        from evomerge.merge.calibration import calibration_file_data
-
         return calibration_file_data(self.spec, {names.get(k, k): t for k, t in self.model_tasks.items()})
-
-
-def _constant(value: float) -> Any:
-    from evomerge.merge.params import ParamValue
-
-    return ParamValue.constant(float(value))
 
 
 def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                      candidate_id: int | None = None, rank_by: str = "search", overwrite: bool = False,
                      device: str = "cpu", dtype: str | None = None, max_shard_size: str = "5GB",
                      progress: bool = True) -> ExportSummary:
-    import time
-
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.merge.recipe_io import mergekit_yaml, recipe_yaml
-
     t0 = time.perf_counter()
     run = RunDir.open(run_dir)
     target = Path(out_dir)
@@ -214,7 +195,7 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         lineage = archive.lineage(rec.id)
         ancestors = merged_ancestors(archive, rec, paths)
     recipe = Recipe.from_dict(rec.recipe, where=f"candidate {rec.id} recipe")
-    data = _MethodData(run, [*ancestors, ("output", recipe)], paths)
+    data = _ExportData(run, [*ancestors, ("output", recipe)], paths)
     ancestors = [(k, data.with_scores(r)) for k, r in ancestors]
     recipe = data.with_scores(recipe)
     calibration_file = target.resolve() / CALIBRATION_FILE
@@ -234,8 +215,6 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                           overwrite=True, progress=progress, where=f"candidate {rec.id}",
                           calibration=data.calibration(recipe, all_paths))
         finally:
-            import shutil
-
             shutil.rmtree(scratch, ignore_errors=True)
         if ancestors:  # the recipe names folders that are gone: keep it as lineage, not as a re-runnable file
             mk_text, mk_reason = None, "its inputs include merged population members (see evomerge_lineage.json)"
@@ -252,8 +231,6 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                      for k, r in ancestors]
             chain.append({"member": "output", "recipe": recipe_with_paths(
                 data.written(recipe, calibration_file), names).to_dict()})
-            import yaml
-
             (tmp / "evomerge_recipe_chain.yaml").write_text(
                 "# merge these in order; a model named by a member key is the folder of that earlier step\n"
                 + yaml.safe_dump(chain, sort_keys=False, default_flow_style=None), encoding="utf-8")
@@ -261,8 +238,6 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
             written = recipe_with_paths(data.written(recipe, calibration_file), paths)
             (tmp / "evomerge_recipe.yaml").write_text(recipe_yaml(written), encoding="utf-8")
         if data.needs_rows:
-            import yaml
-
             (tmp / CALIBRATION_FILE).write_text(
                 "# task rows of the data-aware merges (qp/apl) of this model, as the search gave them:\n"
                 "# each model (folder or member key) -> the jsonl files of its tasks, interleaved\n"
@@ -352,18 +327,13 @@ def _count(run: RunDir) -> int:
 def verify_export(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], candidate_id: int,
                   device: str = "cpu") -> tuple[float, float]:
     """(score of the exported folder loaded with plain transformers, the archive's score) on the search split."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.fitness.evaluator import Evaluator
-
     run = RunDir.open(run_dir)
     space = run.snapshot_space(check_models=False)
     with run.archive(readonly=True) as archive:
         rec = archive.get(candidate_id)
     if rec is None:
         raise RunDirError(f"no candidate {candidate_id} in {run.path}")
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32).to(device)
+    model = load_causal_lm(out_dir, device)
     result = Evaluator(space.fitness, str(out_dir), device).score(model, "search")
     if not result.ok:
         raise RunDirError(f"the exported model at {out_dir} failed to score: {result.error}")

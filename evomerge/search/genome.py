@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from evomerge.merge.params import FilterEntry, ParamValue
-from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.search.space import BASE_KEY, Gene, Granularity, MethodSpace, Space
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.search.space import Gene, Granularity, MethodSpace, Space
 
 DECIMALS = 6
 
@@ -106,7 +106,7 @@ class Genome:
                     per_model[key][gene.param] = self._param_value(arr[row].tolist(), gene)
             else:
                 global_params[gene.param] = self._param_value(arr.tolist(), gene)
-        from evomerge.merge.registry import get_method
+        from evomerge.merge.methods.registry import get_method
 
         spec = get_method(m.name)
         for pname, v in m.fixed.items():

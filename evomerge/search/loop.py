@@ -25,9 +25,9 @@ from typing import Any
 from evomerge.errors import ConfigError
 from evomerge.executors.base import EvalJob, EvalOutcome, Executor
 from evomerge.fitness.result import EvalResult
+from evomerge.killpoints import kill_point
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.genome import Genome
-from evomerge.search.hooks import hook
 from evomerge.search.progress import ProgressLine
 from evomerge.search.run import RunDir
 from evomerge.search.space import Space
@@ -398,7 +398,7 @@ def archive_evaluation(archive: Archive, timings: Timings, outcome: EvalOutcome,
     timings.archive += time.perf_counter() - t0
     timings.evaluation += outcome.eval_seconds
     timings.merging += outcome.merge_seconds
-    hook("after_record")
+    kill_point("after_record")
     rec = archive.get(candidate_id)
     assert rec is not None
     return rec

@@ -85,7 +85,7 @@ class PopulationConfig:
             if name not in known:
                 raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
             if name == "cache_disk_bytes" and isinstance(value, str):
-                from evomerge.models import parse_size
+                from evomerge.models.writer import parse_size
 
                 value = parse_size(value)
             if name == "seed_models" and value is not None:

@@ -26,10 +26,10 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
+from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.params import ParamValue
-from evomerge.merge.recipe import ModelEntry, Recipe
-
-BASE_KEY = "base"
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.method_data import MethodData
 
 # ------------------------------------------------------------------------------------------------- worker
 
@@ -63,12 +63,10 @@ class ParentCache:
         return self.root / key
 
     def get(self, key: str, recipe_of: Callable[[str], Recipe], path_of: Callable[[str], str],
-            keep: Sequence[str] = (), calibration_of: Callable[[Mapping[str, str]], Any] | None = None) -> Path:
+            keep: Sequence[str] = (),
+            data_of: Callable[[Recipe, Mapping[str, str]], MethodData] | None = None) -> Path:
         """The folder of merged model ``key`` (built from ``recipe_of(key)`` whose inputs ``path_of`` resolves;
-        ``calibration_of(model key -> folder)`` gives data-aware methods their task rows)."""
-        from evomerge.merge.engine import merge_to_disk
-        from evomerge.merge.registry import get_method
-
+        ``data_of(recipe, model key -> folder)`` gives data-aware methods their task rows or base scores)."""
         target = self.path(key)
         if key in self._used and (target / "config.json").is_file():
             self._used.move_to_end(key)
@@ -77,10 +75,9 @@ class ParentCache:
         concrete = dataclasses.replace(
             recipe, base_model=path_of(recipe.base_model) if recipe.base_model else None,
             models=tuple(ModelEntry(path_of(m.model), m.parameters) for m in recipe.models), dtype="float32")
-        calibration = None
-        if calibration_of is not None and getattr(get_method(recipe.method), "prepare", None) is not None:
-            calibration = calibration_of({m.model: path_of(m.model) for m in recipe.models})
-        merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=calibration)
+        data = data_of(recipe, {m.model: path_of(m.model) for m in recipe.models}) if data_of else MethodData()
+        merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=data.calibration,
+                      base_scores=data.base_scores)
         self.materialized += 1
         self._used[key] = _dir_bytes(target)
         self._evict(set(keep) | {key})
@@ -161,7 +158,7 @@ class PairSpace:
         return 2 * self.points
 
     def __post_init__(self) -> None:
-        from evomerge.merge.registry import get_method, validate_recipe
+        from evomerge.merge.methods.registry import get_method, validate_recipe
 
         if isinstance(self.init, str) and self.init != "kinship":
             raise ConfigError(f"pair init: a weight or 'kinship', got {self.init!r}")

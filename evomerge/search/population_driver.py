@@ -34,7 +34,8 @@ import numpy as np
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors.base import EvalJob, EvalOutcome, Executor
 from evomerge.fitness.result import EvalResult
-from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.method_data import MethodData, MethodDataProvider
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.loop import SearchSummary, StopFlag, Timings, archive_evaluation, task_scores
 from evomerge.search.population import (
@@ -47,7 +48,6 @@ from evomerge.search.population import (
     top_k,
 )
 from evomerge.search.population_backend import (
-    BASE_KEY,
     PairSpace,
     ParentCache,
     ancestor_tasks,
@@ -118,7 +118,7 @@ class ArchiveBackend:
         self._recipes: dict[str, Recipe] = {}
         self._kin_memo: dict[tuple[str, str, str], float] = {}
         self._gram: Any = None
-        self._tokenizer: Any = None
+        self.method_data = MethodDataProvider(space.fitness, self.base)
         self._forms: dict[str, Any] = {}
         self._layer_map: Any = None
         self._plans: dict[int, list[PairPlan]] = {}
@@ -407,19 +407,11 @@ class ArchiveBackend:
         if recipe.method == "linear" and len(recipe.models) == 1 and recipe.models[0].model in self.original_paths:
             return self.original_paths[recipe.models[0].model]
         return str(self.cache.get(key, self._recipes.__getitem__, lambda k: self._path(k, keep), keep=keep,
-                                  calibration_of=self._calibration_of))
+                                  data_of=self._data_of))
 
-    def _calibration_of(self, folders: Mapping[str, str]) -> Any:
-        """Task rows for materializing a data-aware member, keyed by the folders its recipe resolves to."""
-        from evomerge.merge.calibration import calibration_for_models, load_tokenizer
-
-        if not any(t.kind == "jsonl" for t in self.space.fitness.tasks):
-            return None  # the method's own options.calibration, if any, applies
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base)
-        tasks = self.model_tasks(list(folders))
-        return calibration_for_models(self.space.fitness, self._tokenizer,
-                                      {folders[k]: t for k, t in tasks.items()})
+    def _data_of(self, recipe: Recipe, folders: Mapping[str, str]) -> MethodData:
+        """What materializing a data-aware member needs, keyed by the folders its recipe resolves to."""
+        return self.method_data.for_recipe(recipe, self.model_tasks(list(folders)), key_of=folders)
 
     # ------------------------------------------------------------------------------------ kinship
 
@@ -427,7 +419,8 @@ class ArchiveBackend:
         if self._gram is not None:
             return
         from evomerge.kinship import kinship_matrix
-        from evomerge.models import LayerMap, ModelFolder
+        from evomerge.models.folder import ModelFolder
+        from evomerge.models.layers import LayerMap
 
         keys = list(self.original_paths)
         km = kinship_matrix([self.original_paths[k] for k in keys], self.base, names=keys, keep_tensors=True)

@@ -32,9 +32,9 @@ from typing import Any
 
 from evomerge.atomic import _fsync_dir, write_json_atomic
 from evomerge.errors import ConfigError, RunDirError
+from evomerge.killpoints import kill_point
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
 from evomerge.search.archive import Archive
-from evomerge.search.hooks import hook
 from evomerge.search.space import SAFE_ON_RESUME, Space, space_from_dict
 
 SPACE_FILE = "space.yaml"
@@ -205,7 +205,7 @@ class RunDir:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            hook("checkpoint_write")
+            kill_point("checkpoint_write")
             os.replace(tmp, self.checkpoint_path)
         except BaseException:
             with contextlib.suppress(OSError):

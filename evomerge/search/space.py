@@ -36,11 +36,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.recipe import BASE_KEY
+from evomerge.paths import resolve_path, scheme_of
 
 # dotted field paths that may differ between the snapshot and a resumed space
 SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "progress_interval", "name",
                                    "executor", "test_top")
-BASE_KEY = "base"
 DEFAULT_KINDS: tuple[str, ...] = ("attention", "mlp")
 GRANULARITIES: tuple[str, ...] = ("per_layer", "layer_groups", "tensor_kind", "per_model")
 
@@ -349,9 +350,7 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
 
 
 def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
-    if ref.startswith("zoo:"):
-        from evomerge.fitness.zoo import resolve_path
-
+    if scheme_of(ref) is not None:
         try:
             return resolve_path(ref)
         except ConfigError as exc:
@@ -377,7 +376,9 @@ def _check_optimizer(name: str, where: str) -> None:
 
 def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool) -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
-    from evomerge.models import LayerMap, ModelFolder, check_compatible
+    from evomerge.models.compat import check_compatible
+    from evomerge.models.folder import ModelFolder
+    from evomerge.models.layers import LayerMap
 
     if not check:
         import json
@@ -426,7 +427,7 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
             raise ConfigError(f"{at}.layer_groups: {arg} groups for a model of {num_layers} layers")
         return Granularity("layer_groups", groups=int(arg))
     if key == "tensor_kind":
-        from evomerge.models import KINDS
+        from evomerge.models.layers import KINDS
 
         kinds = tuple(arg) if isinstance(arg, (list, tuple)) else ()
         if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
@@ -436,9 +437,9 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
 
 
 def _parse_method(name: str, spec: Mapping[str, Any], fine_tunes: list[str], where: str) -> MethodSpace:
+    from evomerge.merge.methods.registry import get_method, validate_recipe
     from evomerge.merge.params import ParamValue
     from evomerge.merge.recipe import ModelEntry, Recipe
-    from evomerge.merge.registry import get_method, validate_recipe
 
     at = f"{where}: methods.{name}"
     try:

@@ -41,7 +41,7 @@ def local_ray() -> Any:
 @pytest.fixture(scope="module")
 def micro() -> dict[str, Any]:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import SPECIALISTS, micro_zoo_dir
+    from evomerge.zoo.build import SPECIALISTS, micro_zoo_dir
 
     root = micro_zoo_dir()
     raw = FitnessSpec.from_yaml(root / "fitness.yaml")
@@ -254,10 +254,10 @@ def _space_file(tmp_path: Path, workers: int, budget: int) -> Path:
 
 
 def _search(tmp_path: Path, workers: int, budget: int, executor_of: Any = None) -> tuple[Any, list[Any]]:
-    from evomerge.executors.factory import make_executor, worker_spec
     from evomerge.search.loop import run_search
     from evomerge.search.run import RunDir
     from evomerge.search.space import load_space
+    from evomerge.search.workers import make_executor, worker_spec
 
     space = load_space(_space_file(tmp_path, workers, budget))
     run = RunDir.create(tmp_path / f"run-{workers}", space)

@@ -11,15 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "search"))
 from _spaces import micro_space  # noqa: E402
 
 from evomerge.executors.base import EvalJob  # noqa: E402
-from evomerge.executors.factory import worker_spec  # noqa: E402
 from evomerge.executors.worker import MergeEvalWorker  # noqa: E402
 from evomerge.search.genome import Genome  # noqa: E402
 from evomerge.search.space import space_from_dict  # noqa: E402
+from evomerge.search.workers import worker_spec
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _micro() -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
 

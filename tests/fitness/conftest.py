@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evomerge.fitness.zoo import micro_zoo_dir
+from evomerge.zoo.build import micro_zoo_dir
 
 
 @pytest.fixture(scope="session")

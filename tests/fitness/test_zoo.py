@@ -9,9 +9,10 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.fitness.evaluator import Evaluator
-from evomerge.fitness.skills import SKILLS, build_char_tokenizer, get_skill, skill_splits
 from evomerge.fitness.spec import FitnessSpec
-from evomerge.fitness.zoo import MODEL_NAMES, SPECIALISTS, ensure_zoo, merge_ties, resolve_path, zoo_key
+from evomerge.paths import resolve_path
+from evomerge.zoo.build import MODEL_NAMES, SPECIALISTS, ensure_zoo, merge_ties, zoo_key
+from evomerge.zoo.skills import SKILLS, build_char_tokenizer, get_skill, skill_splits
 
 
 def test_every_model_loads_with_plain_transformers(micro_zoo: Path) -> None:
@@ -113,30 +114,19 @@ def test_ensure_zoo_is_cached_and_resolve_path(micro_zoo: Path) -> None:
     assert not list(micro_zoo.parent.glob(".*.partial"))
 
 
-@pytest.mark.parametrize("use_registry", [False, True])
-def test_ties_matches_hand_worked_case(use_registry: bool) -> None:
-    # methods.md: keep 3 of 5 per task -> tau_m = [0.5, -0.3, -0.7, 0.4, -0.8]
-    import evomerge.fitness.zoo as zoo
-
-    if use_registry:
-        assert zoo._registry_ties() is not None  # the registry's kernel, not the local fallback
+def test_ties_matches_hand_worked_case() -> None:
+    # methods.md: keep 3 of 5 per task -> tau_m = [0.5, -0.3, -0.7, 0.4, -0.8] (the registry's kernel)
     base = {"w": torch.zeros(5)}
     taus = [[0.5, -0.1, 0.3, 0, -0.8], [-0.4, 0.25, 0.1, 0.6, -0.2], [0.1, -0.3, -0.7, 0.2, 0.05]]
     models = [{"w": torch.tensor(t)} for t in taus]
-    old = zoo._registry_ties
-    if not use_registry:
-        zoo._registry_ties = lambda: None  # the local fallback kernel
-    try:
-        out = merge_ties(base, models, density=0.6, lam=1.0)["w"]
-    finally:
-        zoo._registry_ties = old
+    out = merge_ties(base, models, density=0.6, lam=1.0)["w"]
     assert torch.allclose(out, torch.tensor([0.5, -0.3, -0.7, 0.4, -0.8]))
 
 
 def _nano(monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    import evomerge.fitness.zoo as zoo
+    import evomerge.zoo.build as zoo
 
     nano = dataclasses.replace(zoo.SIZES["micro"], hidden=16, intermediate=32, pretrain_steps=6, pretrain_batch=4,
                                finetune_steps=3, finetune_batch=4, n_search=8, n_test=8)
@@ -146,7 +136,7 @@ def _nano(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build_is_deterministic_for_a_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from evomerge.fitness.zoo import build_zoo
+    from evomerge.zoo.build import build_zoo
 
     _nano(monkeypatch)
     torch.set_num_threads(1)
@@ -164,7 +154,7 @@ def test_build_is_deterministic_for_a_seed(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_interrupted_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evomerge.fitness.zoo as zoo
+    import evomerge.zoo.build as zoo
 
     _nano(monkeypatch)
 
@@ -195,7 +185,7 @@ def test_sigterm_during_build_becomes_exit_and_stale_partials_are_swept(
     import os
     import signal
 
-    import evomerge.fitness.zoo as zoo
+    import evomerge.zoo.build as zoo
 
     with pytest.raises(SystemExit), zoo._sigterm_as_exit():
         os.kill(os.getpid(), signal.SIGTERM)

@@ -6,19 +6,23 @@ import math
 
 import pytest
 import torch
+from helpers.merging import prepared_plan
 
-from evomerge.merge import calibration as C
-from evomerge.merge.apl import (
+from evomerge.lab import correlation
+from evomerge.merge.calibration.cache import cached_state
+from evomerge.merge.calibration.importance import importance
+from evomerge.merge.engines.memory import merge_in_memory
+from evomerge.merge.kernels.apl import (
     ImportanceStats,
     apl,
-    importance,
     keep_probabilities,
     merge_weights,
     partition_importance,
 )
-from evomerge.merge.mergeability import correlation
 from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.merge.registry import MethodContext, get_method
+from evomerge.method_data import MethodDataProvider
+from evomerge.models.hf import load_causal_lm
+from evomerge.models.layers import LayerMap
 
 NAMES = ["add", "rev", "sort", "enc"]
 
@@ -26,18 +30,17 @@ NAMES = ["add", "rev", "sort", "enc"]
 @pytest.fixture(scope="module")
 def micro() -> dict:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import micro_zoo_dir
+    from evomerge.zoo.build import micro_zoo_dir
 
     z = micro_zoo_dir()
     cache: dict = {}
-    tok = C.load_tokenizer(z / "base")
-    probe = C.load_model(z / "base")
-    info = C.layer_info(probe.config)
+    probe = load_causal_lm(z / "base")
+    lm = LayerMap.from_config(probe.config.to_dict())
     return {
-        "zoo": z, "cache": cache, "probe": probe, "layer_of": lambda n: info(n)[0],
-        "calib": C.calibration_from_spec(FitnessSpec.from_yaml(z / "fitness.yaml"), tok),
-        "base": C.cached_state(cache, z / "base"),
-        "tuned": {n: C.cached_state(cache, z / n) for n in NAMES},
+        "zoo": z, "cache": cache, "probe": probe, "layer_of": lm.layer_of,
+        "calib": MethodDataProvider(FitnessSpec.from_yaml(z / "fitness.yaml"), z / "base").fitness_calibration(),
+        "base": cached_state(cache, z / "base"),
+        "tuned": {n: cached_state(cache, z / n) for n in NAMES},
         "paths": {"base": str(z / "base"), **{n: str(z / n) for n in NAMES}},
     }
 
@@ -138,13 +141,13 @@ def test_apl_kernel_identities() -> None:
 def test_apl_method_on_micro_zoo(micro: dict) -> None:
     recipe = Recipe("apl", tuple(ModelEntry(n) for n in NAMES), base_model="base", seed=3,
                     options={"calibration": str(micro["zoo"] / "fitness.yaml"), "examples": 8})
-    ctx = MethodContext(recipe, micro["paths"], cache=micro["cache"])
-    prepared = get_method("apl").prepare(ctx)
+    plan = prepared_plan(recipe, micro["paths"], micro["cache"])
+    prepared = plan.prepared
     states = {"base": micro["base"], **micro["tuned"]}
-    merged = C.merge_in_memory(recipe, states, micro["probe"].config, prepared)
+    merged = merge_in_memory(plan, states)
     assert set(merged) == set(micro["base"])
     assert all(torch.isfinite(v).all() for v in merged.values())
-    again = C.merge_in_memory(recipe, states, micro["probe"].config, get_method("apl").prepare(ctx))
+    again = merge_in_memory(prepared_plan(recipe, micro["paths"], micro["cache"]), states)
     assert all(torch.equal(merged[k], again[k]) for k in merged)  # seeded, cached importance
     imp = prepared["model.layers.0.mlp.down_proj.weight"]["apl_importance"]
     assert len(imp) == 4 and all(v.shape == (64,) and not math.isnan(float(v.sum())) for v in imp)

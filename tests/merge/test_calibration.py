@@ -1,4 +1,5 @@
-"""Calibration rows: interleaved unions for merged models, calibration files (short and long form), hashes."""
+"""Calibration rows: interleaved unions for merged models, calibration files (short and long form), hashes,
+and the provider that gives a worker's rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.merge import calibration as C
+from evomerge.merge.calibration.rows import CalibrationSet, interleave_rows
+from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.method_data import MethodDataProvider, calibration_file_data, calibration_from_file
 
 
 class CharTokenizer:
@@ -29,12 +32,12 @@ def _rows(tag: str, n: int) -> list[dict[str, str]]:
 
 def test_interleave_rows_round_robin_and_longer_sources_continue() -> None:
     a, b = _rows("a", 3), _rows("b", 1)
-    assert C.interleave_rows([a, b]) == [a[0], b[0], a[1], a[2]]
-    assert C.interleave_rows([]) == []
+    assert interleave_rows([a, b]) == [a[0], b[0], a[1], a[2]]
+    assert interleave_rows([]) == []
 
 
 def test_add_union_covers_every_source_within_the_first_tokens() -> None:
-    calib = C.CalibrationSet({"add": _rows("a", 50), "rev": _rows("r", 50)}, CharTokenizer(), seq_len=8)
+    calib = CalibrationSet({"add": _rows("a", 50), "rev": _rows("r", 50)}, CharTokenizer(), seq_len=8)
     calib.add_union("g1.1", ["add", "rev"])
     first = calib.rows_for("g1.1")[:4]
     assert [r["prompt"] for r in first] == ["a0=", "r0=", "a1=", "r1="]
@@ -48,7 +51,7 @@ def test_add_union_covers_every_source_within_the_first_tokens() -> None:
 
 
 def test_content_hash_of_some_keys_ignores_other_models() -> None:
-    calib = C.CalibrationSet({"add": _rows("a", 3), "rev": _rows("r", 3)}, CharTokenizer())
+    calib = CalibrationSet({"add": _rows("a", 3), "rev": _rows("r", 3)}, CharTokenizer())
     before_all, before_add = calib.content_hash(), calib.content_hash(["add"])
     calib.add_union("g1.1", ["add", "rev"])
     assert calib.content_hash(["add"]) == before_add  # cached Grams of 'add' stay valid
@@ -65,23 +68,23 @@ def test_calibration_file_lists_and_long_form(tmp_path: Path) -> None:
     r = _jsonl(tmp_path / "r.jsonl", _rows("r", 2))
     short = tmp_path / "short.yaml"
     short.write_text(f"add: a.jsonl\nmix: [a.jsonl, {r}]\n", encoding="utf-8")
-    calib = C.calibration_from_file(short, CharTokenizer())
+    calib = calibration_from_file(short, CharTokenizer())
     assert [x["prompt"] for x in calib.rows_for("mix")] == ["a0=", "r0=", "a1=", "r1=", "a2="]
     assert calib.terminator == "\n" and calib.seq_len == 64
 
     long = tmp_path / "long.yaml"
     long.write_text(f"terminator: ';'\nseq_len: 16\nlimit: 1\nmodels:\n  mix: [{a}, {r}]\n", encoding="utf-8")
-    calib = C.calibration_from_file(long, CharTokenizer())
+    calib = calibration_from_file(long, CharTokenizer())
     assert [x["prompt"] for x in calib.rows_for("mix")] == ["a0=", "r0="]  # limit applies per file
     assert (calib.terminator, calib.seq_len) == (";", 16)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: {mix: []}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="model 'mix': expected a jsonl file or a list"):
-        C.calibration_from_file(bad, CharTokenizer())
+        calibration_from_file(bad, CharTokenizer())
     bad.write_text("models: {mix: a.jsonl}\ncolour: red\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['colour'\]"):
-        C.calibration_from_file(bad, CharTokenizer())
+        calibration_from_file(bad, CharTokenizer())
 
 
 def test_calibration_file_data_reproduces_the_workers_rows(tmp_path: Path) -> None:
@@ -92,14 +95,15 @@ def test_calibration_file_data_reproduces_the_workers_rows(tmp_path: Path) -> No
     spec = FitnessSpec.model_validate({"terminator": ";", "tasks": [
         {"name": "add", "metric": "token_acc", "jsonl": {"search": str(a), "test": str(a)}},
         {"name": "rev", "metric": "token_acc", "jsonl": {"search": str(r), "test": str(r)}}]})
-    worker = C.calibration_for_models(spec, CharTokenizer(), {"g1.1": ["rev", "add"]})
+    recipe = Recipe("qp", (ModelEntry("g1.1"),), base_model="base")
+    worker = MethodDataProvider(spec, tmp_path, tokenizer=CharTokenizer()).calibration(recipe, {"g1.1": ["rev", "add"]})
     import yaml
 
     path = tmp_path / "calibration.yaml"
-    path.write_text(yaml.safe_dump(C.calibration_file_data(spec, {"g1.1": ["rev", "add"]})), encoding="utf-8")
-    from_file = C.calibration_from_file(path, CharTokenizer())
+    path.write_text(yaml.safe_dump(calibration_file_data(spec, {"g1.1": ["rev", "add"]})), encoding="utf-8")
+    from_file = calibration_from_file(path, CharTokenizer())
     assert from_file.rows_for("g1.1") == worker.rows_for("g1.1")
     assert [t.tolist() for t in from_file.token_batches("g1.1", 40)] == [
         t.tolist() for t in worker.token_batches("g1.1", 40)]
     with pytest.raises(ConfigError, match="task\\(s\\) \\['sort'\\] are not jsonl tasks"):
-        C.calibration_file_data(spec, {"g1.1": ["sort"]})
+        calibration_file_data(spec, {"g1.1": ["sort"]})

@@ -10,7 +10,7 @@ import torch
 from _fixtures import build_llamas, load_state
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.engine import merge_to_disk
+from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
 
@@ -75,8 +75,8 @@ def test_filters_pick_values_by_tensor_name(tmp_path: Path, llamas: list[Path], 
 
 def test_ties_matches_the_kernel_per_tensor_and_global_scope(tmp_path: Path, llamas: list[Path],
                                                              states: list[dict]) -> None:
-    from evomerge.merge.methods import ties
-    from evomerge.merge.methods_sparsify import global_trim_thresholds
+    from evomerge.merge.kernels.sparsify import global_trim_thresholds
+    from evomerge.merge.kernels.task_arithmetic import ties
 
     models = tuple(_entry(p, weight=w, density=0.3) for p, w in zip(llamas[1:], (1.0, 0.5, 2.0)))
     for scope in ("tensor", "global"):
@@ -195,8 +195,8 @@ def test_elementwise_methods_merged_in_pieces_equal_whole_tensors(tmp_path: Path
     # stored and a wider output dtype, and with the embeddings of a larger vocabulary sliced to the base's
     import dataclasses
 
-    import evomerge.merge.engine as engine
-    from evomerge.merge.registry import REGISTRY
+    import evomerge.merge.engines.disk as engine
+    from evomerge.merge.methods.registry import REGISTRY
 
     small = build_llamas(tmp_path / "a", 2, dtype=dtype, vocab=64)
     wide = build_llamas(tmp_path / "b", 1, dtype=dtype, vocab=72, seed=5)[1]

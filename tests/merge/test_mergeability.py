@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
-from evomerge.merge.mergeability import (
-    ZooLab,
-    base_score_weights,
-    correlation,
-    estimate_mergeability,
-    mergeability_weighted,
-)
-from evomerge.merge.methods import linear
+from evomerge.lab import ZooLab, correlation, estimate_mergeability
+from evomerge.merge.kernels.linear import linear
+from evomerge.merge.kernels.mergeability import base_score_weights, mergeability_weighted
+from evomerge.merge.methods.registry import get_method, plan_recipe, validate_recipe
 from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.merge.registry import MethodContext, get_method, validate_recipe
+from evomerge.method_data import MethodDataProvider
+from evomerge.models.layers import LayerMap
 
 NAMES = ["add", "rev", "sort", "enc"]
 
@@ -71,7 +68,7 @@ def test_registry_entry() -> None:
 @pytest.fixture(scope="module")
 def lab() -> ZooLab:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.fitness.zoo import micro_zoo_dir
+    from evomerge.zoo.build import micro_zoo_dir
 
     z = micro_zoo_dir()
     spec = FitnessSpec.from_dict({"tasks": [{"name": n, "jsonl": {"search": str(z / "data" / n / "search.jsonl"),
@@ -96,7 +93,7 @@ def test_estimate_mergeability_on_micro_zoo(lab: ZooLab) -> None:
         estimate_mergeability(lab, m=4, n=1, progress=False)
 
 
-def test_prepare_measures_base_scores(lab: ZooLab, tmp_path) -> None:
+def test_base_scores_come_from_the_provider_and_prepare_uses_them(lab: ZooLab, tmp_path) -> None:
     import yaml
 
     spec_file = tmp_path / "fitness.yaml"
@@ -104,18 +101,24 @@ def test_prepare_measures_base_scores(lab: ZooLab, tmp_path) -> None:
     recipe = Recipe("mergeability_weighted", tuple(ModelEntry(n) for n in NAMES), base_model="base",
                     options={"fitness": str(spec_file)})
     paths = {"base": lab.paths[lab.base_key], **{n: lab.paths[n] for n in NAMES}}
-    prepared = get_method("mergeability_weighted").prepare(MethodContext(recipe, paths))
+    # the provider measures the base on options.fitness (no fitness of its own): the lab's base scores
+    provider = MethodDataProvider(None, lab.paths[lab.base_key])
+    data = provider.for_recipe(recipe)
     want = lab.base_scores()
-    assert prepared["*"]["base_scores"] == pytest.approx([want[n] for n in NAMES])
+    assert data.calibration is None
+    assert data.base_scores == pytest.approx({n: want[n] for n in NAMES})
+    lm = LayerMap.from_config(lab.config.to_dict())
+    plan = plan_recipe(recipe, lm).prepare(paths, "cpu", base_scores=data.base_scores)
+    assert plan.prepared["*"]["base_scores"] == pytest.approx([want[n] for n in NAMES])
     # scores from the caller (the search archive) are used without measuring
     given = {n: 0.1 * i for i, n in enumerate(NAMES)}
-    out = get_method("mergeability_weighted").prepare(
-        MethodContext(Recipe("mergeability_weighted", recipe.models, "base"), paths, base_scores=given))
-    assert out["*"]["base_scores"] == [given[n] for n in NAMES]
+    plain = Recipe("mergeability_weighted", recipe.models, "base")
+    out = plan_recipe(plain, lm).prepare(paths, "cpu", base_scores=given)
+    assert out.prepared["*"]["base_scores"] == [given[n] for n in NAMES]
     with pytest.raises(ConfigError, match="base_score"):
-        get_method("mergeability_weighted").prepare(
-            MethodContext(Recipe("mergeability_weighted", recipe.models, "base"), paths))
-    # all given per model: nothing to prepare
-    full = Recipe("mergeability_weighted", tuple(ModelEntry(n, {}) for n in NAMES), base_model="base")
-    full = Recipe.from_dict({**full.to_dict(), "models": [{"model": n, "parameters": {"base_score": 0.5}} for n in NAMES]})
-    assert get_method("mergeability_weighted").prepare(MethodContext(full, paths)) == {}
+        plan_recipe(plain, lm).prepare(paths, "cpu")
+    # all given per model: nothing to prepare, nothing needed
+    full = Recipe.from_dict({**plain.to_dict(),
+                             "models": [{"model": n, "parameters": {"base_score": 0.5}} for n in NAMES]})
+    assert plan_recipe(full, lm).prepare(paths, "cpu").prepared == {}
+    assert provider.for_recipe(full).base_scores is None

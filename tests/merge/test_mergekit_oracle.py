@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
+from evomerge.merge.methods.registry import validate_recipe
+from evomerge.merge.methods.resolve import plan_inputs, resolve_tensor_params, tensor_generator
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import plan_inputs, resolve_tensor_params, tensor_generator, validate_recipe
 
 mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit not installed: oracle cross-check skipped")
 from mergekit.merge import run_merge  # noqa: E402

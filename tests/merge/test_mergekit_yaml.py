@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.merge.mergekit_yaml import from_mergekit, is_mergekit_config, to_mergekit
+from evomerge.merge.formats.mergekit import from_mergekit, is_mergekit_config, to_mergekit
+from evomerge.merge.formats.recipe_yaml import load_recipe, load_recipe_with_form, parse_recipe
 from evomerge.merge.params import FilterEntry, ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.merge.recipe_io import load_recipe, load_recipe_with_form, parse_recipe
 
 TIES_MK = {
     "merge_method": "ties",
@@ -160,15 +160,15 @@ def test_recipe_files_resolve_relative_paths_and_name_the_file(tmp_path: Path) -
 
 
 def test_zoo_paths_go_through_the_zoo_resolver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import evomerge.fitness.zoo as zoo
+    import evomerge.zoo.build as zoo
 
     seen: list[str] = []
 
-    def fake(ref: str) -> Path:
-        seen.append(ref)
-        return tmp_path / ref.split("/", 1)[1]
+    def fake(rest: str) -> Path:
+        seen.append(f"zoo:{rest}")
+        return tmp_path / rest.split("/", 1)[1]
 
-    monkeypatch.setattr(zoo, "resolve_path", fake)
+    monkeypatch.setattr(zoo, "resolve", fake)  # the zoo: scheme of evomerge.paths
     f = tmp_path / "r.yaml"
     f.write_text(yaml.safe_dump({"method": "linear", "models": ["zoo:micro/add", "local"]}))
     recipe = load_recipe(f, validate=False)

@@ -8,9 +8,24 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from evomerge.merge import methods as K
-from evomerge.merge import methods_sparsify as S
-from evomerge.merge.registry import BUILTIN_METHODS, REGISTRY
+from evomerge.merge.kernels import sparsify as S
+from evomerge.merge.kernels import task_arithmetic as task_arithmetic_kernels
+from evomerge.merge.kernels.linear import linear
+from evomerge.merge.kernels.model_stock import model_stock
+from evomerge.merge.kernels.slerp import slerp
+from evomerge.merge.kernels.task_arithmetic import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    elected_sign,
+    task_arithmetic,
+    ties,
+)
+from evomerge.merge.methods.builtin import BY_NAME
+from evomerge.merge.methods.registry import REGISTRY
+
+BUILTIN_METHODS = tuple(BY_NAME)  # the plain methods' names
 
 TAU1 = [0.5, -0.1, 0.3, 0.0, -0.8]
 TAU2 = [-0.4, 0.25, 0.1, 0.6, -0.2]
@@ -31,7 +46,7 @@ def test_ties_hand_case_from_methods_md(variant: str, lam: float) -> None:
     base = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     tensors = [base + torch.tensor(t) for t in (TAU1, TAU2, TAU3)]
     # density 0.6 of 5 entries keeps exactly 3 per task
-    out = K.ties(base, tensors, _mp(3, weight=1.0, density=0.6), {"lambda": lam}, {"variant": variant})
+    out = ties(base, tensors, _mp(3, weight=1.0, density=0.6), {"lambda": lam}, {"variant": variant})
     torch.testing.assert_close(out, base + lam * torch.tensor(TIES_HAND), rtol=0, atol=1e-6)
 
 
@@ -43,7 +58,7 @@ def test_ties_trim_keeps_exactly_k_and_the_elected_sums_match_methods_md() -> No
         assert int(torch.count_nonzero(d)) == 3
         trimmed.append(d)
     torch.testing.assert_close(sum(trimmed), torch.tensor([0.1, -0.05, -0.4, 0.8, -0.8]), rtol=0, atol=1e-6)
-    assert K.elected_sign(trimmed).tolist() == [1.0, -1.0, -1.0, 1.0, -1.0]
+    assert elected_sign(trimmed).tolist() == [1.0, -1.0, -1.0, 1.0, -1.0]
 
 
 def _naive_ties(
@@ -89,7 +104,7 @@ def test_ties_matches_a_naive_reference(make_tensors: Callable, variant: str, no
     base, tensors = make_tensors((41, 23), 3, seed=7)
     weights = [1.0, 1.0, 1.0] if variant == "paper" else [0.3, 1.2, 0.7]
     mp = [{"weight": w, "density": density} for w in weights]
-    out = K.ties(base, tensors, mp, {"lambda": 1.3}, {"variant": variant, "normalize": normalize})
+    out = ties(base, tensors, mp, {"lambda": 1.3}, {"variant": variant, "normalize": normalize})
     ref = _naive_ties(base, tensors, weights, density, 1.3, variant, normalize)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
@@ -97,9 +112,9 @@ def test_ties_matches_a_naive_reference(make_tensors: Callable, variant: str, no
 def test_ties_chunked_path_equals_one_chunk(make_tensors: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
     base, tensors = make_tensors((300, 50), 3, seed=3)
     mp = [{"weight": w, "density": 0.2} for w in (0.5, 1.0, 2.0)]
-    whole = K.ties(base, tensors, mp, {"lambda": 1.0}, {})
-    monkeypatch.setattr(K, "_CHUNK", 1000)  # 15 chunks, the last one partial
-    chunked = K.ties(base, tensors, mp, {"lambda": 1.0}, {})
+    whole = ties(base, tensors, mp, {"lambda": 1.0}, {})
+    monkeypatch.setattr(task_arithmetic_kernels, "_CHUNK", 1000)  # 15 chunks, the last one partial
+    chunked = ties(base, tensors, mp, {"lambda": 1.0}, {})
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
 
 
@@ -109,15 +124,15 @@ def test_ties_sign_rules_and_zero_sign_hand_cases() -> None:
     # column 1: +0.3 -0.3 +0 -> sum exactly 0
     t = [torch.tensor([0.5, 0.3, 0.0]), torch.tensor([-0.2, -0.3, 0.1]), torch.tensor([-0.2, 0.0, 0.2])]
     mp = _mp(3, weight=1.0, density=1.0)
-    mass = K.ties(base, t, mp, {}, {"sign_rule": "mass"})
-    count = K.ties(base, t, mp, {}, {"sign_rule": "majority_count"})
+    mass = ties(base, t, mp, {}, {"sign_rule": "mass"})
+    count = ties(base, t, mp, {}, {"sign_rule": "majority_count"})
     assert mass[0].item() == pytest.approx(0.5)
     assert count[0].item() == pytest.approx(-0.2)
     # zero mass in column 1: mergekit elects + (keeps 0.3); global majority of the other columns is +
     assert mass[1].item() == pytest.approx(0.3)
-    glob = K.ties(base, t, mp, {}, {"zero_sign": "global_majority"})
+    glob = ties(base, t, mp, {}, {"zero_sign": "global_majority"})
     assert glob[1].item() == pytest.approx(0.3)
-    neg = K.ties(base, t, mp, {}, {"zero_sign": "global_majority", "majority_sign": -1.0})
+    neg = ties(base, t, mp, {}, {"zero_sign": "global_majority", "majority_sign": -1.0})
     assert neg[1].item() == pytest.approx(-0.3)
     assert neg[2].item() == pytest.approx(0.15)
 
@@ -126,12 +141,12 @@ def test_ties_global_scope_uses_the_given_thresholds(make_tensors: Callable) -> 
     base, tensors = make_tensors((20, 10), 2, seed=5)
     deltas = [t - base for t in tensors]
     thr = [float(deltas[0].abs().median()), float(deltas[1].abs().quantile(0.9))]
-    out = K.ties(base, tensors, _mp(2, weight=1.0, density=0.5), {}, {"trim_scope": "global", "global_threshold": thr})
+    out = ties(base, tensors, _mp(2, weight=1.0, density=0.5), {}, {"trim_scope": "global", "global_threshold": thr})
     trimmed = [torch.where(d.abs() >= th, d, torch.zeros_like(d)) for d, th in zip(deltas, thr)]
-    ref = K.ties(base, [base + d for d in trimmed], _mp(2, weight=1.0, density=1.0), {}, {})
+    ref = ties(base, [base + d for d in trimmed], _mp(2, weight=1.0, density=1.0), {}, {})
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="global_threshold"):
-        K.ties(base, tensors, _mp(2, weight=1.0, density=0.5), {}, {"trim_scope": "global"})
+        ties(base, tensors, _mp(2, weight=1.0, density=0.5), {}, {"trim_scope": "global"})
 
 
 # --------------------------------------------------------------------------------- global trim thresholds
@@ -209,19 +224,19 @@ def test_rank_window_with_ties_selects_exactly_the_window() -> None:
 def test_linear_weighted_average_and_sum() -> None:
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
     mp = [{"weight": 1.0}, {"weight": 3.0}]
-    torch.testing.assert_close(K.linear(None, [a, b], mp, {}, {}), torch.tensor([2.5, 5.0]))
-    torch.testing.assert_close(K.linear(None, [a, b], mp, {}, {"normalize": False}), torch.tensor([10.0, 20.0]))
+    torch.testing.assert_close(linear(None, [a, b], mp, {}, {}), torch.tensor([2.5, 5.0]))
+    torch.testing.assert_close(linear(None, [a, b], mp, {}, {"normalize": False}), torch.tensor([10.0, 20.0]))
     with pytest.raises(ValueError, match="sum to 0"):
-        K.linear(None, [a, b], [{"weight": 1.0}, {"weight": -1.0}], {}, {})
+        linear(None, [a, b], [{"weight": 1.0}, {"weight": -1.0}], {}, {})
 
 
 def test_task_arithmetic_hand_case() -> None:
     base = torch.tensor([1.0, 1.0])
     t = [torch.tensor([2.0, 1.0]), torch.tensor([1.0, 3.0])]  # taus [1, 0], [0, 2]
     mp = [{"weight": 0.5}, {"weight": 0.25}]
-    torch.testing.assert_close(K.task_arithmetic(base, t, mp, {"lambda": 2.0}, {}), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(task_arithmetic(base, t, mp, {"lambda": 2.0}, {}), torch.tensor([2.0, 2.0]))
     # normalize divides by 0.75 before lambda
-    out = K.task_arithmetic(base, t, mp, {"lambda": 2.0}, {"normalize": True})
+    out = task_arithmetic(base, t, mp, {"lambda": 2.0}, {"normalize": True})
     torch.testing.assert_close(out, torch.tensor([1.0 + 2 * 0.5 / 0.75, 1.0 + 2 * 0.5 / 0.75]))
 
 
@@ -231,16 +246,16 @@ def test_task_arithmetic_hand_case() -> None:
 def test_dare_on_a_fixed_generator_matches_the_definition(make_tensors: Callable) -> None:
     base, tensors = make_tensors((30, 11), 2, seed=9)
     mp = [{"weight": 0.7, "density": 0.3}, {"weight": 1.1, "density": 0.6}]
-    out = K.dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
+    out = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
     g = torch.Generator().manual_seed(42)
     ref = base.clone()
     for t, p in zip(tensors, mp):
         keep = torch.rand(base.shape, generator=g) < p["density"]
         ref += p["weight"] * (t - base) * keep / p["density"]
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    again = K.dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
+    again = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
     assert torch.equal(out, again)
-    other = K.dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(43))
+    other = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(43))
     assert not torch.equal(out, other)
 
 
@@ -250,7 +265,7 @@ def test_dare_hand_case_on_a_fixed_generator() -> None:
     keep = (u < 0.5).float()
     base = torch.zeros(4)
     tau = torch.tensor([0.1, -0.2, 0.3, -0.4])
-    out = K.dare_linear(base, [tau], [{"weight": 1.0, "density": 0.5}], {}, {}, torch.Generator().manual_seed(0))
+    out = dare_linear(base, [tau], [{"weight": 1.0, "density": 0.5}], {}, {}, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, tau * keep * 2)
 
 
@@ -271,7 +286,7 @@ def test_dare_l1_rescale_keeps_the_l1_norm_and_is_unbiased_with_inverse_density(
 def test_dare_needs_an_explicit_generator(make_tensors: Callable) -> None:
     base, tensors = make_tensors((5, 5), 1)
     with pytest.raises(ValueError, match="Generator"):
-        K.dare_ties(base, tensors, [{"weight": 1.0, "density": 0.5}], {}, {}, None)
+        dare_ties(base, tensors, [{"weight": 1.0, "density": 0.5}], {}, {}, None)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -279,16 +294,16 @@ def test_density_one_reduces_dare_and_breadcrumbs_to_their_base_operator(make_te
     base, tensors = make_tensors((17, 13), 3, seed=4)
     mp = [{"weight": w, "density": 1.0, "gamma": 0.3} for w in (0.4, 1.0, 0.9)]
     opts = {"normalize": normalize}
-    ta = K.task_arithmetic(base, tensors, mp, {"lambda": 1.5}, opts)
-    ties1 = K.ties(base, tensors, mp, {"lambda": 1.5}, opts)
+    ta = task_arithmetic(base, tensors, mp, {"lambda": 1.5}, opts)
+    ties1 = ties(base, tensors, mp, {"lambda": 1.5}, opts)
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(K.dare_linear(base, tensors, mp, {"lambda": 1.5}, opts, gen), ta)
-    assert torch.equal(K.dare_ties(base, tensors, mp, {"lambda": 1.5}, opts, gen), ties1)
-    assert torch.equal(K.breadcrumbs(base, tensors, mp, {"lambda": 1.5}, opts), ta)
-    assert torch.equal(K.breadcrumbs_ties(base, tensors, mp, {"lambda": 1.5}, opts), ties1)
+    assert torch.equal(dare_linear(base, tensors, mp, {"lambda": 1.5}, opts, gen), ta)
+    assert torch.equal(dare_ties(base, tensors, mp, {"lambda": 1.5}, opts, gen), ties1)
+    assert torch.equal(breadcrumbs(base, tensors, mp, {"lambda": 1.5}, opts), ta)
+    assert torch.equal(breadcrumbs_ties(base, tensors, mp, {"lambda": 1.5}, opts), ties1)
     # TIES at density 1 with all-agreeing signs is the plain (disjoint) mean
     agree = [base + (i + 1) * (tensors[0] - base) for i in range(3)]
-    mean = K.ties(base, agree, _mp(3, weight=1.0, density=1.0), {}, {})
+    mean = ties(base, agree, _mp(3, weight=1.0, density=1.0), {}, {})
     torch.testing.assert_close(mean, base + 2 * (tensors[0] - base), rtol=0, atol=1e-6)
 
 
@@ -298,10 +313,10 @@ def test_density_one_reduces_dare_and_breadcrumbs_to_their_base_operator(make_te
 def test_breadcrumbs_hand_case() -> None:
     tau = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0, -10.0])
     # n = 10, density 0.5 -> 5 kept, gamma 0.2 -> 2 outliers dropped, 3 smallest dropped: |4|..|8| stay
-    out = K.breadcrumbs(torch.zeros(10), [tau], [{"weight": 1.0, "density": 0.5, "gamma": 0.2}], {}, {})
+    out = breadcrumbs(torch.zeros(10), [tau], [{"weight": 1.0, "density": 0.5, "gamma": 0.2}], {}, {})
     assert out.tolist() == [0.0, 0.0, 0.0, -4.0, 5.0, -6.0, 7.0, -8.0, 0.0, 0.0]
     # outlier cut shrinks when density + gamma > 1: keep 9, drop only 1 outlier
-    out = K.breadcrumbs(torch.zeros(10), [tau], [{"weight": 1.0, "density": 0.9, "gamma": 0.5}], {}, {})
+    out = breadcrumbs(torch.zeros(10), [tau], [{"weight": 1.0, "density": 0.9, "gamma": 0.5}], {}, {})
     assert out.tolist() == [1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0, 0.0]
 
 
@@ -311,23 +326,23 @@ def test_breadcrumbs_hand_case() -> None:
 def test_slerp_two_element_hand_cases() -> None:
     v0, v1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     mp = _mp(2)
-    torch.testing.assert_close(K.slerp(None, [v0, v1], mp, {"t": 0.5}, {}), torch.tensor([0.5**0.5, 0.5**0.5]))
-    third = K.slerp(None, [v0, v1], mp, {"t": 1 / 3}, {})
+    torch.testing.assert_close(slerp(None, [v0, v1], mp, {"t": 0.5}, {}), torch.tensor([0.5**0.5, 0.5**0.5]))
+    third = slerp(None, [v0, v1], mp, {"t": 1 / 3}, {})
     torch.testing.assert_close(third, torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
     # unnormalized tensors: coefficients from the angle, applied to the raw vectors
-    out = K.slerp(None, [2 * v0, v1], mp, {"t": 0.5}, {})
+    out = slerp(None, [2 * v0, v1], mp, {"t": 0.5}, {})
     torch.testing.assert_close(out, torch.tensor([2 * 0.5**0.5, 0.5**0.5]))
     # nearly parallel: linear interpolation
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.01])
-    torch.testing.assert_close(K.slerp(None, [a, b], mp, {"t": 0.25}, {}), 0.75 * a + 0.25 * b)
+    torch.testing.assert_close(slerp(None, [a, b], mp, {"t": 0.25}, {}), 0.75 * a + 0.25 * b)
 
 
 def test_slerp_endpoints(make_tensors: Callable) -> None:
     _, (a, b) = make_tensors((9, 7), 2, scale=1.0)
-    torch.testing.assert_close(K.slerp(None, [a, b], _mp(2), {"t": 0.0}, {}), a, rtol=0, atol=1e-6)
-    torch.testing.assert_close(K.slerp(None, [a, b], _mp(2), {"t": 1.0}, {}), b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(slerp(None, [a, b], _mp(2), {"t": 0.0}, {}), a, rtol=0, atol=1e-6)
+    torch.testing.assert_close(slerp(None, [a, b], _mp(2), {"t": 1.0}, {}), b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="exactly 2"):
-        K.slerp(None, [a, b, a], _mp(3), {"t": 0.5}, {})
+        slerp(None, [a, b, a], _mp(3), {"t": 0.5}, {})
 
 
 # ------------------------------------------------------------------------------------------- model stock
@@ -336,16 +351,16 @@ def test_slerp_endpoints(make_tensors: Callable) -> None:
 def test_model_stock_formula_and_identity(make_tensors: Callable) -> None:
     base = torch.tensor([0.0, 0.0, 1.0])
     t1, t2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])  # orthogonal deltas: cos 0 -> t = 0
-    torch.testing.assert_close(K.model_stock(base, [t1, t2], _mp(2), {}, {}), base)
+    torch.testing.assert_close(model_stock(base, [t1, t2], _mp(2), {}, {}), base)
     t3 = torch.tensor([1.0, 1.0, 1.0])  # cos(t1, t3) = 1/sqrt2
     cos = 1 / math.sqrt(2)
     t = 2 * cos / (1 + cos)
     ref = t * (t1 + t3) / 2 + (1 - t) * base
-    torch.testing.assert_close(K.model_stock(base, [t1, t3], _mp(2), {}, {}), ref)
+    torch.testing.assert_close(model_stock(base, [t1, t3], _mp(2), {}, {}), ref)
     # identical fine-tunes: cos 1, t 1 -> the fine-tune
     b, (x,) = make_tensors((6, 4), 1)
-    torch.testing.assert_close(K.model_stock(b, [x, x.clone()], _mp(2), {}, {}), x, rtol=0, atol=1e-6)
-    fw = K.model_stock(b, [x, x.clone()], _mp(2), {}, {"filter_wise": True})
+    torch.testing.assert_close(model_stock(b, [x, x.clone()], _mp(2), {}, {}), x, rtol=0, atol=1e-6)
+    fw = model_stock(b, [x, x.clone()], _mp(2), {}, {"filter_wise": True})
     torch.testing.assert_close(fw, x, rtol=0, atol=1e-6)
 
 
@@ -402,6 +417,6 @@ def test_kernels_leave_inputs_untouched_and_compute_in_float64_on_request(name: 
 def test_shape_mismatch_is_refused(make_tensors: Callable) -> None:
     base, tensors = make_tensors((4, 4), 2)
     with pytest.raises(ValueError, match="shape"):
-        K.task_arithmetic(base, [tensors[0], tensors[1][:2]], _mp(2, weight=1.0), {}, {})
+        task_arithmetic(base, [tensors[0], tensors[1][:2]], _mp(2, weight=1.0), {}, {})
     with pytest.raises(ValueError, match="per-model"):
-        K.linear(None, tensors, _mp(1, weight=1.0), {}, {})
+        linear(None, tensors, _mp(1, weight=1.0), {}, {})

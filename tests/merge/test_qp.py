@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.merging import prepared_plan
 
 from evomerge.errors import ConfigError
-from evomerge.merge import calibration as C
-from evomerge.merge.qp import (
+from evomerge.merge.calibration.cache import cached_state, model_state
+from evomerge.merge.calibration.grams import collect_grams
+from evomerge.merge.engines.memory import merge_in_memory
+from evomerge.merge.kernels.qp import (
     QPReport,
     basis_masks,
     objective,
@@ -17,8 +20,11 @@ from evomerge.merge.qp import (
     residual_rho,
     solve_diagonal,
 )
+from evomerge.merge.methods.qp import qp_or_fallback
+from evomerge.merge.methods.registry import validate_recipe
 from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.merge.registry import MethodContext, get_method, validate_recipe
+from evomerge.method_data import MethodDataProvider
+from evomerge.models.hf import load_causal_lm
 
 
 def _problem(seed: int, t: int = 3, out: int = 5, d_in: int = 4, tokens: int = 7):
@@ -121,8 +127,10 @@ def test_kernel_fallback_and_report() -> None:
     models = [torch.ones(3, 2), 3 * torch.ones(3, 2)]
     mp = [{"weight": 1.0, "density": 0.5}] * 2
     report = QPReport()
-    # no Grams: the fallback (linear mean)
-    out = qp(base, models, mp, {"ridge": 0.01}, {"fallback": "linear", "qp_report": report, "qp_tensor": "n"})
+    # no Grams: the method's fallback (linear mean); the kernel alone refuses
+    out = qp_or_fallback(base, models, mp, {"ridge": 0.01}, {"fallback": "linear", "qp_report": report, "qp_tensor": "n"})
+    with pytest.raises(ValueError, match="no calibration Grams"):
+        qp(base, models, mp, {"ridge": 0.01}, {"qp_tensor": "n"})
     torch.testing.assert_close(out, 2 * torch.ones(3, 2))
     assert report.fallback == ["n"]
     grams = [torch.eye(2, dtype=torch.float64)] * 2
@@ -150,19 +158,19 @@ def test_collect_grams_matches_direct_computation() -> None:
     torch.manual_seed(0)
     toy = _Toy()
     batches = [torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (1, 3))]
-    grams = C.collect_grams(toy, batches)
+    grams = collect_grams(toy, batches)
     x = torch.cat([toy.emb(b).reshape(-1, 4) for b in batches]).double().detach()
     torch.testing.assert_close(grams["a.weight"], x.T @ x / x.shape[0])
     assert grams["b.weight"] is grams["a.weight"]  # shared input, one Gram
     h = torch.relu(toy.a(torch.cat([toy.emb(b).reshape(-1, 4) for b in batches]))).double().detach()
     torch.testing.assert_close(grams["c.weight"], h.T @ h / h.shape[0])
-    summed = C.collect_grams(toy, batches, normalize="sum")
+    summed = collect_grams(toy, batches, normalize="sum")
     torch.testing.assert_close(summed["a.weight"], x.T @ x)
 
 
 @pytest.fixture(scope="module")
 def micro() -> dict:
-    from evomerge.fitness.zoo import micro_zoo_dir
+    from evomerge.zoo.build import micro_zoo_dir
 
     z = micro_zoo_dir()
     names = ["add", "rev", "sort", "enc"]
@@ -179,13 +187,10 @@ def _recipe(micro: dict, **options: object) -> Recipe:
 def test_qp_method_on_micro_zoo(micro: dict, options: dict) -> None:
     recipe = _recipe(micro, **options)
     validate_recipe(recipe)
-    method = get_method("qp")
-    ctx = MethodContext(recipe, micro["paths"], cache=micro["cache"])
-    prepared = method.prepare(ctx)
-    states = {k: C.cached_state(micro["cache"], p) for k, p in micro["paths"].items()}
-    cfg = micro["cache"]["probe_model"].config if "probe_model" in micro["cache"] else C.load_model(micro["paths"]["base"]).config
-    merged = C.merge_in_memory(recipe, states, cfg, prepared)
-    report = ctx.cache["qp_report"]
+    plan = prepared_plan(recipe, micro["paths"], micro["cache"])
+    states = {k: cached_state(micro["cache"], p) for k, p in micro["paths"].items()}
+    merged = merge_in_memory(plan, states)
+    report = micro["cache"]["qp_report"]
     linears = [n for n in states["base"] if n.endswith("proj.weight") or n == "lm_head.weight"]
     assert sorted(report.records) == sorted(linears)
     if options["basis"] != "diagonal":
@@ -199,11 +204,10 @@ def test_qp_method_on_micro_zoo(micro: dict, options: dict) -> None:
 def test_qp_full_has_highest_rho_on_micro_zoo(micro: dict) -> None:
     rhos = {}
     for basis in ("task", "masked", "full", "diagonal"):
-        ctx = MethodContext(_recipe(micro, basis=basis), micro["paths"], cache=micro["cache"])
-        get_method("qp").prepare(ctx)
-        states = {k: C.cached_state(micro["cache"], p) for k, p in micro["paths"].items()}
-        C.merge_in_memory(ctx.recipe, states, micro["cache"]["probe_model"].config, get_method("qp").prepare(ctx))
-        rhos[basis] = ctx.cache["qp_report"].overall()
+        plan = prepared_plan(_recipe(micro, basis=basis), micro["paths"], micro["cache"])
+        states = {k: cached_state(micro["cache"], p) for k, p in micro["paths"].items()}
+        merge_in_memory(plan, states)
+        rhos[basis] = micro["cache"]["qp_report"].overall()
     assert rhos["full"] >= max(rhos.values()) - 1e-9
     assert 0 <= rhos["masked"] <= 1 and 0 <= rhos["task"] <= 1
 
@@ -211,32 +215,33 @@ def test_qp_full_has_highest_rho_on_micro_zoo(micro: dict) -> None:
 def test_qp_needs_calibration_and_valid_options(micro: dict) -> None:
     recipe = Recipe("qp", tuple(ModelEntry(n) for n in micro["names"]), base_model="base")
     with pytest.raises(ConfigError, match="calibration"):
-        get_method("qp").prepare(MethodContext(recipe, micro["paths"], cache=micro["cache"]))
+        prepared_plan(recipe, micro["paths"], micro["cache"])
     with pytest.raises(ConfigError, match="basis"):
         validate_recipe(Recipe("qp", (ModelEntry("add"),), base_model="base", options={"basis": "nope"}))
 
 
 def test_engines_match_in_memory_reference(micro: dict, tmp_path) -> None:
     """merge_to_disk and the resident merger run the prepare hook and give the reference merge."""
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.merge.resident import ResidentMerger
+    from evomerge.merge.engines.disk import merge_to_disk
+    from evomerge.merge.engines.resident import ResidentMerger
 
     z = micro["zoo"]
     recipe = Recipe.from_dict({
         "method": "qp", "base_model": str(z / "base"), "models": [str(z / n) for n in micro["names"]],
         "options": {"basis": "task", "sequential": True, "calibration": str(z / "fitness.yaml")}, "seed": 1})
-    merge_to_disk(recipe, tmp_path / "out", progress=False)
-    got = C.model_state(C.load_model(tmp_path / "out"))
+    provider = MethodDataProvider(None, z / "base")
+    merge_to_disk(recipe, tmp_path / "out", progress=False, calibration=provider.for_recipe(recipe).calibration)
+    got = model_state(load_causal_lm(tmp_path / "out"))
     cache: dict = {}
     paths = {str(z / k): str(z / k) for k in ["base", *micro["names"]]}
-    prepared = get_method("qp").prepare(MethodContext(recipe, paths, cache=cache))
-    states = {k: C.cached_state(cache, p) for k, p in paths.items()}
-    ref = C.merge_in_memory(recipe, states, cache["probe_model"].config if "probe_model" in cache
-                            else C.load_model(z / "base").config, prepared)
+    plan = prepared_plan(recipe, paths, cache)
+    states = {k: cached_state(cache, p) for k, p in paths.items()}
+    ref = merge_in_memory(plan, states)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
     rm = ResidentMerger(str(z / "base"), {str(z / n): str(z / n) for n in micro["names"]}, base_key=str(z / "base"))
     model = rm.new_model()
+    rm.calibration = provider.for_recipe(recipe).calibration
     rm.apply(recipe, into=model)
-    for k, v in C.model_state(model).items():
+    for k, v in model_state(model).items():
         torch.testing.assert_close(v, ref[k], rtol=1e-5, atol=1e-6)

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 from evomerge.errors import ConfigError
+from evomerge.merge.methods.builtin import BY_NAME
+from evomerge.merge.methods.registry import REGISTRY, get_method, validate_recipe
+from evomerge.merge.methods.resolve import plan_inputs, resolve_tensor_params, tensor_generator
+from evomerge.merge.methods.spec import MergeMethod, Registry
 from evomerge.merge.recipe import Recipe
-from evomerge.merge.registry import (
-    BUILTIN_METHODS,
-    REGISTRY,
-    MergeMethod,
-    Registry,
-    get_method,
-    plan_inputs,
-    resolve_tensor_params,
-    tensor_generator,
-    validate_recipe,
-)
+
+BUILTIN_METHODS = tuple(BY_NAME)  # the plain methods' names
 
 
 def _recipe(**data: Any) -> Recipe:
@@ -92,19 +87,19 @@ def test_resolution_precedence_per_model_over_global_over_default() -> None:
         models=[{"model": "a", "parameters": {"density": [0.1, 0.5]}}, {"model": "b"}, {"model": "base"}],
         parameters={"weight": [{"filter": "kind:attention", "value": 2.0}, {"value": 0.5}], "lambda": [1.0, 3.0]},
     )
-    per, glob = resolve_tensor_params(r, "ties", "model.layers.2.self_attn.q_proj.weight", 2, 5, "attention")
+    per, glob = resolve_tensor_params(r, get_method("ties"), "model.layers.2.self_attn.q_proj.weight", 2, 5, "attention")
     assert len(per) == 2  # the base listed among models is not an input
     assert per[0] == {"weight": 2.0, "density": pytest.approx(0.3)}  # u = 0.5 on [0.1, 0.5]
     assert per[1] == {"weight": 2.0, "density": 0.2}  # ties' default density
     assert glob["lambda"] == pytest.approx(2.0)
-    per, glob = resolve_tensor_params(r, "ties", "model.embed_tokens.weight", None, 5, "embedding")
+    per, glob = resolve_tensor_params(r, get_method("ties"), "model.embed_tokens.weight", None, 5, "embedding")
     assert per[1]["weight"] == 0.5 and per[0]["density"] == pytest.approx(0.1) and glob["lambda"] == 1.0
 
 
 def test_slerp_base_is_the_first_input() -> None:
     r = _recipe(method="slerp", base_model="b", models=["a", "b"], parameters={"t": [0.0, 1.0]})
-    assert plan_inputs(r).models == ("b", "a")
-    _, glob = resolve_tensor_params(r, None, "model.layers.3.mlp.up_proj.weight", 3, 4)
+    assert plan_inputs(r, get_method(r.method)).models == ("b", "a")
+    _, glob = resolve_tensor_params(r, get_method(r.method), "model.layers.3.mlp.up_proj.weight", 3, 4)
     assert glob["t"] == pytest.approx(1.0)
 
 

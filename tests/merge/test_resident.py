@@ -9,10 +9,10 @@ import torch
 from _fixtures import build_llamas, load_state
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.engine import merge_to_disk
+from evomerge.merge.engines.disk import merge_to_disk
+from evomerge.merge.engines.resident import ResidentMerger
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.merge.resident import ResidentMerger
 
 KEYS = ("a", "b", "c")
 

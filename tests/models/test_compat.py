@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import save_tiny
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.models import ModelFolder, check_compatible
+from evomerge.models.compat import check_compatible
+from evomerge.models.folder import ModelFolder
 
 
 def _open(*paths: Path) -> list[ModelFolder]:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny_hf import FAMILIES, save_tiny
 
 from evomerge.errors import ModelError
-from evomerge.models import INDEX_NAME, ModelFolder
+from evomerge.models.folder import INDEX_NAME, ModelFolder
 
 # transformers 5 keeps GPT-NeoX's historical file name for the head
 _FILE_NAME = {"gpt_neox": {"lm_head.weight": "embed_out.weight"}}

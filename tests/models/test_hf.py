@@ -10,7 +10,8 @@ import transformers as tf
 from tiny_hf import make_config, save_tiny
 
 from evomerge.errors import ModelError
-from evomerge.models import ModelFolder, checkpoint_names
+from evomerge.models.folder import ModelFolder
+from evomerge.models.hf import checkpoint_names
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "gemma"])

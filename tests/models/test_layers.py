@@ -8,7 +8,8 @@ import pytest
 from tiny_hf import FAMILIES
 
 from evomerge.errors import ModelError
-from evomerge.models import KINDS, LayerMap, ModelFolder
+from evomerge.models.folder import ModelFolder
+from evomerge.models.layers import KINDS, LayerMap
 
 _LLAMA_LAYER = {
     "input_layernorm.weight": "norm",

@@ -12,7 +12,8 @@ from safetensors import safe_open
 from tiny_hf import save_tiny
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.models import INDEX_NAME, ModelFolder, ShardedWriter, copy_model_files, parse_size
+from evomerge.models.folder import INDEX_NAME, ModelFolder
+from evomerge.models.writer import ShardedWriter, copy_model_files, parse_size
 
 
 @pytest.mark.parametrize(

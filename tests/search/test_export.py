@@ -19,7 +19,7 @@ from evomerge.search.status import status_text
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
     root = tmp_path_factory.mktemp("runs")
@@ -49,8 +49,8 @@ def test_exported_model_loads_with_transformers_and_scores_like_the_archive(fini
 def test_exported_recipe_reproduces_the_weights_with_evomerge_merge(finished_run: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from evomerge.merge.engine import merge_to_disk
-    from evomerge.merge.recipe_io import load_recipe
+    from evomerge.merge.engines.disk import merge_to_disk
+    from evomerge.merge.formats.recipe_yaml import load_recipe
 
     out = tmp_path / "best"
     export_candidate(finished_run, out, progress=False)
@@ -101,8 +101,8 @@ def test_data_aware_candidates_export_with_the_workers_data(tmp_path: Path, meth
     # the search's worker used, so the exported model scores as archived, and its recipe rebuilds it alone
     from safetensors.torch import load_file
 
-    from evomerge.merge.engine import merge_to_disk
     from evomerge.merge.recipe import Recipe
+    from evomerge.method_data import merge_recipe_to_disk
 
     space = space_from_dict(micro_space(methods=methods, optimizer={"name": "CMA", "budget": 3}, test_top=0))
     start_run(space, tmp_path / "r", progress=False, log=lambda m: None)
@@ -116,6 +116,6 @@ def test_data_aware_candidates_export_with_the_workers_data(tmp_path: Path, meth
     else:
         assert all(0 <= m.parameters["base_score"].to_yaml() <= 1 for m in recipe.models)
         assert not (out / "calibration.yaml").exists()
-    merge_to_disk(recipe, tmp_path / "again", progress=False)
+    merge_recipe_to_disk(recipe, tmp_path / "again", progress=False)  # what `evomerge merge` does
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all((a[n] - b[n]).abs().max().item() <= 1e-5 for n in a)

@@ -20,7 +20,7 @@ from evomerge.search.space import Space, load_space, space_from_dict
 
 @pytest.fixture(scope="module", autouse=True)
 def _micro() -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
 

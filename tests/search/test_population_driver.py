@@ -23,7 +23,7 @@ POP = {"k": 3, "pair_budget": 2, "saturation": None, "max_generations": 4, "revi
 
 @pytest.fixture(scope="module", autouse=True)
 def _micro() -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
 
@@ -292,8 +292,8 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
     from safetensors.torch import load_file
 
     from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
-    from evomerge.merge.engine import merge_to_disk
     from evomerge.merge.recipe import Recipe
+    from evomerge.method_data import merge_recipe_to_disk
     from evomerge.search.export import export_candidate, verify_export
 
     pop = {**POP, "max_generations": 2, "pair": {"method": "qp", "options": {"sequential": True}, "points": 1}}
@@ -330,7 +330,7 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
     assert got == pytest.approx(archived, abs=1e-6)
     calib = yaml.safe_load((out / "calibration.yaml").read_text())
     assert set(calib["models"]) >= set(child.parents)
-    from evomerge.merge.calibration import _resolve
+    from evomerge.paths import resolve_path as _resolve
 
     source = {t.name: str(_resolve(t.source("search")).resolve()) for t in space.fitness.tasks}
     assert calib["models"][child.parents[0]] == [source[k] for k in want]
@@ -345,7 +345,7 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
         from evomerge.search.export import recipe_with_paths
 
         target = tmp_path / "rebuilt" / step["member"]
-        merge_to_disk(recipe_with_paths(recipe, names), target, progress=False)
+        merge_recipe_to_disk(recipe_with_paths(recipe, names), target, progress=False)
         built[step["member"]] = str(target)
     rebuilt, exported = load_file(str(tmp_path / "rebuilt" / "output" / "model.safetensors")), load_file(
         str(out / "model.safetensors"))

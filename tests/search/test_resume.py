@@ -19,7 +19,7 @@ KILL_POINTS = [("evaluate", 3), ("checkpoint_write", 2), ("archive_commit", 2), 
 
 @pytest.fixture(scope="module", autouse=True)
 def _micro() -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
 

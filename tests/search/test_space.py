@@ -14,7 +14,7 @@ from evomerge.search.space import load_space, parse_duration, space_from_dict
 
 @pytest.fixture(scope="module")
 def micro_ok() -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     ensure_zoo("micro")
 
@@ -53,7 +53,7 @@ def test_missing_model_is_named(micro_ok: None, tmp_path: Path) -> None:
 
 
 def test_incompatible_models_are_refused(micro_ok: None, tmp_path: Path) -> None:
-    from evomerge.fitness.zoo import ensure_zoo
+    from evomerge.zoo.build import ensure_zoo
 
     demo_like = tmp_path / "other"
     # a model of another shape: the micro base with one tensor widened

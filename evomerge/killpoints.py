@@ -1,4 +1,4 @@
-"""Test hooks: pause the process at a named point so a test can SIGKILL it exactly there.
+"""Kill points: pause the process at a named point so a test can SIGKILL it exactly there.
 
 ``EVOMERGE_TEST_HOOK="POINT[@N]"`` makes the N-th (default 1st) arrival at ``POINT`` in this process write the
 file named by ``EVOMERGE_TEST_HOOK_FILE`` (if set) and then sleep until killed. Points: ``evaluate`` (inside a
@@ -15,7 +15,7 @@ import time
 _counts: dict[str, int] = {}
 
 
-def hook(point: str) -> None:
+def kill_point(point: str) -> None:
     """Pause here forever when the test hook names this point (and this is the chosen arrival)."""
     spec = os.environ.get("EVOMERGE_TEST_HOOK")
     if not spec:

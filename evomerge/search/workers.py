@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from evomerge.errors import ConfigError
 from evomerge.executors.base import Executor, InProcessExecutor
+from evomerge.executors.ray_executor import RayExecutor
 from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
-
-if TYPE_CHECKING:
-    from evomerge.search.space import Space
+from evomerge.search.space import Space
 
 
 def worker_spec(space: Space, splits: tuple[str, ...] = ("search",)) -> WorkerSpec:
@@ -37,8 +34,6 @@ def make_executor(space: Space, spec: WorkerSpec, *, address: str | None = None)
     if executor_kind(space, address) == "inprocess":
         worker = MergeEvalWorker(spec)
         return InProcessExecutor(lambda: worker, penalty=space.penalty)
-    from evomerge.executors.ray_executor import RayExecutor
-
     return RayExecutor(spec, workers=raw.workers, address=address or raw.executor.address,
                        cpus_per_worker=raw.executor.cpus_per_worker, gpus_per_worker=raw.executor.gpus_per_worker,
                        eval_timeout=raw.executor.eval_timeout, penalty=space.penalty, prefetch=raw.executor.prefetch)

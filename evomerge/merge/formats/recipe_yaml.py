@@ -8,6 +8,7 @@ the file and the field.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,35 +16,19 @@ from typing import Any
 import yaml
 
 from evomerge.errors import ConfigError
-from evomerge.merge.mergekit_yaml import from_mergekit, is_mergekit_config, slice_layer_range, to_mergekit
+from evomerge.files import read_yaml
+from evomerge.merge.formats.mergekit import from_mergekit, is_mergekit_config, slice_layer_range, to_mergekit
+from evomerge.merge.methods.registry import validate_recipe
 from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.models.layers import LayerMap
+from evomerge.paths import resolve_path, scheme_of
 
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """Parsed YAML of ``path``; ConfigError naming the file (and line) when missing or malformed."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"recipe file {p} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe file {p} cannot be read: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"recipe file {p}: invalid YAML{at}: {problem}") from None
+RECIPE_FILE = "evomerge_recipe.yaml"  # the recipe written next to a merged model
 
 
 def resolve_model_path(ref: str, folder: Path | None) -> str:
-    """``zoo:`` paths through the demo zoo, ``~`` expanded, relative paths against ``folder``."""
-    if ref.startswith("zoo:"):
-        try:
-            from evomerge.fitness.zoo import resolve_path
-        except ImportError as exc:  # pragma: no cover - the zoo module ships with evomerge
-            raise ConfigError(f"model {ref!r}: zoo paths need evomerge.fitness.zoo ({exc})") from None
+    """Scheme paths (``zoo:``) resolved, ``~`` expanded, relative paths against ``folder``."""
+    if scheme_of(ref) is not None:
         return str(resolve_path(ref))
     p = Path(ref).expanduser()
     if not p.is_absolute() and folder is not None:
@@ -75,7 +60,6 @@ def parse_recipe(data: Any, where: str, folder: Path | None = None, validate: bo
         raise ConfigError(f"{where}: neither an evomerge recipe ('method:') nor a mergekit config ('merge_method:')")
     recipe = resolve_paths(recipe, folder)
     if validate:
-        from evomerge.merge.registry import validate_recipe
 
         validate_recipe(recipe, where)
     if form == "mergekit":
@@ -92,9 +76,7 @@ def _check_slice_range(data: dict[str, Any], recipe: Recipe, where: str) -> None
     cfg_path = Path(ref) / "config.json"
     if not cfg_path.is_file():
         return  # the model check reports the missing folder with its own message
-    import json
 
-    from evomerge.models import LayerMap
 
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -116,7 +98,7 @@ def load_recipe(path: str | os.PathLike[str], validate: bool = True) -> Recipe:
 def load_recipe_with_form(path: str | os.PathLike[str], validate: bool = True) -> tuple[Recipe, str]:
     """:func:`load_recipe` and which form the file was in ("evomerge" or "mergekit")."""
     p = Path(path)
-    return parse_recipe(read_yaml(p), str(p), p.resolve().parent, validate)
+    return parse_recipe(read_yaml(p, "recipe file"), str(p), p.resolve().parent, validate)
 
 
 def recipe_yaml(recipe: Recipe) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 TERMINATOR = "\n"
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer (one token per character) wrapped for transformers, pad/bos/eos set."""
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*SPECIALS, *CHARS))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))

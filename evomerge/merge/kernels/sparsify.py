@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 # Below this many elements one sort is cheaper than sampling.
@@ -35,7 +36,6 @@ def keep_count(density: float, numel: int) -> int:
 def _kth(flat: torch.Tensor, rank: int) -> torch.Tensor:
     """The value at ascending ``rank`` of a 1-D tensor: introselect on CPU (linear worst case), else a sort."""
     if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        import numpy as np
 
         host = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()  # exact widening
         value = np.partition(host.numpy(), rank)[rank]

@@ -12,7 +12,7 @@ writes the merged state straight into the model's parameters:
   then copies the result into the parameter.
 
 Nothing full-model-sized is allocated per candidate and nothing touches the disk. Results equal
-:func:`evomerge.merge.engine.merge_to_disk` of the same recipe in float32 to rounding (the tests check every
+:func:`evomerge.merge.engines.disk.merge_to_disk` of the same recipe in float32 to rounding (the tests check every
 method). Recipes name models by the keys given at construction (``base_key`` for the base).
 """
 
@@ -27,11 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from evomerge.dtypes import parse_dtype
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.recipe import ModelEntry, Recipe
-
-_FUSABLE = frozenset({"linear", "task_arithmetic"})
+from evomerge.merge.calibration.rows import CalibrationSet
+from evomerge.merge.methods.registry import get_method
+from evomerge.merge.plan import MergePlan
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.models.compat import check_compatible
+from evomerge.models.folder import ModelFolder
+from evomerge.models.layers import LayerMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +48,6 @@ class ApplyStats:
     tensors: int
     seconds: float
     fused: bool
-
-
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    from evomerge.merge.engine import parse_dtype
-
-    out = parse_dtype(dtype, "dtype")
-    assert out is not None
-    return out
 
 
 class ResidentMerger:
@@ -66,14 +64,14 @@ class ResidentMerger:
         models: Mapping[str, str | Path],
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float32,
-        base_key: str = "base",
+        base_key: str = BASE_KEY,
         vocab_policy: str = "refuse",
         workers: int | None = None,
     ) -> None:
-        from evomerge.models import LayerMap, ModelFolder, check_compatible
-
         self.device = torch.device(device)
-        self.dtype = _resolve_dtype(dtype)
+        resolved = parse_dtype(dtype, "dtype")
+        assert resolved is not None
+        self.dtype = resolved
         self.base_key = base_key
         self.vocab_policy = vocab_policy
         self.workers = workers
@@ -99,7 +97,7 @@ class ResidentMerger:
         self._prepare_cache: dict[str, Any] = {}
         # data for methods with a prepare hook (qp, apl: task rows; mergeability_weighted: base scores),
         # set by the caller (a search worker passes its fitness data); None: the recipe's options say
-        self.calibration: Any = None
+        self.calibration: CalibrationSet | None = None
         self.base_scores: dict[str, float] | None = None
         # one (T, *shape) allocation per tensor, filled row by row (no concatenation copies)
         self._stack: dict[str, torch.Tensor] = {}
@@ -144,8 +142,6 @@ class ResidentMerger:
 
     def add_model(self, key: str, path: str | Path) -> None:
         """Make another model (e.g. a materialized merged parent) available to recipes as ``key``."""
-        from evomerge.models import ModelFolder, check_compatible
-
         if key == self.base_key or key in self._keys:
             raise ConfigError(f"model key {key!r} is already used")
         folder = ModelFolder.open(path)
@@ -178,8 +174,6 @@ class ResidentMerger:
 
         Build it once and pass it to every :meth:`apply`; it runs no code from the model folder.
         """
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         config = AutoConfig.from_pretrained(str(self.base_path), trust_remote_code=False)
         model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         model.to(self.device).eval()
@@ -263,10 +257,8 @@ class ResidentMerger:
 
     def last_diagnostics(self, recipe: Recipe) -> dict[str, float]:
         """What the last :meth:`apply` of ``recipe`` measured about itself (qp: the residual-energy rho)."""
-        if recipe.method != "qp":
-            return {}
-        report = self._prepare_cache.get("qp_report")
-        return {} if report is None else {"qp_rho": float(report.overall())}
+        diagnostics = get_method(recipe.method).diagnostics
+        return {} if diagnostics is None else diagnostics(self._prepare_cache)
 
     def close(self) -> None:
         """Stop the worker threads (the merger frees its memory when dropped)."""
@@ -285,35 +277,26 @@ class ResidentMerger:
                 raise ConfigError(f"recipe model {k!r} is not resident (keys: {[self.base_key, *self._keys]})")
         return out
 
-    def _plan(self, recipe: Recipe) -> Any:
-        from evomerge.merge.engine import MergePlan
-        from evomerge.merge.registry import plan_inputs, resolve_options, validate_recipe
-
-        method = validate_recipe(recipe)
+    def _plan(self, recipe: Recipe) -> MergePlan:
+        method = get_method(recipe.method)
         if recipe.base_model is not None and recipe.base_model != self.base_key:
             raise ConfigError(f"recipe.base_model: {recipe.base_model!r}; this resident merger's base is "
                               f"{self.base_key!r}")
-        plan = plan_inputs(recipe, method)
-        return MergePlan(
-            recipe=recipe, method=method, base_key=plan.base, input_keys=tuple(plan.models), folders={},
-            reference=self._base_folder, layer_map=self.layer_map, tensor_names=self.tensor_names,
-            vocab_slices={}, options=dict(resolve_options(recipe, method)),
-        )
+        return MergePlan.of(recipe, method, self.layer_map).with_runtime_options(inputs_are_deltas=True)
 
-    def _global_thresholds(self, plan: Any, rows: list[int | None]) -> list[float]:
-        from evomerge.merge.engine import global_densities
-        from evomerge.merge.methods_sparsify import global_trim_thresholds
-
-        dens = global_densities(plan)
-        key = (tuple(rows), tuple(dens))
+    def _global_trim(self, plan: MergePlan, rows: list[int | None]) -> MergePlan:
+        """The plan with model-wide TIES thresholds (cached per input rows and densities)."""
+        if not plan.needs_global_trim:
+            return plan
+        key = (tuple(rows), tuple(plan.global_densities()))
         if key not in self._thresholds:
             def batches() -> Any:
                 for name in self.tensor_names:
                     s = self._stack[name]
                     yield [s[r] if r is not None else torch.zeros_like(self._base[name]) for r in rows]
 
-            self._thresholds[key] = global_trim_thresholds(batches, dens)
-        return self._thresholds[key]
+            self._thresholds[key] = plan.with_global_trim(batches).runtime["global_threshold"]
+        return plan.with_runtime_options(global_threshold=self._thresholds[key])
 
     def apply(self, recipe: Recipe, into: torch.nn.Module) -> ApplyStats:
         """Write the merged state of ``recipe`` into ``into``'s parameters, in place (no disk I/O)."""
@@ -326,21 +309,15 @@ class ResidentMerger:
         return out
 
     def _merge_into(self, recipe: Recipe, targets: Mapping[str, torch.Tensor]) -> ApplyStats:
-        from evomerge.merge.engine import kernel_args, needs_global_trim, prepare_options
-        from evomerge.merge.registry import prepared_options, tensor_generator
-
         t0 = time.perf_counter()
         plan = self._plan(recipe)
-        method = plan.method
         rows = self._rows(plan.input_keys)
-        options = dict(plan.options)
-        options["inputs_are_deltas"] = True
-        if needs_global_trim(plan):
-            options["global_threshold"] = self._global_thresholds(plan, rows)
-        prepared = prepare_options(plan, str(self.device), self._prepare_cache, self._paths,
-                                   calibration=self.calibration, base_scores=self.base_scores)
-        fused = method.name in _FUSABLE and not prepared
+        plan = self._global_trim(plan, rows)
+        plan = plan.prepare(self._paths, str(self.device), cache=self._prepare_cache, calibration=self.calibration,
+                            base_scores=self.base_scores)
+        fused = plan.method.is_linear and not plan.prepared
         used = sorted(r for r in rows if r is not None)
+
         def merge_one(name: str) -> None:
             with torch.no_grad():
                 base = self._base[name]
@@ -348,17 +325,14 @@ class ResidentMerger:
                 if not base.is_floating_point():
                     target.copy_(base)
                     return
-                model_params, params = kernel_args(plan, name)
                 if fused:
-                    beta, coef = _fused_coefficients(method.name, model_params, params, options)
-                    by_row = {r: w for r, w in zip(rows, coef) if r is not None}
-                    _fused_into(target, base, self._stack[name], used, by_row, beta)
+                    form = plan.coefficients(name)
+                    assert form is not None
+                    by_row = {r: w for r, w in zip(rows, form.coefficients) if r is not None}
+                    _fused_into(target, base, self._stack[name], used, by_row, form.beta)
                     return
                 tensors = [self._stack[name][r] if r is not None else torch.zeros_like(base) for r in rows]
-                opts = {**options, **prepared_options(prepared, name)} if prepared else options
-                gen = tensor_generator(recipe.seed, name, self.device) if method.uses_generator else None
-                out = method.fn(base, tensors, model_params, params, opts, gen)
-                target.copy_(out)
+                target.copy_(plan.merge_tensor(name, base, tensors, device=self.device))
 
         pool = self._worker_pool()
         if pool is None:
@@ -372,28 +346,8 @@ class ResidentMerger:
                     fut.result()
             finally:
                 torch.set_num_threads(threads_before)
-        return ApplyStats(method=method.name, tensors=len(self.tensor_names), seconds=time.perf_counter() - t0,
-                          fused=fused)
-
-
-def _fused_coefficients(
-    method: str, model_params: list[dict[str, float]], params: dict[str, float], options: Mapping[str, Any]
-) -> tuple[float, list[float]]:
-    """``param = beta * base + sum_t c_t tau_t``, the same algebra as the linear / task_arithmetic kernels."""
-    weights = [float(mp.get("weight", 1.0)) for mp in model_params]
-    if method == "linear":
-        normalize = bool(options.get("normalize", True))
-        denom = sum(weights) if normalize else 1.0
-        if normalize and abs(denom) < 1e-12:
-            raise ValueError(f"linear: weights {weights} sum to 0 with normalize: true")
-        return sum(weights) / denom, [w / denom for w in weights]
-    lam = float(params.get("lambda", 1.0))
-    divisor = 1.0
-    if bool(options.get("normalize", False)):
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    return 1.0, [w * lam / divisor for w in weights]
+        return ApplyStats(method=plan.method.name, tensors=len(self.tensor_names),
+                          seconds=time.perf_counter() - t0, fused=fused)
 
 
 def _fused_into(

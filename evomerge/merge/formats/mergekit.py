@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.merge.methods.registry import get_method
+from evomerge.merge.methods.resolve import resolve_options
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, OptionValue, Recipe
 
@@ -247,7 +249,6 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     (global trim scope, count sign rule, paper variant, DARE's divide-by-density rescale...). The recipe's
     seed is not part of mergekit's YAML (mergekit takes ``--random-seed``; its DARE masks differ anyway).
     """
-    from evomerge.merge.registry import get_method, resolve_options
 
     where = "recipe"
     if recipe.method not in SHARED_METHODS:

@@ -6,7 +6,7 @@ stay compatible), writes per-skill jsonl splits (search and a disjoint held-out 
 FitnessSpec files, and a table of base / specialists / merges on every skill (``zoo_table.md``).
 ``ensure_zoo(size, seed)`` builds once into ``$EVOMERGE_CACHE`` (default ``~/.cache/evomerge``) under a hash
 of the build settings and this code, atomically, so later calls are instant and interrupted builds leave
-nothing. ``resolve_path("zoo:demo/base")`` maps ``zoo:SIZE/REST`` to a path inside that zoo.
+nothing. ``zoo:SIZE/REST`` paths (:func:`evomerge.paths.resolve_path`) resolve through :func:`resolve`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -27,10 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from evomerge.atomic import atomic_output_dir
 from evomerge.errors import ConfigError
 from evomerge.fitness import builtin
-from evomerge.fitness.skills import SKILLS, TERMINATOR, build_char_tokenizer, skill_splits, text_line
+from evomerge.merge.methods.registry import get_method
+from evomerge.paths import cache_root
+from evomerge.zoo import skills as skills_module
+from evomerge.zoo.skills import SKILLS, TERMINATOR, build_char_tokenizer, skill_splits, text_line
 
 ZOO_FORMAT = 1
 SPECIALISTS: tuple[str, ...] = tuple(s.name for s in SKILLS)
@@ -79,9 +87,8 @@ def _log(msg: str) -> None:
 def _code_version() -> str:
     """Hash of the source files that decide what a build produces (so code changes invalidate the cache)."""
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in ("zoo.py", "skills.py", "builtin.py"):
-        h.update((here / name).read_bytes())
+    for path in (Path(__file__), Path(skills_module.__file__), Path(builtin.__file__)):
+        h.update(path.resolve().read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -99,15 +106,10 @@ def _size(size: str) -> ZooSize:
     return SIZES[size]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge").expanduser()
-
-
 # ----------------------------------------------------------------------------------------------- training
 
 
 def _new_model(cfg: ZooSize, vocab_size: int, tokenizer: Any, seed: int) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
@@ -232,40 +234,16 @@ def merge_task_arithmetic(base: dict[str, torch.Tensor], models: list[dict[str, 
 
 def merge_ties(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], density: float, lam: float
                ) -> dict[str, torch.Tensor]:
-    """TIES (per-tensor trim): the registry's kernel when the merge engine provides one, else a local one."""
-    registry = _registry_ties()
+    """TIES with per-tensor trim through the merge registry's kernel (the zoo table's TIES row)."""
+    method = get_method("ties")
+    options = method.default_options()
     tvs = _task_vectors(base, models)
     out: dict[str, torch.Tensor] = {}
     for k in base:
         b = base[k].float()
-        if registry is not None:
-            kernel, options = registry
-            out[k] = kernel(b, [b + tv[k] for tv in tvs], [{"weight": 1.0, "density": density}] * len(tvs),
-                            {"lambda": lam}, dict(options), None).float()
-            continue
-        stacked = torch.stack([tv[k] for tv in tvs])
-        flat = stacked.reshape(len(tvs), -1)
-        keep = max(1, int(round(density * flat.shape[1])))
-        idx = flat.abs().topk(keep, dim=1).indices
-        trimmed = torch.zeros_like(flat).scatter_(1, idx, flat.gather(1, idx))
-        sign = torch.sign(trimmed.sum(0))
-        sign[sign == 0] = 1.0
-        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-        summed = (trimmed * agree).sum(0)
-        count = agree.sum(0).clamp(min=1)
-        out[k] = b + lam * (summed / count).reshape(b.shape)
+        out[k] = method.fn(b, [b + tv[k] for tv in tvs], [{"weight": 1.0, "density": density}] * len(tvs),
+                           {"lambda": lam}, dict(options), None).float()
     return out
-
-
-def _registry_ties() -> tuple[Callable[..., torch.Tensor], dict[str, Any]] | None:
-    """The merge engine's TIES kernel and its default options (per-tensor trim), when the registry exists."""
-    try:
-        from evomerge.merge.registry import get_method
-
-        method = get_method("ties")
-        return method.fn, method.default_options()
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -284,7 +262,6 @@ def lm_eval_task_name(skill: str, split: str) -> str:
 
 def _write_lm_eval_yaml(path: Path, skill: str, split: str, data_file: Path, max_gen_toks: int) -> None:
     """A generate_until exact-match task over the local jsonl (absolute path; lm-eval resolves from cwd)."""
-    import yaml
 
     doc = {
         "task": lm_eval_task_name(skill, split),
@@ -305,7 +282,6 @@ def _write_lm_eval_yaml(path: Path, skill: str, split: str, data_file: Path, max
 
 def _write_specs(root: Path, final: Path, size: str) -> None:
     """FitnessSpec files: built-in exact match (fast) and lm-eval custom YAML tasks, both with absolute paths."""
-    import yaml
 
     builtin_spec = {
         "batch_size": 64,
@@ -325,17 +301,6 @@ def _write_specs(root: Path, final: Path, size: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- table
-
-
-def evaluate_table(models: dict[str, torch.nn.Module], tokenizer: Any, data: dict[str, list[dict[str, str]]],
-                   metric: str = "exact_match") -> dict[str, dict[str, float]]:
-    """metric of every model on every skill's rows (built-in teacher-forced scoring)."""
-    encoded = {s: builtin.encode_rows(tokenizer, rows, 64) for s, rows in data.items()}
-    table: dict[str, dict[str, float]] = {}
-    for name, model in models.items():
-        model.eval()
-        table[name] = {s: builtin.score_batches(model, enc)[metric] for s, enc in encoded.items()}
-    return table
 
 
 def format_table(tables: dict[str, dict[str, dict[str, float]]], skills: list[str]) -> str:
@@ -387,8 +352,6 @@ def build_zoo(out_dir: str | os.PathLike[str], size: str = "micro", seed: int = 
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit during a build so the temporary folder is removed (main thread only)."""
-    import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -405,7 +368,6 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def _build_atomic(target: Path, cfg: ZooSize, size: str, seed: int, force: bool) -> str:
-    from evomerge.atomic import atomic_output_dir
 
     torch_threads = torch.get_num_threads()
     t_start = time.perf_counter()
@@ -483,7 +445,7 @@ def _build_into(root: Path, cfg: ZooSize, size: str, seed: int) -> str:
             tables["token accuracy"][name][skill] = scores["token_acc"]
     md = format_table(tables, list(SPECIALISTS))
     notes = "\n".join(f"- `{s.name}`: {s.description}" for s in SKILLS)
-    kernel = "evomerge.merge.registry 'ties' (per-tensor trim)" if _registry_ties() else "local per-tensor TIES"
+    kernel = "the merge registry's 'ties' kernel, per-tensor trim"
     merges_note = (f"Merges: uniform average = mean of the {len(SKILLS)} specialists' weights; task arithmetic = "
                    f"base + lambda * sum of task vectors; TIES = trim to the top density of each task vector, "
                    f"elect signs, disjoint mean, base + lambda * result ({kernel}).")
@@ -542,12 +504,9 @@ def micro_zoo_dir() -> Path:
     return ensure_zoo("micro", seed=0)
 
 
-def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """``zoo:SIZE/REST`` (optionally ``zoo:SIZE@SEED/REST``) -> the cached zoo's path; other paths unchanged."""
-    text = os.fspath(path)
-    if not text.startswith("zoo:"):
-        return Path(text).expanduser()
-    rest = text[len("zoo:"):]
+def resolve(rest: str) -> Path:
+    """``SIZE/REST`` (optionally ``SIZE@SEED/REST``) -> that path inside the cached zoo, built first if needed."""
+    text = f"zoo:{rest}"
     head, _, tail = rest.partition("/")
     size, _, seed_text = head.partition("@")
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import re
 import resource
 import sys
@@ -26,40 +25,29 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from evomerge import __version__
 from evomerge.atomic import atomic_output_dir
+from evomerge.dtypes import dtype_name, parse_dtype
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.calibration.rows import CalibrationSet
+from evomerge.merge.formats.recipe_yaml import RECIPE_FILE, recipe_yaml
+from evomerge.merge.methods.registry import get_method
+from evomerge.merge.methods.resolve import check_recipe, plan_inputs
+from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import Recipe
+from evomerge.models.compat import check_compatible
+from evomerge.models.folder import ModelFolder, read_shape
+from evomerge.models.layers import LayerMap
+from evomerge.models.writer import ShardedWriter, copy_model_files, parse_size
 
-log = logging.getLogger(__name__)
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64,
-}
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-RECIPE_FILE = "evomerge_recipe.yaml"
-
-
-def parse_dtype(value: str | torch.dtype | None, where: str = "dtype") -> torch.dtype | None:
-    """A torch dtype from its name (float32, bfloat16, float16, and short forms); None passes through."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    try:
-        return DTYPES[str(value).lower()]
-    except KeyError:
-        raise ConfigError(f"{where}: unknown dtype {value!r} (choices: float32, bfloat16, float16)") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,115 +77,60 @@ def peak_rss_bytes() -> int:
     return int(ru if sys.platform == "darwin" else ru * 1024)
 
 
-# ------------------------------------------------------------------------------------------- planning
+# ------------------------------------------------------------------------------------------- inputs
 
 
-@dataclasses.dataclass
-class MergePlan:
-    """Everything checked and opened before any tensor is merged; shared by the disk and resident engines."""
+@dataclass
+class DiskInputs:
+    """The recipe's model folders opened and checked against each other before any tensor is read."""
 
-    recipe: Recipe
-    method: Any  # registry.MergeMethod
-    base_key: str | None  # kernel base (None for methods without one)
-    input_keys: tuple[str, ...]  # kernel inputs, in kernel order
-    folders: dict[str, Any]  # key -> ModelFolder
-    reference: Any  # ModelFolder whose config/layer map/tensor names rule (base, else first input)
-    layer_map: Any
+    plan: MergePlan
+    folders: dict[str, ModelFolder]  # plan key -> folder
+    reference: ModelFolder  # whose config, layer map and tensor names rule (the base, else the first input)
     tensor_names: list[str]
-    vocab_slices: Mapping[str, Any]
-    options: dict[str, Any]
+    vocab_slices: Mapping[str, int]
+
+    def read(self, key: str, name: str, device: str) -> torch.Tensor:
+        """One input tensor; under the opt-in vocabulary policy only the base vocabulary's rows are read."""
+        return self.folders[key].get(name, device=device, rows=self.vocab_slices.get(name))
+
+    def task_vectors(self, device: str) -> Callable[[], Iterator[Sequence[torch.Tensor]]]:
+        """Task vectors tensor by tensor (for the global TIES thresholds), read again on each call."""
+        def gen() -> Iterator[Sequence[torch.Tensor]]:
+            assert self.plan.base_key is not None
+            for name in self.tensor_names:
+                b = self.read(self.plan.base_key, name, device).to(torch.float32)
+                yield [self.read(k, name, device).to(torch.float32).sub_(b) for k in self.plan.input_keys]
+        return gen
+
+    def close(self) -> None:
+        for folder in self.folders.values():
+            folder.close()
 
 
-def _open_folder(key: str) -> Any:
-    from evomerge.models import ModelFolder
-
-    return ModelFolder.open(key)
-
-
-def plan_merge(recipe: Recipe, *, vocab_policy: str = "refuse", where: str = "recipe",
-               open_folder: Callable[[str], Any] | None = None) -> MergePlan:
-    """Validate the recipe, open its models and check them against each other; no tensor is read."""
-    from evomerge.merge.registry import plan_inputs, resolve_options, validate_recipe
-    from evomerge.models import LayerMap, check_compatible
-
+def open_inputs(recipe: Recipe, *, vocab_policy: str = "refuse", where: str = "recipe",
+                open_folder: Callable[[str], ModelFolder] = ModelFolder.open) -> DiskInputs:
+    """Check the recipe, open its models and check them against each other; no tensor is read."""
     if vocab_policy not in ("refuse", "slice_to_base"):
         raise ConfigError(f"vocab_policy: {vocab_policy!r} is not one of ['refuse', 'slice_to_base']")
-    method = validate_recipe(recipe, where)
-    plan = plan_inputs(recipe, method)
-    opener = open_folder or _open_folder
-    keys = list(dict.fromkeys(([plan.base] if plan.base else []) + list(plan.models)))
-    folders = {k: opener(k) for k in keys}
-    ref_key = plan.base if plan.base is not None else plan.models[0]
-    reference = folders[ref_key]
-    others = [folders[k] for k in keys if k != ref_key]
-    report = check_compatible(reference, others, vocab_policy=vocab_policy)
-    layer_map = LayerMap.from_config(reference.config)
-    options = dict(resolve_options(recipe, method))
-    return MergePlan(
-        recipe=recipe, method=method, base_key=plan.base, input_keys=tuple(plan.models), folders=folders,
-        reference=reference, layer_map=layer_map, tensor_names=list(report.tensor_names),
-        vocab_slices=dict(getattr(report, "vocab_slices", None) or {}), options=options,
-    )
-
-
-def read_input(folder: Any, name: str, plan: MergePlan, device: str) -> torch.Tensor:
-    """One input tensor; under the opt-in vocabulary policy only the base vocabulary's rows are read."""
-    return folder.get(name, device=device, rows=plan.vocab_slices.get(name))
-
-
-def tensor_context(plan: MergePlan, name: str) -> tuple[int | None, str | None]:
-    lm = plan.layer_map
-    return lm.layer_of(name), lm.kind_of(name)
-
-
-def kernel_args(plan: MergePlan, name: str) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """Per-model and global numeric values for one tensor (per-layer lists and filters resolved)."""
-    from evomerge.merge.registry import resolve_tensor_params
-
-    layer, kind = tensor_context(plan, name)
-    return resolve_tensor_params(plan.recipe, plan.method, name, layer, plan.layer_map.num_layers, kind)
-
-
-def global_densities(plan: MergePlan) -> list[float]:
-    """One density per kernel input (trim_scope: global needs one constant density per model)."""
-    from evomerge.merge.registry import resolve_tensor_params
-
-    model_params, _ = resolve_tensor_params(plan.recipe, plan.method, "", None, plan.layer_map.num_layers, None)
-    return [float(mp.get("density", 1.0)) for mp in model_params]
-
-
-def needs_global_trim(plan: MergePlan) -> bool:
-    return plan.options.get("trim_scope") == "global"
-
-
-def prepare_options(plan: MergePlan, device: str, cache: dict[str, Any] | None = None,
-                    model_paths: Mapping[str, Any] | None = None, calibration: Any = None,
-                    base_scores: Mapping[str, float] | None = None) -> Mapping[str, Mapping[str, Any]] | None:
-    """Run the method's ``prepare`` hook once (calibration Grams and the like), if it has one."""
-    hook = getattr(plan.method, "prepare", None)
-    if hook is None:
-        return None
-    from evomerge.merge.registry import MethodContext
-
-    paths = dict(model_paths) if model_paths is not None else {k: Path(k) for k in plan.folders}
-    ctx = MethodContext(recipe=plan.recipe, model_paths=paths, device=device, calibration=calibration,
-                        base_scores=base_scores, cache=cache if cache is not None else {})
-    return hook(ctx)
+    method = check_recipe(recipe, get_method(recipe.method), where)  # before any folder is opened
+    inputs = plan_inputs(recipe, method)
+    keys = list(dict.fromkeys(([inputs.base] if inputs.base else []) + list(inputs.models)))
+    folders = {k: open_folder(k) for k in keys}
+    try:
+        reference = folders[inputs.base if inputs.base is not None else inputs.models[0]]
+        report = check_compatible(reference, [f for f in folders.values() if f is not reference],
+                                  vocab_policy=vocab_policy)
+        plan = MergePlan.of(recipe, method, LayerMap.from_config(reference.config), where)
+    except BaseException:
+        for folder in folders.values():
+            folder.close()
+        raise
+    return DiskInputs(plan, folders, reference, list(report.tensor_names),
+                      dict(getattr(report, "vocab_slices", None) or {}))
 
 
 # ------------------------------------------------------------------------------------------- the engine
-
-
-def _delta_batches(plan: MergePlan, device: str) -> Callable[[], Iterator[Sequence[torch.Tensor]]]:
-    """Task vectors tensor by tensor (for the global TIES thresholds), read again on each call."""
-    def gen() -> Iterator[Sequence[torch.Tensor]]:
-        assert plan.base_key is not None
-        base = plan.folders[plan.base_key]
-        for name in plan.tensor_names:
-            b = read_input(base, name, plan, device).to(torch.float32)
-            yield [read_input(plan.folders[k], name, plan, device).to(torch.float32).sub_(b)
-                   for k in plan.input_keys]
-    return gen
 
 
 def merge_to_disk(
@@ -213,19 +146,18 @@ def merge_to_disk(
     progress: bool = True,
     where: str = "recipe",
     workers: int | None = None,
-    calibration: Any = None,
+    calibration: CalibrationSet | None = None,
+    base_scores: Mapping[str, float] | None = None,
 ) -> MergeSummary:
     """Merge the recipe's models into ``out_dir`` (sharded safetensors + config + tokenizer), streaming.
 
     ``dtype``: output dtype (else the recipe's, else each tensor's stored dtype); kernels compute in float32.
     ``seed`` overrides the recipe's seed (DARE masks come from (seed, tensor name), so they do not depend on
     the order tensors are merged in). ``workers``: tensors merged concurrently (default: torch's thread count
-    on CPU, 1 on CUDA), each kernel then running single-threaded. The recipe YAML and evomerge's version go into the safetensors metadata
-    and ``evomerge_recipe.yaml``. ``calibration``: the task rows of data-aware methods (qp, apl), keyed by
-    the recipe's model folders, instead of the recipe's ``options.calibration`` file.
+    on CPU, 1 on CUDA), each kernel then running single-threaded. The recipe YAML and evomerge's version go
+    into the safetensors metadata and ``evomerge_recipe.yaml``. ``calibration`` / ``base_scores``: what a
+    data-aware method needs (:class:`evomerge.method_data.MethodDataProvider`), keyed by the recipe's models.
     """
-    from evomerge.models import parse_size
-
     t0 = time.perf_counter()
     if seed is not None:
         recipe = dataclasses.replace(recipe, seed=int(seed))
@@ -239,23 +171,19 @@ def merge_to_disk(
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise ConfigError(f"output folder {target} already exists; pass --overwrite to replace it")
-    plan = plan_merge(recipe, vocab_policy=vocab_policy, where=where)
+    inputs = open_inputs(recipe, vocab_policy=vocab_policy, where=where)
     try:
-        return _merge_planned(plan, target, t0, device=device, out_dtype=out_dtype, shard_bytes=shard_bytes,
-                              overwrite=overwrite, progress=progress, n_workers=n_workers, where=where,
-                              calibration=calibration)
+        return _merge_opened(inputs, target, t0, device=device, out_dtype=out_dtype, shard_bytes=shard_bytes,
+                             overwrite=overwrite, progress=progress, n_workers=n_workers, where=where,
+                             calibration=calibration, base_scores=base_scores)
     finally:
-        for folder in plan.folders.values():
-            folder.close()
+        inputs.close()
 
 
-def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out_dtype: torch.dtype | None,
-                   shard_bytes: int, overwrite: bool, progress: bool, n_workers: int, where: str,
-                   calibration: Any = None) -> MergeSummary:
-    from evomerge.merge.recipe_io import recipe_yaml
-    from evomerge.merge.registry import prepared_options, tensor_generator
-    from evomerge.models import ShardedWriter, copy_model_files
-
+def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, out_dtype: torch.dtype | None,
+                  shard_bytes: int, overwrite: bool, progress: bool, n_workers: int, where: str,
+                  calibration: CalibrationSet | None, base_scores: Mapping[str, float] | None) -> MergeSummary:
+    plan = inputs.plan
     recipe = plan.recipe
     files_from = recipe.tokenizer_source or plan.base_key or plan.input_keys[0]
     if not Path(files_from).is_dir():  # checked before any work
@@ -264,41 +192,30 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    prepared = prepare_options(plan, device, calibration=calibration)
-    options = dict(plan.options)
-    if needs_global_trim(plan):
-        from evomerge.merge.methods_sparsify import global_trim_thresholds
-
-        options["global_threshold"] = global_trim_thresholds(_delta_batches(plan, device), global_densities(plan))
-    method = plan.method
+    plan = plan.prepare({k: Path(k) for k in plan.keys}, device, calibration=calibration, base_scores=base_scores)
+    plan = plan.with_global_trim(inputs.task_vectors(device))
     text = recipe_yaml(recipe)
     metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe": text}
-    names = plan.tensor_names
-    base_folder = plan.folders[plan.base_key] if plan.base_key else None
-    in_folders = [plan.folders[k] for k in plan.input_keys]
-
-    sources = ([base_folder] if base_folder is not None else []) + in_folders
-    in_pieces = method.elementwise and not prepared and device == "cpu"
+    names = inputs.tensor_names
+    sources = [inputs.folders[k] for k in ([plan.base_key] if plan.base_key else []) + list(plan.input_keys)]
+    in_pieces = plan.method.elementwise and not plan.prepared and device == "cpu"
 
     def merge_in_pieces(name: str) -> torch.Tensor | None:
         """An elementwise kernel run piece by piece: each piece of every input is read into a small reused
         buffer and merged while it is in cache, straight into the output tensor (no full-size intermediates)."""
-        from evomerge.models.folder import read_shape
-
         dtypes = [f.dtype(name) for f in sources]
         if not dtypes[0].is_floating_point:
             return None
-        shape = read_shape(sources[0].info(name), plan.vocab_slices.get(name))
+        shape = read_shape(sources[0].info(name), inputs.vocab_slices.get(name))
         out = torch.empty(shape, dtype=out_dtype if out_dtype is not None else dtypes[0])
         flat = out.view(-1)
-        model_params, params = kernel_args(plan, name)
         buffers = _piece_buffers(dtypes)
         n = flat.numel()
         for begin in range(0, n, PIECE_ELEMS):
             count = min(PIECE_ELEMS, n - begin)
             pieces = [f.read_range(name, begin, buf[:count]) for f, buf in zip(sources, buffers)]
-            base_p, inputs = (pieces[0], pieces[1:]) if base_folder is not None else (None, pieces)
-            flat[begin:begin + count].copy_(method.fn(base_p, inputs, model_params, params, options, None))
+            base_p, rest = (pieces[0], pieces[1:]) if plan.base_key is not None else (None, pieces)
+            flat[begin:begin + count].copy_(plan.merge_tensor(name, base_p, rest))
         return out
 
     def merge_one(name: str) -> torch.Tensor:
@@ -307,19 +224,10 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
             merged = merge_in_pieces(name)
             if merged is not None:
                 return merged
-        base_t = read_input(base_folder, name, plan, device) if base_folder is not None else None
-        tensors = [read_input(f, name, plan, device) for f in in_folders]
+        base_t = inputs.read(plan.base_key, name, device) if plan.base_key is not None else None
+        tensors = [inputs.read(k, name, device) for k in plan.input_keys]
         ref = base_t if base_t is not None else tensors[0]
-        if not ref.is_floating_point():
-            out = ref  # integer buffers are copied, not merged
-        else:
-            model_params, params = kernel_args(plan, name)
-            opts = {**options, **prepared_options(prepared, name)} if prepared else options
-            gen = tensor_generator(recipe.seed, name, device) if method.uses_generator else None
-            out = method.fn(base_t, tensors, model_params, params, opts, gen)
-            if out.shape != ref.shape:
-                raise ModelError(f"tensor {name}: method {method.name} returned shape "
-                                 f"{tuple(out.shape)} for inputs of shape {tuple(ref.shape)}")
+        out = plan.merge_tensor(name, base_t, tensors, device=device)
         want = out_dtype if out_dtype is not None else ref.dtype
         del base_t, tensors
         out = out.to(device="cpu", dtype=want)
@@ -330,7 +238,7 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         # every output tensor's shape and dtype is known now: shard headers go first and each merged tensor
         # streams to its place while the next ones merge (no shard held in memory, I/O overlaps compute)
-        ref = plan.reference
+        ref = inputs.reference
         layout = [(n, ref.shape(n), out_dtype if out_dtype is not None else ref.dtype(n)) for n in names]
         writer = ShardedWriter(tmp, shard_bytes, metadata, layout=layout)
         bar = _progress(len(names), progress)
@@ -370,7 +278,7 @@ def _merge_planned(plan: MergePlan, target: Path, t0: float, *, device: str, out
     return MergeSummary(
         out_dir=target.resolve(), tensors=len(names), bytes=written, seconds=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss_bytes(),
-        peak_cuda_bytes=int(torch.cuda.max_memory_allocated()) if on_cuda else None, method=method.name,
+        peak_cuda_bytes=int(torch.cuda.max_memory_allocated()) if on_cuda else None, method=plan.method.name,
     )
 
 
@@ -411,6 +319,4 @@ class _NoBar:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="tensor", desc="merge", dynamic_ncols=True, mininterval=0.5)

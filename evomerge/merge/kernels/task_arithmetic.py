@@ -1,22 +1,7 @@
-"""Merge kernels: pure tensor functions, one output tensor per call, no name parsing, no I/O.
+"""mergekit's generalized task arithmetic: task_arithmetic, TIES, DARE and Breadcrumbs (linear and TIES forms).
 
-Every kernel has the signature (see docs/ARCHITECTURE.md)::
-
-    fn(base, tensors, model_params, params, options, generator) -> Tensor
-
-``base`` is the base model's tensor (None for methods without a base), ``tensors`` the input models'
-tensors in recipe order (base excluded for methods that need one), ``model_params[i]`` the resolved
-numeric per-model values for ``tensors[i]`` (weight, density, gamma...), ``params`` the resolved global
-values (lambda, t...), ``options`` the behaviour switches (defaults below apply to missing keys) and
-``generator`` a seeded ``torch.Generator`` for random methods (DARE).
-
-Common options, read by every kernel:
-- ``compute_dtype``: torch dtype (or its name) to compute in; default float32, float64 when inputs are.
-- ``inputs_are_deltas``: ``tensors`` already hold task vectors ``theta_t - base`` (the resident merger
-  keeps those); the result is still a full tensor.
-
-Kernels never modify their inputs and return a new tensor in the compute dtype; the caller casts.
-Semantics follow mergekit 0.1.5 unless an option says otherwise (see each docstring).
+Per model the task vector is sparsified (none, top-magnitude, random, magnitude with outliers), weighted, then
+either summed (task arithmetic family) or combined by the TIES sign election and disjoint mean.
 """
 
 from __future__ import annotations
@@ -27,7 +12,9 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.methods_sparsify import (
+from evomerge.merge.kernels.common import Tensor, check_inputs, work_dtype
+from evomerge.merge.kernels.linear import LinearCoefficients
+from evomerge.merge.kernels.sparsify import (
     dare_,
     keep_count,
     magnitude_,
@@ -35,104 +22,6 @@ from evomerge.merge.methods_sparsify import (
     threshold_,
     topk_threshold_,
 )
-
-Tensor = torch.Tensor
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def work_dtype(ref: Tensor, options: Mapping[str, Any]) -> torch.dtype:
-    """The dtype kernels compute in: ``options['compute_dtype']``, else float64 for float64 inputs, else float32."""
-    wanted = options.get("compute_dtype")
-    if wanted is not None:
-        if isinstance(wanted, torch.dtype):
-            return wanted
-        if wanted in _DTYPES:
-            return _DTYPES[wanted]
-        raise ValueError(f"compute_dtype: unknown dtype {wanted!r} (choices: {sorted(_DTYPES)})")
-    return torch.float64 if ref.dtype == torch.float64 else torch.float32
-
-
-def _full_inputs(base: Tensor | None, tensors: Sequence[Tensor], options: Mapping[str, Any], wd: torch.dtype) -> list[Tensor]:
-    """Full model tensors in ``wd``: reconstructs ``base + delta`` when given task vectors."""
-    if options.get("inputs_are_deltas", False):
-        if base is None:
-            raise ValueError("inputs_are_deltas needs the base tensor")
-        b = base.to(wd)
-        return [b + t.to(wd) for t in tensors]
-    return [t.to(wd) for t in tensors]
-
-
-def _check_inputs(base: Tensor | None, tensors: Sequence[Tensor], model_params: Sequence[Mapping[str, float]]) -> None:
-    if not tensors:
-        raise ValueError("no input tensors")
-    if len(model_params) != len(tensors):
-        raise ValueError(f"{len(model_params)} per-model parameter sets for {len(tensors)} tensors")
-    shape = tensors[0].shape
-    for i, t in enumerate(tensors):
-        if t.shape != shape:
-            raise ValueError(f"input {i} has shape {tuple(t.shape)}, input 0 has {tuple(shape)}")
-    if base is not None and base.shape != shape:
-        raise ValueError(f"base has shape {tuple(base.shape)}, inputs have {tuple(shape)}")
-
-
-# ------------------------------------------------------------------------------------------------ linear
-
-
-def linear(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Model soup: ``sum_t w_t theta_t``, divided by ``sum_t w_t`` when ``normalize`` (default true, as mergekit)."""
-    _check_inputs(base, tensors, model_params)
-    wd = work_dtype(tensors[0], options)
-    weights = [float(mp.get("weight", 1.0)) for mp in model_params]
-    normalize = bool(options.get("normalize", True))
-    denom = float(torch.tensor(weights, dtype=wd).sum()) if normalize else 1.0
-    if normalize and abs(denom) < 1e-12:
-        raise ValueError(f"linear: weights {weights} sum to 0 with normalize: true")
-    if options.get("inputs_are_deltas", False):
-        if base is None:
-            raise ValueError("inputs_are_deltas needs the base tensor")
-        # sum w (b + d) / D = b * (sum w / D) + sum w d / D
-        out = base.to(wd, copy=True)
-        wsum = sum(weights)
-        if wsum / denom != 1.0:
-            out.mul_(wsum / denom)
-        for t, w in zip(tensors, weights):
-            out.add_(t, alpha=w / denom)  # mixed dtypes are cast inside the kernel: no widened copy
-        return out
-    out = torch.zeros(tensors[0].shape, dtype=wd, device=tensors[0].device)
-    for t, w in zip(tensors, weights):
-        out.add_(t, alpha=w)
-    if normalize:
-        out.div_(denom)
-    return out
-
-
-# ------------------------------------------------------------------------- generalized task arithmetic
-
-
-def _deltas(base: Tensor, tensors: Sequence[Tensor], options: Mapping[str, Any], wd: torch.dtype) -> Tensor:
-    """Stacked task vectors, shape (T, *base.shape), in ``wd`` (one allocation, filled in place)."""
-    stacked = torch.empty((len(tensors), *base.shape), dtype=wd, device=base.device)
-    given = bool(options.get("inputs_are_deltas", False))
-    b = None if given else base.to(wd)
-    for i, t in enumerate(tensors):
-        row = stacked[i]
-        row.copy_(t)
-        if b is not None:
-            row.sub_(b)
-    return stacked
-
-
-def _expand(values: Sequence[float], like: Tensor) -> Tensor:
-    w = torch.tensor(values, dtype=like.dtype, device=like.device)
-    return w.reshape((len(values),) + (1,) * (like.dim() - 1))
 
 
 def elected_sign(
@@ -257,7 +146,7 @@ def generalized_task_arithmetic(
     """
     if base is None:
         raise ValueError("this method needs a base tensor")
-    _check_inputs(base, tensors, model_params)
+    check_inputs(base, tensors, model_params)
     wd = work_dtype(base, options)
     weights = [float(mp.get("weight", 1.0)) for mp in model_params]
     normalize = bool(options.get("normalize", default_normalize))
@@ -392,7 +281,7 @@ def ties(
     """TIES: trim each tau_t to its top ``density`` magnitudes, elect signs, disjoint mean, scale by lambda.
 
     ``trim_scope: tensor`` trims per tensor (mergekit); ``global`` keeps ``|tau_t| >= options['global_threshold'][t]``
-    computed over the whole model by :func:`evomerge.merge.methods_sparsify.global_trim_thresholds`
+    computed over the whole model by :func:`evomerge.merge.kernels.sparsify.global_trim_thresholds`
     (official TIES code). Keep count ``max(1, int(density * n))``, exact top-k, ties by index.
     """
     return generalized_task_arithmetic(
@@ -461,99 +350,14 @@ def breadcrumbs_ties(
     )
 
 
-# ------------------------------------------------------------------------------------------------- slerp
-
-SLERP_DOT_THRESHOLD = 0.9995
-
-
-def slerp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Spherical interpolation from ``tensors[0]`` (t = 0) to ``tensors[1]`` (t = 1) over the whole tensor.
-
-    As mergekit: ``d = <v0/|v0|, v1/|v1|>`` (a norm below 1e-8 counts as 1), linear interpolation when
-    ``|d| > 0.9995``, else ``sin((1-t)W)/sin W * v0 + sin(tW)/sin W * v1`` with ``W = arccos d`` on the
-    unnormalized tensors. Reductions run in float64.
-    """
-    if len(tensors) != 2:
-        raise ValueError(f"slerp needs exactly 2 tensors, got {len(tensors)}")
-    _check_inputs(base, tensors, model_params)
-    wd = work_dtype(tensors[0], options)
-    a, b = _full_inputs(base, tensors, options, wd)
-    t = float(params.get("t", 0.5))
-    if a.numel() == 0:
-        return a * (1 - t) + b * t
-    fa = a.reshape(-1)
-    fb = b.reshape(-1)
-    na = float(torch.linalg.vector_norm(fa, dtype=torch.float64))
-    nb = float(torch.linalg.vector_norm(fb, dtype=torch.float64))
-    na = na if na > 1e-8 else 1.0
-    nb = nb if nb > 1e-8 else 1.0
-    dot = float(torch.dot(fa.double(), fb.double())) / (na * nb)
-    dot = min(1.0, max(-1.0, dot))
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        ca, cb = 1.0 - t, t
-    else:
-        omega = math.acos(dot)
-        so = math.sin(omega)
-        ca, cb = math.sin((1 - t) * omega) / so, math.sin(t * omega) / so
-    out = torch.mul(a, ca)
-    out.add_(b, alpha=cb)
-    return out
-
-
-# ------------------------------------------------------------------------------------------- model stock
-
-
-def model_stock(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Model Stock (mergekit's formula): ``t = N cos / (1 + (N-1) cos)``, ``theta = t * mean_t theta_t + (1-t) * base``.
-
-    ``cos`` is the mean pairwise cosine of the task vectors (norm products clamped at 1e-6), over the whole
-    tensor or, with ``filter_wise``, per row (1-D tensors count as one row). Where ``1 + (N-1) cos`` is
-    below 1e-6 in magnitude the base is kept.
-    """
-    if base is None:
-        raise ValueError("model_stock needs a base tensor")
-    if len(tensors) < 2:
-        raise ValueError(f"model_stock needs at least 2 models besides the base, got {len(tensors)}")
-    _check_inputs(base, tensors, model_params)
-    wd = work_dtype(base, options)
-    filter_wise = bool(options.get("filter_wise", False))
-    shape = base.shape
-    w0 = base.to(wd)
-    deltas = _deltas(base, tensors, options, wd)
-    if filter_wise:
-        if w0.dim() <= 1:
-            w0 = w0.reshape(1, -1)
-            deltas = deltas.reshape(deltas.shape[0], 1, -1)
-    else:
-        w0 = w0.reshape(-1)
-        deltas = deltas.reshape(deltas.shape[0], -1)
-    n = deltas.shape[0]
-    norms = torch.linalg.vector_norm(deltas, dim=-1)
-    cos_sum = None
-    pairs = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            c = ((deltas[i] * deltas[j]).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
-            cos_sum = c if cos_sum is None else cos_sum + c
-            pairs += 1
-    assert cos_sum is not None
-    cos = (cos_sum / pairs).unsqueeze(-1)
-    denominator = 1 + (n - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
-    mean_delta = deltas.mean(dim=0)
-    return (w0 + t * mean_delta).reshape(shape)
+def task_arithmetic_coefficients(model_params: list[dict[str, float]], params: dict[str, float],
+                                 options: Mapping[str, Any]) -> LinearCoefficients:
+    """``base + lambda * sum_t w_t tau_t / D`` (D = sum w_t when normalize, 1 when that sum is ~0): the kernel's algebra."""
+    weights = [float(mp.get("weight", 1.0)) for mp in model_params]
+    lam = float(params.get("lambda", 1.0))
+    divisor = 1.0
+    if bool(options.get("normalize", False)):
+        divisor = sum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    return LinearCoefficients(1.0, tuple(w * lam / divisor for w in weights))

@@ -24,9 +24,9 @@ Diagnostic: ``rho = 1 - J(alpha*)/J(0)`` (the fraction of residual energy the ba
 overall (``1 - sum J*/sum J0``); :class:`QPReport` collects it while a model is merged. The diagonal
 approximation is not a minimizer of ``J``, so its ``rho`` can fall below 0 (worse than no merge).
 
-Tensors without calibration Grams (norms, embeddings, biases, non-``nn.Linear`` weights) fall back to the
+Tensors without calibration Grams (norms, embeddings, biases, non-``nn.Linear`` weights) are merged by the
 plain method named by option ``fallback``. The per-tensor Grams reach the kernel through the method's
-``prepare`` hook (see :func:`prepare_qp` and ``MergeMethod.prepare`` in the registry).
+``prepare`` hook (:mod:`evomerge.merge.methods.qp`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-Tensor = torch.Tensor
+from evomerge.merge.kernels.common import Tensor, work_dtype
 
 BASES: tuple[str, ...] = ("task", "masked", "full", "diagonal")
 MASKS: tuple[str, ...] = ("magnitude", "ties", "dare")
@@ -264,33 +264,6 @@ def _stacked_deltas(base: Tensor, tensors: Sequence[Tensor], options: Mapping[st
     return torch.stack([t.to(torch.float64) - b for t in tensors])
 
 
-def _out_dtype(base: Tensor, options: Mapping[str, Any]) -> torch.dtype:
-    from evomerge.merge.methods import work_dtype
-
-    return work_dtype(base, options)
-
-
-def fallback_merge(
-    base: Tensor,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None,
-) -> Tensor:
-    """The plain method named by ``options['fallback']`` (its own defaults for everything else)."""
-    from evomerge.merge.registry import get_method
-
-    name = str(options.get("fallback", "linear"))
-    if name not in FALLBACKS:
-        raise ValueError(f"unknown fallback {name!r} (choices: {', '.join(FALLBACKS)})")
-    method = get_method(name)
-    passthrough = {k: v for k, v in options.items() if k in ("compute_dtype", "inputs_are_deltas")}
-    fp = {p.name: float(params.get(p.name, p.default)) for p in method.params if not p.per_model}
-    mp = [{p.name: float(m.get(p.name, p.default)) for p in method.params if p.per_model} for m in model_params]
-    return method.fn(base, tensors, mp, fp, passthrough, generator)
-
-
 def qp(
     base: Tensor | None,
     tensors: list[Tensor],
@@ -299,7 +272,8 @@ def qp(
     options: Mapping[str, Any],
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Kernel of method ``qp``: solve the per-tensor QP when ``options['qp_grams']`` is given, else fall back.
+    """Kernel of method ``qp``: solve the per-tensor QP with ``options['qp_grams']`` (tensors without Grams are
+    merged by the method's fallback, see :mod:`evomerge.merge.methods.qp`).
 
     ``options['qp_grams']``: one input Gram per model (kernel order), from :func:`prepare_qp`;
     ``options['qp_report']``/``['qp_tensor']``: where to record ``J0``/``J*`` for the diagnostic.
@@ -310,9 +284,7 @@ def qp(
     report = options.get("qp_report")
     name = str(options.get("qp_tensor", "?"))
     if grams is None or base.dim() != 2:
-        if isinstance(report, QPReport) and "qp_tensor" in options:
-            report.note_fallback(name)
-        return fallback_merge(base, tensors, model_params, params, options, generator)
+        raise ValueError(f"qp: tensor {name} has no calibration Grams (the qp method merges it by its fallback)")
     taus = _stacked_deltas(base, tensors, options)
     sol = qp_solve(
         taus,
@@ -327,69 +299,4 @@ def qp(
     if isinstance(report, QPReport):
         report.record(name, sol.j0, sol.jstar)
     out = base.to(torch.float64) + sol.delta
-    return out.to(_out_dtype(base, options))
-
-
-# ------------------------------------------------------------------------------------------------ prepare
-
-
-def prepare_qp(ctx: Any) -> dict[str, dict[str, Any]]:
-    """The ``prepare`` hook of ``qp``: per-tensor ``{"qp_grams", "qp_report", "qp_tensor"}`` options.
-
-    Collects (or takes from ``ctx.cache``) the input Gram of every ``nn.Linear`` weight for every model's
-    calibration data; in ``sequential`` mode the activations flow through the already-merged earlier layers
-    (see :func:`evomerge.merge.calibration.sequential_grams`). The report is also stored as
-    ``ctx.cache['qp_report']`` so callers can record ``rho`` with the candidate.
-    """
-    from evomerge.merge import calibration as C
-
-    return C.prepare_qp_context(ctx)
-
-
-def _register() -> None:
-    from evomerge.merge.registry import REGISTRY, MergeMethod, OptionSpec, ParamSpec
-
-    if "qp" in REGISTRY:
-        return
-    REGISTRY.register(MergeMethod(
-        "qp", qp,
-        (
-            ParamSpec("weight", 1.0, 0.0, None, True, "per-task weight in the QP objective (and in the fallback)"),
-            ParamSpec("density", 0.5, 0.0, 1.0, True, "fraction KEPT by the masked basis (and a ties/dare fallback)"),
-            ParamSpec("ridge", 0.01, 0.0, None, False,
-                      "Gram ridge G + ridge*mean(diag G)*I (reconstruction; keeps the full solve well posed)"),
-            ParamSpec("lambda", 1.0, None, None, False, "scale of a task_arithmetic/ties fallback only"),
-        ),
-        (
-            OptionSpec("basis", "full", BASES,
-                       "task vectors, masked task vectors, full (RegMean closed form) or diagonal Grams"),
-            OptionSpec("mask", "ties", MASKS, "masks of the masked basis: top-density, TIES sign-agreeing, or DARE"),
-            OptionSpec("sequential", False, None,
-                       "calibration activations flow through the already-merged earlier layers"),
-            OptionSpec("activations", "finetuned", ("finetuned", "base"),
-                       "non-sequential: inputs X_t from each fine-tune (RegMean) or from the base, on task t's data"),
-            OptionSpec("gram_normalize", "mean", ("mean", "sum"),
-                       "G_t = X_t X_t^T / tokens (every task weighs the same) or the plain sum"),
-            OptionSpec("fallback", "linear", FALLBACKS, "plain method for tensors without Grams (norms, embeddings)"),
-            OptionSpec("calibration", "", None,
-                       "YAML/JSON file mapping each model key to a jsonl of prompt/answer or text rows "
-                       "(used when the caller provides no calibration set)"),
-            OptionSpec("calibration_tokens", 512, None, "calibration tokens per task"),
-        ),
-        needs_base=True, min_models=1, uses_generator=True,
-        doc="output-space QP merge (reconstruction of Evans et al.): per linear layer, min sum_t ||(Delta - tau_t) X_t||^2",
-        **_prepare_kw(prepare_qp),
-    ))
-
-
-def _prepare_kw(fn: Any) -> dict[str, Any]:
-    """``prepare=fn`` when the registry's MergeMethod has the hook (it was added for these methods)."""
-    import dataclasses
-
-    from evomerge.merge.registry import MergeMethod
-
-    names = {f.name for f in dataclasses.fields(MergeMethod)}
-    return {"prepare": fn} if "prepare" in names else {}
-
-
-_register()
+    return out.to(work_dtype(base, options))
