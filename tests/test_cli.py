@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from evomerge.cli import build_parser, main
+import evomerge.commands as commands
+from evomerge.cli import COMMANDS, build_parser, main
 from evomerge.merge.methods.registry import REGISTRY
 
 VERBS = {"run", "resume", "status", "export", "report", "merge", "methods", "kinship", "eval", "mergeability",
          "qp-diagnose", "zoo", "bench"}
 
 
-def test_every_verb_is_discovered() -> None:
-    parser = build_parser()
+def test_every_verb_is_in_the_table_and_every_command_module_has_a_verb() -> None:
+    parser = build_parser([])
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(sub.choices) >= VERBS
+    assert set(sub.choices) == VERBS == set(COMMANDS)
+    modules = {p.stem for p in (Path(commands.__file__).parent).glob("*.py") if not p.stem.startswith("_")}
+    assert {m for m, _ in COMMANDS.values()} == modules
+    for module_name, _ in COMMANDS.values():
+        module = importlib.import_module(f"evomerge.commands.{module_name}")
+        assert callable(module.add_arguments) and callable(module.run)
+
+
+def test_help_imports_no_command_module_and_no_torch() -> None:
+    code = ("import sys\nfrom evomerge.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'transformers', 'evomerge.commands.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_methods_lists_every_registered_method_with_parameters(capsys: pytest.CaptureFixture[str]) -> None:

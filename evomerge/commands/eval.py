@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from evomerge.errors import ConfigError
+import torch
+from transformers import AutoModelForCausalLM
 
-NAME = "eval"
-HELP = "score a model folder on a search space's fitness tasks (or a FitnessSpec file given with --tasks)"
+from evomerge.errors import ConfigError
+from evomerge.fitness.evaluator import Evaluator, set_offline_env
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.paths import resolve_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,17 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_spec(path: str) -> object:
     """A FitnessSpec from a search space (its ``fitness:`` section) or a bare spec file."""
-    from evomerge.fitness.spec import FitnessSpec
 
     return FitnessSpec.from_yaml(path)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from evomerge.fitness.evaluator import Evaluator, set_offline_env
-    from evomerge.paths import resolve_path
 
     set_offline_env()
     spec = load_spec(args.space or args.tasks)

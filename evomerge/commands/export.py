@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAME = "export"
-HELP = "materialize a run's best (or chosen) candidate as a Hugging Face model folder with recipe and lineage"
+from evomerge.search.export import export_candidate, verify_export
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.export import export_candidate, verify_export
 
     summary = export_candidate(args.run_dir, args.out, candidate_id=args.candidate, rank_by=args.rank_by,
                                overwrite=args.overwrite, device=args.device, dtype=args.dtype,

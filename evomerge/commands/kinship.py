@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-NAME = "kinship"
-HELP = "pairwise model kinship (Pearson, cosine, |cosine|, Euclidean distance of task vectors) against a base"
+from evomerge.atomic import write_json_atomic
+from evomerge.errors import ConfigError
+from evomerge.kinship import METRICS, format_matrix, iter_pairs, kinship_matrix
+from evomerge.paths import resolve_path
+from evomerge.report.plots import kinship_heatmap
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,10 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.atomic import write_json_atomic
-    from evomerge.errors import ConfigError
-    from evomerge.kinship import METRICS, format_matrix, iter_pairs, kinship_matrix
-    from evomerge.paths import resolve_path
 
     if len(args.models) < 2:
         raise ConfigError("kinship: give at least two models")
@@ -55,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
                 vals = km.layer_values(a, b, metric)
                 print(f"  {metric:<8}" + "  ".join(f"{lab}={v:.4f}" for lab, v in vals.items()))
     if args.heatmap is not None:
-        from evomerge.report.plots import kinship_heatmap
 
         kinship_heatmap(km.matrix(metrics[0]), names, metrics[0], args.heatmap)
         print(f"\nheatmap: {args.heatmap}")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAME = "merge"
-HELP = "merge models from a recipe (evomerge or mergekit YAML) into a new model folder"
+from evomerge.atomic import write_text_atomic
+from evomerge.merge.formats.recipe_yaml import load_recipe_with_form, mergekit_yaml
+from evomerge.method_data import merge_recipe_to_disk
+
 FAST_EXIT = True  # the output folder is complete and renamed when run() returns (see evomerge.cli.entry)
 
 
@@ -27,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.merge.formats.recipe_yaml import load_recipe_with_form, mergekit_yaml
-    from evomerge.method_data import merge_recipe_to_disk
 
     recipe, form = load_recipe_with_form(args.recipe)
     mk_text = mergekit_yaml(recipe) if args.write_mergekit_yaml else None
@@ -38,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, where=str(args.recipe),
     )
     if mk_text is not None:
-        from evomerge.atomic import write_text_atomic
 
         write_text_atomic(summary.out_dir / "mergekit_config.yml", mk_text)
     print(f"{summary.line()} ({form} recipe, method {summary.method})")

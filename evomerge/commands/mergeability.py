@@ -9,13 +9,20 @@ Until a search space names everything, ``--base/--models/--fitness`` give the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-NAME = "mergeability"
-HELP = "estimate each fine-tune's mergeability (own-task score merged with M random others) vs base knowledge"
+import torch
+import yaml
+
+from evomerge.atomic import write_json_atomic
+from evomerge.errors import ConfigError
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.lab import ZooLab, estimate_mergeability
+from evomerge.merge.methods.registry import get_method
+from evomerge.paths import resolve_path as _resolve
+from evomerge.search.space import load_space
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +40,6 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_entries(raw: Any, where: str) -> dict[str, str]:
-    from evomerge.errors import ConfigError
 
     out: dict[str, str] = {}
     if isinstance(raw, dict):
@@ -59,10 +65,7 @@ def _model_entries(raw: Any, where: str) -> dict[str, str]:
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, dict[str, str]]:
     """(base path, {name: path}, FitnessSpec, {model: task}) from SPACE.yaml and/or the flags."""
-    import yaml
 
-    from evomerge.errors import ConfigError
-    from evomerge.fitness.spec import FitnessSpec
 
     base = args.base
     models: dict[str, str] = {}
@@ -81,7 +84,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         space_dir = p.parent
         if isinstance(data.get("models"), dict) and "base" in data["models"]:
             # an evomerge search space (models: {base, fine_tunes}): validated and resolved like `evomerge run`
-            from evomerge.search.space import load_space
 
             space = load_space(p)
             base = base or str(space.base_path)
@@ -103,7 +105,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         named = {m.split("=", 1)[0]: m.split("=", 1)[1] for m in args.models if "=" in m}
         models = {**{k: v for k, v in models.items() if v not in named.values()}, **named}
     if args.fitness:
-        from evomerge.paths import resolve_path as _resolve
 
         spec = FitnessSpec.from_yaml(_resolve(args.fitness))
     if not base:
@@ -130,7 +131,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
 
 
 def build_lab(args: argparse.Namespace, splits: tuple[str, ...] = ("search",)) -> Any:
-    from evomerge.lab import ZooLab
 
     base, models, spec, tasks = resolve_inputs(args)
     return ZooLab(base, models, spec, args.device, task_of_model=tasks, splits=splits)
@@ -147,11 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from evomerge.atomic import write_json_atomic
-    from evomerge.lab import estimate_mergeability
-    from evomerge.merge.methods.registry import get_method
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
@@ -163,7 +159,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, report.to_dict())
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({"name": NAME}))

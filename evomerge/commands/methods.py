@@ -8,9 +8,6 @@ import json
 from evomerge.merge.methods.registry import REGISTRY, get_method
 from evomerge.merge.methods.spec import MergeMethod
 
-NAME = "methods"
-HELP = "list merge methods, their parameters (ranges, defaults) and options"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="show only this method")

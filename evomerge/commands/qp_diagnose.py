@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
-NAME = "qp-diagnose"
-HELP = "print the QP merge's residual-energy diagnostic rho per layer and overall for each basis"
+import torch
+
+from evomerge.atomic import write_json_atomic
+from evomerge.commands.mergeability import add_input_arguments, build_lab
+from evomerge.merge.kernels.qp import BASES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from evomerge.commands.mergeability import add_input_arguments
-    from evomerge.merge.kernels.qp import BASES
 
     add_input_arguments(parser)
     parser.add_argument("--basis", nargs="+", choices=BASES, default=list(BASES), help="bases to diagnose")
@@ -30,10 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    from evomerge.atomic import write_json_atomic
-    from evomerge.commands.mergeability import build_lab
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
@@ -64,7 +63,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tensor_order(name: str) -> tuple[int, str]:
-    import re
 
     m = re.search(r"\.(\d+)\.", name)
     return (int(m.group(1)) if m else 10**6, name)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAME = "report"
-HELP = "write PNG plots and a self-contained HTML report of a run (fitness, tasks, family tree, kinship, gains)"
+from evomerge.report.html import write_report
+from evomerge.report.load import load_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.report.html import write_report
-    from evomerge.report.load import load_run
 
     data = load_run(args.run_dir)
     out = args.out or (args.run_dir / "report")

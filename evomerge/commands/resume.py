@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAME = "resume"
-HELP = "continue a run after an interruption (Ctrl-C, kill, crash, reboot); no finished evaluation is repeated"
+from evomerge.commands.run import _finish
+from evomerge.search.driver import resume_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.commands.run import _finish
-    from evomerge.search.driver import resume_run
 
     result = resume_run(args.run_dir, space_path=args.space, budget=args.budget, workers=args.workers,
                         address=args.ray_address, progress=not args.quiet)

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge.search.driver import default_run_path, start_run
+from evomerge.search.space import load_space
+from evomerge.search.status import summary_text
+
 if TYPE_CHECKING:
     from evomerge.search.driver import SessionResult
 
-NAME = "run"
-HELP = "start a search from a search-space YAML (writes runs/<name>/; `evomerge resume` continues it)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.search.driver import default_run_path, start_run
-    from evomerge.search.space import load_space
 
     space = load_space(args.space).with_overrides(budget=args.budget, workers=args.workers)
     path = default_run_path(space, args.name, args.runs_dir)
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finish(result: SessionResult) -> int:
-    from evomerge.search.status import summary_text
 
     print(summary_text(result.run_dir))
     if result.interrupted:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-NAME = "status"
-HELP = "show a run's progress: evaluations, rate, ETA, leaderboard, where the time went (and population state)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="the run directory (runs/<name>)")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "zoo"
-HELP = "build the built-in demo zoo (a small base model and skill specialists, trained on CPU)"
+from evomerge.zoo.build import build_zoo, ensure_zoo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.zoo.build import build_zoo, ensure_zoo
 
     if args.zoo_command == "build":
         build_zoo(args.dir, size=args.size, seed=args.seed, force=args.force, threads=args.threads)

@@ -105,10 +105,6 @@ class ParamValue:
                 return interpolate(entry.values, layer_position(layer, num_layers))
         return None
 
-    def all_values(self) -> list[float]:
-        return [v for e in self.entries for v in e.values]
-
-
 def layer_position(layer: int | None, num_layers: int) -> float:
     """mergekit's u: layer/(L-1); 0 outside the layer stack (as mergekit 0.1.5 does for embed/norm/head)."""
     if layer is None:

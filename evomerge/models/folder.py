@@ -19,7 +19,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,6 +530,3 @@ def open_model(path: str | os.PathLike[str] | ModelFolder) -> ModelFolder:
     """Accept a folder or a path (convenience for callers that take either)."""
     return path if isinstance(path, ModelFolder) else ModelFolder.open(path)
 
-
-def config_of(folder: ModelFolder | Mapping[str, Any]) -> Mapping[str, Any]:
-    return folder.config if isinstance(folder, ModelFolder) else folder

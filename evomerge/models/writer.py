@@ -381,10 +381,6 @@ class ShardedWriter:
         self._finished = True
 
     @property
-    def bytes_added(self) -> int:
-        return self._total
-
-    @property
     def num_tensors(self) -> int:
         return len(self._names)
 
