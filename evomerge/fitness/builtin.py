@@ -68,52 +68,93 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     return rows
 
 
+@dataclass(frozen=True)
+class EncodedRows:
+    """Each row tokenized once: prompt + answer (+ terminator) ids and how many leading tokens are unscored.
+
+    ``row[i]`` is the position in the file of the i-th encoded sequence (text rows under two tokens are
+    skipped: they have nothing to score), so per-item results name the file's rows.
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+    n_prompt: tuple[int, ...]
+    row: tuple[int, ...]
+    pad_id: int
+
+    @staticmethod
+    def encode(tokenizer: Any, rows: list[dict[str, Any]], terminator: str = "\n",
+               pad_id: int | None = None) -> EncodedRows:
+        if pad_id is None:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids: list[tuple[int, ...]] = []
+        n_prompt: list[int] = []
+        where: list[int] = []
+        for r, row in enumerate(rows):
+            if "text" in row and "answer" not in row:
+                seq = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"]
+                if len(seq) < 2:
+                    continue
+                ids.append(tuple(seq))
+                n_prompt.append(1)
+            else:
+                p = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
+                a = tokenizer(str(row["answer"]) + terminator, add_special_tokens=False)["input_ids"]
+                if not p:
+                    p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id]
+                ids.append(tuple(p + a))
+                n_prompt.append(len(p))
+            where.append(r)
+        return EncodedRows(tuple(ids), tuple(n_prompt), tuple(where), int(pad_id))
+
+    def batches(self, batch_size: int, positions: list[int] | None = None) -> list[EncodedBatch]:
+        """Padded batches of the sequences at ``positions`` (all, in order, by default)."""
+        chosen = list(range(len(self.ids))) if positions is None else list(positions)
+        out: list[EncodedBatch] = []
+        for i in range(0, len(chosen), batch_size):
+            chunk = chosen[i:i + batch_size]
+            width = max(len(self.ids[j]) for j in chunk)
+            ids_t = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width - 1), dtype=torch.float32)
+            for r, j in enumerate(chunk):
+                seq = self.ids[j]
+                ids_t[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                # position k predicts token k+1: scored positions are n_prompt-1 .. len(seq)-2
+                mask[r, self.n_prompt[j] - 1:len(seq) - 1] = 1.0
+            out.append(EncodedBatch(ids_t, mask))
+        return out
+
+
 def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, terminator: str = "\n",
                 pad_id: int | None = None) -> list[EncodedBatch]:
     """Tokenize once: prompt ids + answer ids (+ terminator); only answer positions are scored."""
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs: list[tuple[list[int], int]] = []  # (ids, number of leading unscored tokens)
-    for row in rows:
-        if "text" in row and "answer" not in row:
-            ids = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"]
-            if len(ids) < 2:
-                continue
-            seqs.append((ids, 1))
-        else:
-            p = tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
-            a = tokenizer(str(row["answer"]) + terminator, add_special_tokens=False)["input_ids"]
-            if not p:
-                p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id]
-            seqs.append((p + a, len(p)))
-    batches: list[EncodedBatch] = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids_t = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width - 1), dtype=torch.float32)
-        for r, (ids, n_prompt) in enumerate(chunk):
-            ids_t[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            # position j predicts token j+1: scored positions are n_prompt-1 .. len(ids)-2
-            mask[r, n_prompt - 1:len(ids) - 1] = 1.0
-        batches.append(EncodedBatch(ids_t, mask))
-    return batches
+    return EncodedRows.encode(tokenizer, rows, terminator, pad_id).batches(batch_size)
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """Per-row sums of one scoring pass (the built-in metrics are weighted means of these rows)."""
+
+    exact: torch.Tensor  # 1.0 where every scored token is the arg-max
+    correct: torch.Tensor  # scored tokens that are the arg-max
+    tokens: torch.Tensor  # scored tokens
+    logp: torch.Tensor  # summed log-probability of the scored tokens
+
+    def item_values(self, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-row score, per-row weight) whose weighted mean is ``metric``'s value (perplexity: its loglik)."""
+        if metric == "exact_match":
+            return self.exact, torch.ones_like(self.exact)
+        if metric == "token_acc":
+            return self.correct / self.tokens.clamp(min=1), self.tokens
+        if metric in ("loglik", "perplexity"):
+            return self.logp / self.tokens.clamp(min=1), self.tokens
+        raise ConfigError(f"unknown built-in metric {metric!r} (known: {', '.join(BUILTIN_METRICS)})")
 
 
 @torch.no_grad()
-def score_batches(model: torch.nn.Module, batches: list[EncodedBatch], device: str | torch.device = "cpu"
-                  ) -> dict[str, float]:
-    """All built-in metrics over pre-encoded batches; raises NonFiniteOutput on NaN/inf logits.
-
-    exact_match: fraction of rows whose every scored token is the arg-max; token_acc: fraction of scored
-    tokens that are the arg-max; loglik: mean per-token log-probability of the scored tokens; perplexity:
-    exp(-loglik).
-    """
-    n_rows = 0
-    n_exact = 0.0
-    n_tok = 0.0
-    n_correct = 0.0
-    sum_logp = 0.0
+def score_rows(model: torch.nn.Module, batches: list[EncodedBatch], device: str | torch.device = "cpu"
+               ) -> RowStats:
+    """Per-row statistics over pre-encoded batches; raises NonFiniteOutput on NaN/inf logits."""
+    exact, correct_n, tokens, logps = [], [], [], []
     for b in batches:
         ids = b.input_ids.to(device, non_blocking=True)
         mask = b.target_mask.to(device, non_blocking=True)
@@ -125,19 +166,39 @@ def score_batches(model: torch.nn.Module, batches: list[EncodedBatch], device: s
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         correct = (logits.argmax(dim=-1) == targets).float() * mask
         per_row_tok = mask.sum(dim=1)
-        n_exact += float((correct.sum(dim=1) == per_row_tok).float().sum())
-        n_correct += float(correct.sum())
-        n_tok += float(per_row_tok.sum())
-        sum_logp += float((logp * mask).sum())
-        n_rows += ids.shape[0]
+        per_row_correct = correct.sum(dim=1)
+        exact.append((per_row_correct == per_row_tok).float().cpu())
+        correct_n.append(per_row_correct.cpu())
+        tokens.append(per_row_tok.cpu())
+        logps.append((logp * mask).sum(dim=1).double().cpu())
+    if not batches:
+        raise ConfigError("no rows to score in the fitness data")
+    return RowStats(torch.cat(exact).double(), torch.cat(correct_n).double(), torch.cat(tokens).double(),
+                    torch.cat(logps))
+
+
+def metrics_of(stats: RowStats) -> dict[str, float]:
+    """All built-in metrics of some rows.
+
+    exact_match: fraction of rows whose every scored token is the arg-max; token_acc: fraction of scored
+    tokens that are the arg-max; loglik: mean per-token log-probability of the scored tokens; perplexity:
+    exp(-loglik).
+    """
+    n_tok = float(stats.tokens.sum())
     if n_tok == 0:
         raise ConfigError("no scored tokens in the fitness data")
-    loglik = sum_logp / n_tok
+    loglik = float(stats.logp.sum()) / n_tok
     if not math.isfinite(loglik):
         raise NonFiniteOutput(f"non-finite log-likelihood {loglik}")
     return {
-        "exact_match": n_exact / n_rows,
-        "token_acc": n_correct / n_tok,
+        "exact_match": float(stats.exact.sum()) / len(stats.exact),
+        "token_acc": float(stats.correct.sum()) / n_tok,
         "loglik": loglik,
         "perplexity": math.exp(min(-loglik, 700.0)),
     }
+
+
+def score_batches(model: torch.nn.Module, batches: list[EncodedBatch], device: str | torch.device = "cpu"
+                  ) -> dict[str, float]:
+    """All built-in metrics over pre-encoded batches (see :func:`metrics_of`)."""
+    return metrics_of(score_rows(model, batches, device))

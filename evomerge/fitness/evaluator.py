@@ -19,7 +19,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -32,6 +32,7 @@ import yaml
 import evomerge
 from evomerge.errors import ConfigError
 from evomerge.fitness import builtin
+from evomerge.fitness.items import MEAN_METRICS, ItemList, ItemScores, items_hash
 from evomerge.fitness.result import EvalResult, TaskScore
 from evomerge.fitness.spec import SPLITS, FitnessSpec, TaskSpec
 from evomerge.models.hf import load_tokenizer
@@ -85,8 +86,10 @@ def _yaml_task_name(path: Path) -> str:
 @dataclass
 class _BuiltinTask:
     spec: TaskSpec
-    batches: list[builtin.EncodedBatch]
+    rows: builtin.EncodedRows
+    batches: list[builtin.EncodedBatch]  # every row, batched once
     n_rows: int
+    content: str  # items_hash of the file's rows
 
 
 @dataclass
@@ -97,6 +100,8 @@ class _LmEvalGroup:
     loaded: dict[str, Any]
     specs: dict[str, TaskSpec]  # lm-eval task name -> spec
     frozen: bool = False  # requests built once and reused (see _freeze_requests)
+    docs: dict[str, tuple[int, str]] = field(default_factory=dict)  # task name -> (documents, items_hash)
+    mean_metric: dict[str, bool] = field(default_factory=dict)  # task name -> its value is a mean over documents
 
 
 @dataclass
@@ -174,8 +179,9 @@ class Evaluator:
             source = task.source(split)
             if task.kind == "jsonl":
                 rows = builtin.read_jsonl(_resolve_source(source), limit=self.spec.task_limit(task))
-                batches = builtin.encode_rows(self.tokenizer, rows, self.spec.batch_size, self.spec.terminator)
-                prep.builtin_tasks.append(_BuiltinTask(task, batches, len(rows)))
+                encoded = builtin.EncodedRows.encode(self.tokenizer, rows, self.spec.terminator)
+                prep.builtin_tasks.append(_BuiltinTask(task, encoded, encoded.batches(self.spec.batch_size),
+                                                       len(rows), items_hash(rows)))
             elif task.kind == "lm_eval_yaml":
                 path = Path(_resolve_source(source)).resolve()
                 lm_tasks.append((task, _yaml_task_name(path)))
@@ -222,8 +228,33 @@ class Evaluator:
                     elif obj.get_config("num_fewshot") is None:
                         obj.set_config(key="num_fewshot", value=0)
                 specs[name] = task
-            groups.append(_LmEvalGroup(limit, loaded, specs))
+            group = _LmEvalGroup(limit, loaded, specs)
+            for name in specs:
+                obj = loaded["tasks"].get(name)
+                if obj is not None:  # a single task (a group's value is not a mean of its documents)
+                    docs = list(obj.eval_docs)[: limit if limit is not None else None]
+                    group.docs[name] = (len(docs), items_hash(docs))
+                    if specs[name].metric is not None:
+                        group.mean_metric[name] = _is_mean(obj, str(specs[name].metric).split(",")[0])
+            groups.append(group)
         return groups
+
+    # -------------------------------------------------------------------------------------------- items
+
+    def item_lists(self, split: str = "search") -> dict[str, ItemList]:
+        """Each task's item list: how many items, which of them can be scored alone, its content hash."""
+        self.prepare(split)
+        prep = self._prepared[split]
+        out: dict[str, ItemList] = {}
+        for bt in prep.builtin_tasks:
+            out[str(bt.spec.name)] = ItemList(bt.n_rows, bt.rows.row, bt.content,
+                                              str(bt.spec.metric) in MEAN_METRICS)
+        for group in prep.lm_groups:
+            for name, spec in group.specs.items():
+                if name in group.docs:
+                    n, content = group.docs[name]
+                    out[str(spec.name)] = ItemList(n, tuple(range(n)), content, group.mean_metric.get(name, False))
+        return out
 
     # -------------------------------------------------------------------------------------------- score
 
@@ -245,8 +276,13 @@ class Evaluator:
             "versions": dict(self._versions),
         }
 
-    def score(self, model: torch.nn.Module, split: str = "search") -> EvalResult:
-        """Score ``model`` on ``split``; never raises for a bad candidate (returns a recorded failure)."""
+    def score(self, model: torch.nn.Module, split: str = "search",
+              items: Mapping[str, Sequence[int]] | None = None) -> EvalResult:
+        """Score ``model`` on ``split``; never raises for a bad candidate (returns a recorded failure).
+
+        ``items``: per task, the items (positions in its item list, see :meth:`item_lists`) to score; tasks
+        not named are scored on every item. The result carries each task's per-item outcomes.
+        """
         t0 = time.perf_counter()
         settings = self.settings(split) if split in SPLITS else {"split": split}
         penalty = self.spec.effective_penalty
@@ -258,7 +294,7 @@ class Evaluator:
             model.eval()
             timer = _ForwardTimer(model, check_finite=bool(prep.lm_groups))
             try:
-                scores = self._score_prepared(model, prep)
+                scores, per_item = self._score_prepared(model, prep, items or {})
             finally:
                 timer.remove()
                 if was_training:
@@ -271,7 +307,8 @@ class Evaluator:
                     raise builtin.NonFiniteOutput(f"task {s.task}: non-finite {s.metric} {s.value}")
             aggregate = EvalResult.weighted_aggregate(ordered)
             return EvalResult(aggregate=aggregate, tasks=ordered, ok=True, split=split,
-                              seconds=time.perf_counter() - t0, forward_seconds=timer.seconds, settings=settings)
+                              seconds=time.perf_counter() - t0, forward_seconds=timer.seconds, settings=settings,
+                              items=per_item)
         except Exception as exc:  # noqa: BLE001 - a bad candidate must never crash the search
             if isinstance(exc, ConfigError) and split not in self._prepared:
                 err = f"ConfigError: {exc}"
@@ -287,17 +324,30 @@ class Evaluator:
                 res = EvalResult(**{**res.__dict__, "forward_seconds": timer.seconds})
             return res
 
-    def _score_prepared(self, model: torch.nn.Module, prep: _Prepared) -> dict[str, TaskScore]:
+    def _score_prepared(self, model: torch.nn.Module, prep: _Prepared, items: Mapping[str, Sequence[int]]
+                        ) -> tuple[dict[str, TaskScore], dict[str, ItemScores]]:
         out: dict[str, TaskScore] = {}
+        per_item: dict[str, ItemScores] = {}
         with _seeded(self.spec.seed):
             for bt in prep.builtin_tasks:
-                values = builtin.score_batches(model, bt.batches, self.device)
+                name = str(bt.spec.name)
                 metric = str(bt.spec.metric)
-                out[str(bt.spec.name)] = TaskScore(str(bt.spec.name), metric, float(values[metric]),
-                                                   bt.spec.direction != "minimize", bt.spec.weight)
+                if name in items:
+                    positions = _positions(bt.rows.row, items[name], name)
+                    stats = builtin.score_rows(model, bt.rows.batches(self.spec.batch_size, positions), self.device)
+                    rows = [bt.rows.row[i] for i in positions]
+                else:
+                    stats = builtin.score_rows(model, bt.batches, self.device)
+                    rows = list(bt.rows.row)
+                value = builtin.metrics_of(stats)[metric]
+                scores, weights = stats.item_values(metric)
+                per_item[name] = ItemScores.of(name, rows, scores.tolist(), weights.tolist(), bt.n_rows, bt.content)
+                out[name] = TaskScore(name, metric, float(value), bt.spec.direction != "minimize", bt.spec.weight)
             for group in prep.lm_groups:
-                out.update(self._run_lm_eval(model, group))
-        return out
+                scores_g, items_g = self._run_lm_eval(model, group, items)
+                out.update(scores_g)
+                per_item.update(items_g)
+        return out, per_item
 
     def _hflm(self, model: torch.nn.Module) -> Any:
         """One HFLM per model object (the search rewrites the same object's weights in place)."""
@@ -311,22 +361,32 @@ class Evaluator:
         self._lm_model_id = id(model)
         return self._lm
 
-    def _run_lm_eval(self, model: torch.nn.Module, group: _LmEvalGroup) -> dict[str, TaskScore]:
+    def _run_lm_eval(self, model: torch.nn.Module, group: _LmEvalGroup, items: Mapping[str, Sequence[int]]
+                     ) -> tuple[dict[str, TaskScore], dict[str, ItemScores]]:
         lm = self._hflm(model)
         for obj in group.loaded["tasks"].values():
             obj.set_fewshot_seed(seed=self.spec.seed)  # the sampler's RNG advances per call: reset it
+        subsets = {name: sorted(int(i) for i in items[str(spec.name)]) for name, spec in group.specs.items()
+                   if str(spec.name) in items and name in group.docs}
+        if subsets and len(subsets) < len(group.loaded["tasks"]):  # lm-eval takes samples for every task or none
+            for name in group.loaded["tasks"]:
+                if name not in subsets:
+                    n = group.docs[name][0] if name in group.docs else len(list(group.loaded["tasks"][name].eval_docs))
+                    subsets[name] = list(range(n if group.limit is None else min(n, group.limit)))
         with _quiet_lm_eval(), _compiled_templates():
             from lm_eval.evaluator import evaluate
 
-            res = evaluate(lm=lm, task_dict=group.loaded, limit=group.limit, cache_requests=False,
-                           bootstrap_iters=0, log_samples=False, verbosity="ERROR")
-        if not group.frozen:
+            res = evaluate(lm=lm, task_dict=group.loaded, limit=None if subsets else group.limit,
+                           samples=subsets or None, cache_requests=False, bootstrap_iters=0, log_samples=True,
+                           verbosity="ERROR")
+        if not group.frozen and not subsets:  # the template holds every document's requests
             for obj in group.loaded["tasks"].values():
                 _freeze_requests(obj)
             group.frozen = True
         if res is None:
             raise RuntimeError("lm-eval returned no results")
         out: dict[str, TaskScore] = {}
+        per_item: dict[str, ItemScores] = {}
         for name, task in group.specs.items():
             results = res["results"].get(name)
             if results is None:
@@ -339,7 +399,46 @@ class Evaluator:
                 higher = bool(res.get("higher_is_better", {}).get(name, {}).get(base_metric, True))
             out[str(task.name)] = TaskScore(str(task.name), metric_key, float(results[metric_key]), higher,
                                             task.weight)
-        return out
+            if name in group.docs:
+                group.mean_metric.setdefault(name, _is_mean(group.loaded["tasks"][name], base_metric))
+                per_doc = _document_values(res.get("samples", {}).get(name, []), metric_key)
+                n, content = group.docs[name]
+                index = sorted(per_doc)
+                per_item[str(task.name)] = ItemScores.of(str(task.name), index, [per_doc[i] for i in index],
+                                                        [1.0] * len(index), n, content)
+        return out, per_item
+
+
+def _positions(rows: Sequence[int], wanted: Sequence[int], task: str) -> list[int]:
+    """Positions among the encoded rows of the file rows ``wanted`` (rows that cannot be scored are refused)."""
+    at = {r: i for i, r in enumerate(rows)}
+    missing = [int(w) for w in wanted if int(w) not in at]
+    if missing:
+        raise ConfigError(f"task {task}: items {missing[:5]} are not scorable rows of its data")
+    return sorted(at[int(w)] for w in wanted)
+
+
+def _document_values(samples: Sequence[Mapping[str, Any]], metric_key: str) -> dict[int, float]:
+    """doc_id -> the document's value of ``metric`` under ``filter`` (``metric_key`` is ``metric,filter``)."""
+    metric, _, filter_key = metric_key.partition(",")
+    out: dict[int, float] = {}
+    for s in samples:
+        if filter_key and s.get("filter") not in (filter_key, None):
+            continue
+        value = s.get(metric)
+        if isinstance(value, (int, float, bool)):
+            out[int(s["doc_id"])] = float(value)
+    return out
+
+
+def _is_mean(task: Any, metric: str) -> bool:
+    """Whether lm-eval aggregates ``metric`` of ``task`` as the mean over documents."""
+    try:
+        from lm_eval.api.metrics import mean
+
+        return task.aggregation().get(metric) is mean
+    except Exception:  # noqa: BLE001 - an unusual task: treat it as not itemizable
+        return False
 
 
 def _pick_metric(metric: str | None, results: dict[str, Any], task: str) -> str:
@@ -383,12 +482,18 @@ def _freeze_requests(task: Any) -> None:
     if not template:
         return
 
-    def build_all_requests(*args: Any, **kwargs: Any) -> None:
+    def build_all_requests(*args: Any, samples: Sequence[int] | None = None, **kwargs: Any) -> None:
+        # lm-eval numbers the documents of a ``samples`` subset 0..k-1 in document order
+        rank = {d: i for i, d in enumerate(sorted(samples))} if samples else None
         fresh = []
         for inst in template:
+            if rank is not None and inst.doc_id not in rank:
+                continue
             c = copy.copy(inst)
             c.resps = []
             c.filtered_resps = {}
+            if rank is not None:
+                c.doc_id = rank[inst.doc_id]
             fresh.append(c)
         task._instances = fresh
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from evomerge.fitness.items import ItemScores
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,12 @@ class EvalResult:
     seconds: float = 0.0
     forward_seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    items: dict[str, ItemScores] = field(default_factory=dict)  # per task: which items it solved
+
+    @property
+    def complete(self) -> bool:
+        """Whether every task was scored on all of its items (not a racing stage's subset)."""
+        return all(s.complete for s in self.items.values())
 
     @staticmethod
     def failure(error: str, penalty: float, split: str = "search", seconds: float = 0.0,
@@ -56,9 +65,13 @@ class EvalResult:
         return {t.task: t.value for t in self.tasks}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (per-item arrays as their storage records)."""
+        out = asdict(dataclasses.replace(self, items={}))
+        out["items"] = {k: v.to_json() for k, v in self.items.items()}
+        return out
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> EvalResult:
         tasks = tuple(TaskScore(**t) for t in data.get("tasks", ()))
-        return EvalResult(**{**data, "tasks": tasks})
+        items = {k: ItemScores.from_json(v) for k, v in (data.get("items") or {}).items()}
+        return EvalResult(**{**data, "tasks": tasks, "items": items})

@@ -1,0 +1,177 @@
+"""Racing: evaluate a candidate in stages over item subsets and stop it once it cannot beat the bar.
+
+Stages run over a fixed, seeded order of each task's items (the same order for every candidate of a run, so
+any two candidates are compared on exactly the same items): stage fractions such as 1/8, 1/4, 1/2, 1 take the
+first ``ceil(f * n)`` items of every task (stratified by task, so every task is represented in its weight).
+
+After each stage the candidate is compared with the bar (the incumbent, or the k-th best a population keeps)
+on the items both have, with a paired statistic on item-level differences weighted like the aggregate:
+
+- per task t, on the stage's items S_t: the ratio estimate of the task's difference
+  ``D_t = sum_j w_j d_j / sum_j w_j`` with ``d_j = sign_t * (candidate_j - bar_j)`` and ``w_j`` the item's
+  weight in the task value (1 per row for exact match, scored tokens for token accuracy);
+- its variance under sampling without replacement from the task's N_t items:
+  ``Var(D_t) = (1 - n/N) / (n * mean(w)^2) * sum_j (w_j (d_j - D_t))^2 / (n - 1)``;
+- the aggregate difference ``D = sum_t a_t D_t`` (``a_t`` = task weight / total weight), ``Var(D) =
+  sum_t a_t^2 Var(D_t)``; the chance that the candidate beats the bar on every item is ``Phi(D / sd(D))``
+  (normal approximation; with no spread left, 1, 0.5 or 0 by the sign of D).
+
+The candidate stops when that chance falls below the level; its estimate on all items is the bar's aggregate
+plus D (a paired estimate, much tighter than the candidate's own subset mean). A stage with fewer than
+``min_items`` items in all is never a reason to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import ConfigError
+from evomerge.fitness.items import ItemList, ItemScores
+
+DEFAULT_STAGES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class RacingConfig:
+    """The ``racing:`` section of a search space (``false`` turns racing off)."""
+
+    enabled: bool = True
+    stages: tuple[float, ...] = DEFAULT_STAGES
+    level: float = 0.05
+    min_items: int = 32
+    seed: int = 0
+
+    def check(self, where: str = "racing") -> None:
+        """ConfigError naming ``where`` for a level outside (0, 1) or stages not increasing to 1."""
+        if not 0.0 < self.level < 1.0:
+            raise ConfigError(f"{where}.level: must lie in (0, 1), got {self.level}")
+        st = list(self.stages)
+        if not st or any(not 0.0 < f <= 1.0 for f in st):
+            raise ConfigError(f"{where}.stages: fractions in (0, 1], got {st}")
+        if any(b <= a for a, b in zip(st, st[1:])):
+            raise ConfigError(f"{where}.stages: must increase, got {st}")
+        if st[-1] != 1.0:
+            raise ConfigError(f"{where}.stages: the last stage must be the full split (1.0), got {st[-1]}")
+        if self.min_items < 1:
+            raise ConfigError(f"{where}.min_items: must be at least 1, got {self.min_items}")
+
+    @staticmethod
+    def from_value(value: Any, seed: int = 0, where: str = "racing") -> RacingConfig:
+        """``false`` / ``true`` / a mapping with ``stages``, ``level``, ``min_items``."""
+        if value is False or value is None:
+            return RacingConfig(enabled=False, seed=seed)
+        if value is True:
+            return RacingConfig(seed=seed)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected false, true or a mapping (stages, level, min_items), got {value!r}")
+        known = {"stages", "level", "min_items", "enabled"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown} (known: {', '.join(sorted(known))})")
+        kwargs: dict[str, Any] = {"seed": seed}
+        if "stages" in value:
+            stages = value["stages"]
+            if not isinstance(stages, (list, tuple)) or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) for s in stages):
+                raise ConfigError(f"{where}.stages: a list of fractions, got {stages!r}")
+            kwargs["stages"] = tuple(float(s) for s in stages)
+        for key, kind in (("level", float), ("min_items", int), ("enabled", bool)):
+            if key in value:
+                kwargs[key] = kind(value[key])
+        cfg = RacingConfig(**kwargs)
+        cfg.check(where)
+        return cfg
+
+
+def item_order(lists: Mapping[str, ItemList], seed: int) -> dict[str, np.ndarray]:
+    """A fixed, seeded order of each task's scorable items (the same for every candidate of a run)."""
+    out: dict[str, np.ndarray] = {}
+    for task in sorted(lists):
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, _stable(task)])
+        items = np.asarray(lists[task].scorable, dtype=np.int64)
+        out[task] = items[rng.permutation(len(items))]
+    return out
+
+
+def _stable(text: str) -> int:
+    h = 0
+    for ch in text.encode():
+        h = (h * 131 + ch) & 0xFFFFFFFF
+    return h
+
+
+def stage_items(order: Mapping[str, np.ndarray], fraction: float) -> dict[str, list[int]]:
+    """The first ``ceil(fraction * n)`` items of each task's order (at least one per task)."""
+    return {t: sorted(int(i) for i in o[: max(1, math.ceil(fraction * len(o)))]) for t, o in order.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate against the bar on the items it has: the paired difference, its spread, the chance."""
+
+    difference: float  # estimated aggregate difference (candidate - bar) over every item
+    stderr: float
+    chance: float  # estimated probability that the candidate beats the bar on every item
+    items: int  # items compared
+    estimate: float  # the candidate's estimated aggregate on every item: bar aggregate + difference
+
+
+def compare(candidate: Mapping[str, ItemScores], bar: Mapping[str, ItemScores], bar_aggregate: float,
+            task_weights: Mapping[str, tuple[float, bool]]) -> Comparison:
+    """The paired statistic of the module docstring. ``task_weights``: task -> (weight, higher is better)."""
+    total_w = sum(w for w, _ in task_weights.values())
+    if total_w <= 0:
+        raise ValueError("task weights must sum to a positive number")
+    diff = 0.0
+    var = 0.0
+    n_items = 0
+    for task, (weight, higher) in task_weights.items():
+        cand, ref = candidate.get(task), bar.get(task)
+        if cand is None or ref is None:
+            raise ValueError(f"task {task}: no item results to compare")
+        if (cand.total, cand.content) != (ref.total, ref.content):
+            raise ValueError(f"task {task}: the candidate and the bar were scored on different item lists")
+        ref_s, _ = ref.dense()
+        b = ref_s[cand.index].astype(np.float64)
+        if np.isnan(b).any():
+            raise ValueError(f"task {task}: the bar has no result on some of the candidate's items")
+        w = cand.weights.astype(np.float64)
+        d = (cand.scores.astype(np.float64) - b) * (1.0 if higher else -1.0)
+        n = len(d)
+        n_items += n
+        a = weight / total_w
+        d_t = float((w * d).sum() / w.sum())
+        diff += a * d_t
+        if n > 1 and n < cand.total:
+            z = w * (d - d_t)
+            s2 = float((z * z).sum() / (n - 1))
+            var += a * a * (1.0 - n / cand.total) / (n * float(w.mean()) ** 2) * s2
+    sd = math.sqrt(var)
+    if sd > 0:
+        chance = 0.5 * (1.0 + math.erf(diff / (sd * math.sqrt(2.0))))
+    else:
+        chance = 1.0 if diff > 0 else (0.5 if diff == 0 else 0.0)
+    return Comparison(diff, sd, chance, n_items, bar_aggregate + diff)
+
+
+@dataclass(frozen=True)
+class RacePlan:
+    """What a worker needs to race one candidate without a round trip per stage: the stages' items, the bar's
+    per-item results and aggregate, the task weights and the stopping rule."""
+
+    stages: tuple[Mapping[str, Sequence[int]], ...]
+    bar: Mapping[str, ItemScores]
+    bar_aggregate: float
+    task_weights: Mapping[str, tuple[float, bool]]
+    level: float
+    min_items: int
+
+    def should_stop(self, comparison: Comparison, stage: int) -> bool:
+        """Stop before the last stage when the chance to beat the bar is below the level (enough items seen)."""
+        return (stage < len(self.stages) - 1 and comparison.items >= self.min_items
+                and comparison.chance < self.level)

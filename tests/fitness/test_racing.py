@@ -1,0 +1,112 @@
+"""Racing statistics: hand cases of the paired statistic, stage orders, and the configuration's errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.fitness.items import ItemList, ItemScores
+from evomerge.fitness.racing import RacePlan, RacingConfig, compare, item_order, stage_items
+
+
+def _items(task: str, index: list[int], scores: list[float], total: int, weights: list[float] | None = None
+           ) -> ItemScores:
+    return ItemScores.of(task, index, scores, weights or [1.0] * len(index), total, "h")
+
+
+def test_paired_difference_hand_case() -> None:
+    # 4 of 8 items seen; candidate - bar = [1, 0, 0, -1] + 0.5 shift on item 2: d = [1, 0, 0.5, -1]
+    bar = _items("t", list(range(8)), [0, 1, 0, 1, 1, 0, 1, 0], 8)
+    cand = _items("t", [0, 1, 2, 3], [1, 1, 0.5, 0], 8)
+    c = compare({"t": cand}, {"t": bar}, bar_aggregate=0.5, task_weights={"t": (1.0, True)})
+    d = np.array([1, 0, 0.5, -1])
+    mean = d.mean()
+    var = (1 - 4 / 8) / 4 * ((d - mean) ** 2).sum() / 3
+    assert c.difference == pytest.approx(mean)
+    assert c.stderr == pytest.approx(math.sqrt(var))
+    assert c.chance == pytest.approx(0.5 * (1 + math.erf(mean / math.sqrt(2 * var))))
+    assert c.estimate == pytest.approx(0.5 + mean) and c.items == 4
+
+
+def test_weights_directions_and_task_weights() -> None:
+    # token-weighted items: D_t = sum w d / sum w; a minimized task enters negated; task weights 3:1
+    bar = {"a": _items("a", [0, 1, 2], [0.5, 0.5, 0.5], 3), "b": _items("b", [0, 1], [2.0, 2.0], 2)}
+    cand = {"a": _items("a", [0, 1, 2], [1.0, 0.0, 0.5], 3, weights=[3, 1, 1]),
+            "b": _items("b", [0, 1], [1.0, 1.0], 2)}
+    c = compare(cand, bar, 0.0, {"a": (3.0, True), "b": (1.0, False)})
+    d_a = (3 * 0.5 + 1 * -0.5 + 0) / 5
+    d_b = +1.0  # lower is better: 1 < 2 is a gain of 1
+    assert c.difference == pytest.approx(0.75 * d_a + 0.25 * d_b)
+    assert c.stderr == 0.0  # every item seen: no sampling error left
+    assert c.chance == 1.0
+
+
+def test_no_spread_gives_the_sign_and_errors_name_the_task() -> None:
+    bar = _items("t", list(range(10)), [1.0] * 10, 10)
+    worse = _items("t", [0, 1, 2], [0.0, 0.0, 0.0], 10)
+    assert compare({"t": worse}, {"t": bar}, 1.0, {"t": (1.0, True)}).chance == 0.0
+    same = _items("t", [0, 1, 2], [1.0, 1.0, 1.0], 10)
+    assert compare({"t": same}, {"t": bar}, 1.0, {"t": (1.0, True)}).chance == 0.5
+    other = ItemScores.of("t", [0], [1.0], [1.0], 10, "other")
+    with pytest.raises(ValueError, match="different item lists"):
+        compare({"t": other}, {"t": bar}, 1.0, {"t": (1.0, True)})
+    partial_bar = _items("t", [0], [1.0], 10)
+    with pytest.raises(ValueError, match="no result on some"):
+        compare({"t": worse}, {"t": partial_bar}, 1.0, {"t": (1.0, True)})
+
+
+def test_a_clearly_worse_candidate_stops_and_a_better_one_never_does() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    bar_s = (rng.random(n) < 0.6).astype(float)
+    bar = {"t": _items("t", list(range(n)), bar_s.tolist(), n)}
+    order = item_order({"t": ItemList(n, tuple(range(n)), "h", True)}, seed=3)
+    stages = [stage_items(order, f) for f in (0.125, 0.25, 0.5, 1.0)]
+    plan = RacePlan(tuple(stages), bar, float(bar_s.mean()), {"t": (1.0, True)}, level=0.05, min_items=32)
+    worse = np.where(rng.random(n) < 0.5, 0.0, bar_s)  # loses half of the bar's solved items
+    better = np.maximum(bar_s, (rng.random(n) < 0.3).astype(float))
+    for scores, stops in ((worse, True), (better, False)):
+        first = stages[0]["t"]
+        cand = {"t": _items("t", first, scores[first].tolist(), n)}
+        c = compare(cand, bar, plan.bar_aggregate, plan.task_weights)
+        assert plan.should_stop(c, 0) is stops
+    # never at the last stage, never on too few items
+    tiny = compare({"t": _items("t", [0, 1], [0.0, 0.0], n)}, bar, plan.bar_aggregate, plan.task_weights)
+    assert not plan.should_stop(tiny, 0)
+    assert not plan.should_stop(compare({"t": _items("t", list(range(n)), worse.tolist(), n)}, bar,
+                                        plan.bar_aggregate, plan.task_weights), 3)
+
+
+def test_stage_orders_are_seeded_stratified_and_nested() -> None:
+    lists = {"a": ItemList(40, tuple(range(40)), "x", True), "b": ItemList(8, (0, 2, 4, 6), "y", True)}
+    o1, o2, o3 = item_order(lists, 1), item_order(lists, 1), item_order(lists, 2)
+    assert all((o1[t] == o2[t]).all() for t in lists) and not (o1["a"] == o3["a"]).all()
+    assert sorted(o1["b"].tolist()) == [0, 2, 4, 6]  # only scorable items
+    s1, s2 = stage_items(o1, 0.125), stage_items(o1, 0.5)
+    assert len(s1["a"]) == 5 and len(s1["b"]) == 1 and len(s2["a"]) == 20
+    assert set(s1["a"]) <= set(s2["a"])
+    assert stage_items(o1, 1.0)["a"] == list(range(40))
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"level": 1.0}, r"racing\.level: must lie in \(0, 1\)"),
+    ({"level": 0}, r"racing\.level"),
+    ({"stages": [0.5, 0.25, 1.0]}, "must increase"),
+    ({"stages": [0.25, 0.5]}, "last stage must be the full split"),
+    ({"stages": [0, 1.0]}, r"fractions in \(0, 1\]"),
+    ({"speed": 3}, r"unknown key\(s\) \['speed'\]"),
+    ("fast", "expected false, true or a mapping"),
+])
+def test_bad_racing_sections_are_named(value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RacingConfig.from_value(value, where="racing")
+
+
+def test_racing_values() -> None:
+    assert not RacingConfig.from_value(False).enabled
+    cfg = RacingConfig.from_value({"stages": [0.2, 1], "level": 0.1}, seed=7)
+    assert cfg.enabled and cfg.stages == (0.2, 1.0) and cfg.level == 0.1 and cfg.seed == 7
+    assert RacingConfig.from_value(True).stages == (0.125, 0.25, 0.5, 1.0)
