@@ -130,8 +130,9 @@ class PairMoments:
         return abs(self.cos())
 
     def ed(self) -> float:
-        """√(Σx² + Σy² − 2Σxy) (clamped at 0 against rounding)."""
-        return math.sqrt(max(0.0, self.sxx + self.syy - 2.0 * self.sxy))
+        """√(Σx² + Σy² − 2Σxy) (clamped at 0 against rounding; NaN stays NaN)."""
+        value = self.sxx + self.syy - 2.0 * self.sxy
+        return value if math.isnan(value) else math.sqrt(max(0.0, value))
 
     def metric(self, name: str) -> float:
         if name not in METRICS:
@@ -143,6 +144,9 @@ class PairMoments:
 
 
 def _clip(value: float) -> float:
+    """Clamp rounding beyond [-1, 1]; NaN stays NaN (``max(-1, min(1, nan))`` would be 1.0: "identical")."""
+    if math.isnan(value):
+        return value
     return max(-1.0, min(1.0, value))
 
 
@@ -311,12 +315,13 @@ def kinship_matrix(
                 rows_ok = (vocab_policy == "slice_to_base" and x.dim() >= 1 and x.dim() == b.dim()
                            and x.shape[0] > b.shape[0] and tuple(x.shape[1:]) == tuple(b.shape[1:]))
                 if not rows_ok:
-                    raise ModelError(
-                        f"kinship: tensor {name!r} has shape {tuple(x.shape)} in {labels[row]} but "
-                        f"{tuple(b.shape)} in the base {_label(base_src)}"
-                        + ("" if vocab_policy == "slice_to_base" else
-                           " (for larger vocabularies pass vocab_policy='slice_to_base')")
-                    )
+                    more_rows = (x.dim() >= 1 and x.dim() == b.dim() and x.shape[0] > b.shape[0]
+                                 and tuple(x.shape[1:]) == tuple(b.shape[1:]))
+                    hint = (" (a larger vocabulary: pass --vocab-policy slice_to_base to compare the base's rows)"
+                            if more_rows and vocab_policy != "slice_to_base" else
+                            " (the models have different architectures: kinship needs fine-tunes of one base)")
+                    raise ModelError(f"kinship: tensor {name!r} has shape {tuple(x.shape)} in {labels[row]} but "
+                                     f"{tuple(b.shape)} in the base {_label(base_src)}" + hint)
                 x = x[: b.shape[0]]
             raw.append(x.reshape(-1))
         # float64 deltas chunk by chunk: temporary memory T x _CHUNK x 8 bytes, whatever the tensor's size

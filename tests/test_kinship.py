@@ -73,6 +73,15 @@ def test_degenerate_and_bad_input() -> None:
         kinship(zero, other, base, "foo")
     with pytest.raises(ModelError, match=r"tensor 'w' has shape \(4,\)"):
         kinship({"w": torch.zeros(4)}, other, base)
+    # a NaN weight stays NaN in every similarity: never "identical" (clamping NaN into [-1, 1] gave 1.0)
+    broken = {"w": torch.tensor([1.0, float("nan"), 3.0])}
+    for metric in ("pcc", "cos", "abs_cos", "ed"):
+        assert math.isnan(kinship(broken, other, base, metric)), metric
+    # the hint names what is wrong: a larger vocabulary, or another architecture
+    with pytest.raises(ModelError, match="larger vocabulary"):
+        kinship({"w": torch.zeros(4, 2)}, {"w": torch.zeros(3, 2)}, {"w": torch.zeros(3, 2)})
+    with pytest.raises(ModelError, match="different architectures"):
+        kinship({"w": torch.zeros(3, 4)}, {"w": torch.zeros(3, 2)}, {"w": torch.zeros(3, 2)})
     with pytest.raises(ModelError, match="no tensor 'w'"):
         kinship({"v": torch.zeros(3)}, other, base)
     # vocabulary rows beyond the base's: refused by default, compared on the base's rows when asked

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from transformers import AutoModelForCausalLM
-
 from evomerge.errors import ConfigError
 from evomerge.fitness.evaluator import Evaluator, set_offline_env
 from evomerge.fitness.spec import FitnessSpec
+from evomerge.models.hf import load_causal_lm
 from evomerge.paths import resolve_path
 
 
@@ -26,22 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the full EvalResult as JSON")
 
 
-def load_spec(path: str) -> object:
+def load_spec(path: str) -> FitnessSpec:
     """A FitnessSpec from a search space (its ``fitness:`` section) or a bare spec file."""
-
     return FitnessSpec.from_yaml(path)
 
 
 def run(args: argparse.Namespace) -> int:
-
-
     set_offline_env()
     spec = load_spec(args.space or args.tasks)
     path = resolve_path(args.model)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model folder {path} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype),
-                                                 local_files_only=True).to(args.device)
+    # the one loading rule: safetensors only, never code from the model folder
+    model = load_causal_lm(path, args.device, dtype=args.dtype)
     evaluator = Evaluator(spec, str(path), device=args.device, splits=(args.split,))
     result = evaluator.score(model, split=args.split)
     if args.json:

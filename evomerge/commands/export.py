@@ -23,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     summary = export_candidate(args.run_dir, args.out, candidate_id=args.candidate, rank_by=args.rank_by,
                                overwrite=args.overwrite, device=args.device, dtype=args.dtype,
                                max_shard_size=args.max_shard_size)

@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if len(args.models) < 2:
         raise ConfigError("kinship: give at least two models")
     paths = [resolve_path(m) for m in args.models]
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
                 vals = km.layer_values(a, b, metric)
                 print(f"  {metric:<8}" + "  ".join(f"{lab}={v:.4f}" for lab, v in vals.items()))
     if args.heatmap is not None:
-
         kinship_heatmap(km.matrix(metrics[0]), names, metrics[0], args.heatmap)
         print(f"\nheatmap: {args.heatmap}")
     if args.json is not None:

@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     recipe, form = load_recipe_with_form(args.recipe)
     mk_text = mergekit_yaml(recipe) if args.write_mergekit_yaml else None
     summary = merge_recipe_to_disk(
@@ -38,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, where=str(args.recipe),
     )
     if mk_text is not None:
-
         write_text_atomic(summary.out_dir / "mergekit_config.yml", mk_text)
     print(f"{summary.line()} ({form} recipe, method {summary.method})")
     return 0

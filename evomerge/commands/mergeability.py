@@ -40,7 +40,6 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_entries(raw: Any, where: str) -> dict[str, str]:
-
     out: dict[str, str] = {}
     if isinstance(raw, dict):
         items = list(raw.items())
@@ -65,7 +64,6 @@ def _model_entries(raw: Any, where: str) -> dict[str, str]:
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, dict[str, str]]:
     """(base path, {name: path}, FitnessSpec, {model: task}) from SPACE.yaml and/or the flags."""
-
 
     base = args.base
     models: dict[str, str] = {}
@@ -105,7 +103,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
         named = {m.split("=", 1)[0]: m.split("=", 1)[1] for m in args.models if "=" in m}
         models = {**{k: v for k, v in models.items() if v not in named.values()}, **named}
     if args.fitness:
-
         spec = FitnessSpec.from_yaml(_resolve(args.fitness))
     if not base:
         raise ConfigError("no base model: give SPACE.yaml with base_model, or --base")
@@ -131,7 +128,6 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, 
 
 
 def build_lab(args: argparse.Namespace, splits: tuple[str, ...] = ("search",)) -> Any:
-
     base, models, spec, tasks = resolve_inputs(args)
     return ZooLab(base, models, spec, args.device, task_of_model=tasks, splits=splits)
 
@@ -147,8 +143,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)

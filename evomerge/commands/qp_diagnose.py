@@ -18,7 +18,6 @@ from evomerge.merge.kernels.qp import BASES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-
     add_input_arguments(parser)
     parser.add_argument("--basis", nargs="+", choices=BASES, default=list(BASES), help="bases to diagnose")
     parser.add_argument("--ridge", type=float, default=0.01, help="Gram ridge (relative to mean diagonal)")
@@ -32,8 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
-
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -63,6 +60,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tensor_order(name: str) -> tuple[int, str]:
-
     m = re.search(r"\.(\d+)\.", name)
     return (int(m.group(1)) if m else 10**6, name)

@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     data = load_run(args.run_dir)
     out = args.out or (args.run_dir / "report")
     files = write_report(data, out, top_n=args.top)

@@ -20,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     result = resume_run(args.run_dir, space_path=args.space, budget=args.budget, workers=args.workers,
                         address=args.ray_address, progress=not args.quiet)
     return _finish(result)

@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     space = load_space(args.space).with_overrides(budget=args.budget, workers=args.workers)
     path = default_run_path(space, args.name, args.runs_dir)
     result = start_run(space, path, address=args.ray_address, progress=not args.quiet)
@@ -35,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finish(result: SessionResult) -> int:
-
     print(summary_text(result.run_dir))
     if result.interrupted:
         print(f"stopped early; continue with: evomerge resume {result.run_dir}")

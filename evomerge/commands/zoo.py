@@ -25,7 +25,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.zoo_command == "build":
         build_zoo(args.dir, size=args.size, seed=args.seed, force=args.force, threads=args.threads)
         return 0

@@ -49,10 +49,8 @@ def set_offline_env() -> None:
 
 
 def versions() -> dict[str, str]:
-
     out = {"evomerge": evomerge.__version__, "torch": torch.__version__}
     try:
-
         out["lm_eval"] = version("lm_eval")
         out["transformers"] = version("transformers")
     except Exception:  # pragma: no cover - metadata missing in odd installs

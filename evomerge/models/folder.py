@@ -417,7 +417,6 @@ class ModelFolder:
         return dict(self._shards[0].metadata) if self._shards else {}
 
     def _tied_aliases(self) -> dict[str, str]:
-
         value = self._config_tie()
         try:
             layer_map = LayerMap.from_config(self.config)

@@ -18,9 +18,13 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import __version__ as transformers_version
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
+from evomerge.dtypes import parse_dtype
 from evomerge.errors import ModelError
+from evomerge.models.folder import ModelFolder
 from evomerge.paths import resolve_path
 
 
@@ -35,10 +39,26 @@ def load_tokenizer(tokenizer: Any) -> Any:
         raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
 
 
+def check_loadable(path: str | os.PathLike[str]) -> None:
+    """Refuse, by name, a folder that transformers could only load by running its code or unpickling weights."""
+    p = resolve_path(path)
+    with ModelFolder.open(p) as folder:  # safetensors only: a pickle-only folder is refused with the fix
+        config = folder.config
+    if config.get("auto_map"):
+        raise ModelError(f"model {p}: its config.json names custom code (auto_map {sorted(config['auto_map'])}); "
+                         "evomerge never runs code from a model folder (trust_remote_code is always off)")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"model {p}: model_type {model_type!r} is not an architecture this transformers "
+                         f"{transformers_version} knows (and evomerge never runs a folder's own model code)")
+
+
 def load_causal_lm(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+                   dtype: str | torch.dtype = torch.float32) -> torch.nn.Module:
     """A causal LM from a local folder (safetensors, no remote code), in ``dtype`` on ``device``, in eval mode."""
     p = resolve_path(path)
+    check_loadable(p)
+    dtype = parse_dtype(dtype, "dtype") or torch.float32
     # a search loads merged parents many times: no "Loading weights" bar each time (restored afterwards)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

@@ -60,7 +60,6 @@ def parse_recipe(data: Any, where: str, folder: Path | None = None, validate: bo
         raise ConfigError(f"{where}: neither an evomerge recipe ('method:') nor a mergekit config ('merge_method:')")
     recipe = resolve_paths(recipe, folder)
     if validate:
-
         validate_recipe(recipe, where)
     if form == "mergekit":
         _check_slice_range(data, recipe, where)
@@ -76,7 +75,6 @@ def _check_slice_range(data: dict[str, Any], recipe: Recipe, where: str) -> None
     cfg_path = Path(ref) / "config.json"
     if not cfg_path.is_file():
         return  # the model check reports the missing folder with its own message
-
 
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
