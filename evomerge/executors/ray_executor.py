@@ -13,6 +13,7 @@ request on a CPU-only cluster fails with a clear message instead of pending fore
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.executors.base import EvalJob, EvalOutcome, Worker
-from evomerge.executors.worker import WorkerSpec
+from evomerge.executors.worker import MergeEvalWorker, WorkerSpec, _rss_bytes
 from evomerge.fitness.result import EvalResult
 
 WorkerFactory = Callable[[WorkerSpec, str], Worker]
@@ -35,8 +36,6 @@ MAX_START_FAILURES = 3
 
 
 def _default_factory(spec: WorkerSpec, name: str) -> Worker:
-    from evomerge.executors.worker import MergeEvalWorker
-
     return MergeEvalWorker(spec, name)
 
 
@@ -110,8 +109,6 @@ class EvalActor:
         fn = getattr(self.worker, "memory_bytes", None)
         if callable(fn):
             return dict(fn())
-        from evomerge.executors.worker import _rss_bytes
-
         return {"rss": _rss_bytes()}
 
     def pid(self) -> int:
@@ -208,8 +205,6 @@ class RayExecutor:
         ray = self._ray
         if ray.is_initialized():
             return
-        import logging
-
         kwargs: dict[str, Any] = {"namespace": "evomerge", "log_to_driver": False,
                                   "logging_level": logging.WARNING, "configure_logging": True}
         if address:
