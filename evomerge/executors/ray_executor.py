@@ -5,7 +5,7 @@ keeps the model resident and evaluates one job at a time. Only jobs (recipes) an
 network. There is no generation barrier: a worker that finishes gets the next queued job at once.
 
 A worker that dies (out of memory, killed, node lost) or runs past ``eval_timeout`` is replaced by a new actor
-in the same slot and its job comes back as an outcome with ``lost=True``; the search loop decides whether to
+in the same slot and its job comes back as an outcome with ``lost=True``; the search's dispatcher decides whether to
 re-queue it. Before any actor is created the cluster's resources are checked against the request, so a GPU
 request on a CPU-only cluster fails with a clear message instead of pending forever.
 """
