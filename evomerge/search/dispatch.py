@@ -91,12 +91,11 @@ class _Slot:
     generation: int
     extra_models: dict[str, str]
     model_tasks: dict[str, tuple[str, ...]]
-    sent: bool = False
 
 
 @dataclass(frozen=True)
 class Finished:
-    """A job done: its ticket and what was archived (the candidate row; for a re-score, the candidate)."""
+    """A job done: its ticket, the candidate row (for a re-score, the candidate re-scored), the result archived."""
 
     ticket: Any
     record: CandidateRecord
@@ -204,7 +203,6 @@ class Dispatcher:
 
     def _send(self, slot: _Slot) -> None:
         t = slot.ticket
-        slot.sent = True
         self.executor.submit(EvalJob(candidate_id=t.candidate_id, recipe=t.recipe, split=slot.split,
                                      attempt=t.attempt, extra_models=slot.extra_models,
                                      model_tasks=slot.model_tasks))

@@ -1,4 +1,7 @@
-"""The black-box search loop: nevergrad ask/tell over the genome, evaluations through an Executor, the archive.
+"""The black-box search loop: nevergrad ask/tell over the whole genome; evaluations through the dispatcher.
+
+The loop owns only the optimizer's side (ask, decode, checkpoint, tell, stopping rules); submitting, retrying,
+de-duplicating and archiving are the :class:`~evomerge.search.dispatch.Dispatcher`'s.
 
 Steady state, no generation barrier: the loop keeps ``executor.capacity`` candidates in flight and asks for a new
 one as soon as one finishes. Order of one step, chosen so that any interruption is recoverable exactly:
