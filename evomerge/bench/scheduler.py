@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evomerge.search.events import EventKind
+
 NAME = "scheduler"
 HELP = "throughput of loop + Ray executor + archive with 32 simulated workers vs the ideal workers/latency"
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             executor.close()
         with run_dir.archive(readonly=True) as archive:
             records = archive.results("search")
-            requeued = len(archive.events("requeued"))
+            requeued = len(archive.events(EventKind.REQUEUED))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     done = sorted(r.created_at - t1_wall for r in records)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from evomerge.search.events import EventKind
+
 NAME = "search"
 HELP = "held-out scores: uniform, TA (λ grid), TIES, per-layer CMA-ES, Top-k greedy, population manager"
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"--rows: unknown {bad} (known: {', '.join(ROWS)})")
     if {"greedy", "population"} & set(rows):  # a bad pair method fails now, not after the baselines
-        from evomerge.search.population_backend import PairSpace
+        from evomerge.search.population.pair_search import PairSpace
 
         PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
     if args.threads > 0:
@@ -147,10 +149,11 @@ class _Lab:
     """One resident worker for all rows: score recipes on the search or the held-out test split."""
 
     def __init__(self, base: str, originals: Mapping[str, str], spec: Any, device: str) -> None:
-        from evomerge.search.population_backend import PopulationWorker
+        from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
 
         self.base, self.originals, self.spec, self.device = base, dict(originals), spec, device
-        self.worker = PopulationWorker(base, originals, spec, device, max_extra=4, splits=("search", "test"))
+        self.worker = MergeEvalWorker(WorkerSpec(base=base, models=dict(originals), fitness=spec, device=device,
+                                                 splits=("search", "test"), max_extra=4))
         self._ids = 0
 
     def score(self, recipe: Any, split: str, extra: Mapping[str, str] | None = None) -> Any:
@@ -217,12 +220,13 @@ def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str
 
     from evomerge.merge.params import ParamValue
     from evomerge.merge.recipe import ModelEntry, Recipe
-    from evomerge.search.population_backend import PairSpace, make_optimizer
+    from evomerge.search.optimizer import array_parametrization, build_optimizer
+    from evomerge.search.population.pair_search import PairSpace
 
     layers = lab.worker.merger.layer_map.num_layers
     space = PairSpace()
     x0 = np.full(len(skills) * layers, 0.5)
-    opt = make_optimizer("CMA", x0, space.lower, space.upper, space.sigma, budget, seed)
+    opt = build_optimizer("CMA", array_parametrization(x0, space.lower, space.upper, space.sigma, seed), budget=budget)
 
     def recipe(x: np.ndarray) -> Recipe:
         return Recipe("task_arithmetic", tuple(
@@ -287,10 +291,10 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
                 explore: bool, run_dir: Path) -> dict[str, Any]:
     """A population row as a run directory driven like `evomerge run` (archive, events, test re-score)."""
     from evomerge.executors.base import InProcessExecutor
-    from evomerge.search.loop import StopFlag
-    from evomerge.search.population_driver import run_population_session
+    from evomerge.search.population.session import run_population_session
     from evomerge.search.run import RunDir
     from evomerge.search.space import space_from_dict
+    from evomerge.search.stopping import StopFlag
 
     label = f"{'population' if explore else 'greedy'} seed {seed}"
     zoo_ref = f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"
@@ -308,7 +312,7 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
         if res is None or res.status != "ok":
             raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
         tasks = {k: float(v["value"]) for k, v in res.scores.items()}
-        gens = [e["data"] for e in archive.events("generation_end")]
+        gens = [e["data"] for e in archive.events(EventKind.GENERATION_END)]
     mean = sum(tasks.values()) / len(tasks)
     _log(f"{label}: best #{best.id} ({' x '.join(map(str, best.parents))}) search {best.aggregate:.4f}, held-out "
          f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s)")

@@ -5,7 +5,7 @@ keeps the model resident and evaluates one job at a time. Only jobs (recipes) an
 network. There is no generation barrier: a worker that finishes gets the next queued job at once.
 
 A worker that dies (out of memory, killed, node lost) or runs past ``eval_timeout`` is replaced by a new actor
-in the same slot and its job comes back as an outcome with ``lost=True``; the search loop decides whether to
+in the same slot and its job comes back as an outcome with ``lost=True``; the search's dispatcher decides whether to
 re-queue it. Before any actor is created the cluster's resources are checked against the request, so a GPU
 request on a CPU-only cluster fails with a clear message instead of pending forever.
 """
@@ -13,6 +13,7 @@ request on a CPU-only cluster fails with a clear message instead of pending fore
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.executors.base import EvalJob, EvalOutcome, Worker
-from evomerge.executors.worker import WorkerSpec
+from evomerge.executors.worker import MergeEvalWorker, WorkerSpec, _rss_bytes
 from evomerge.fitness.result import EvalResult
 
 WorkerFactory = Callable[[WorkerSpec, str], Worker]
@@ -35,8 +36,6 @@ MAX_START_FAILURES = 3
 
 
 def _default_factory(spec: WorkerSpec, name: str) -> Worker:
-    from evomerge.executors.worker import MergeEvalWorker
-
     return MergeEvalWorker(spec, name)
 
 
@@ -110,8 +109,6 @@ class EvalActor:
         fn = getattr(self.worker, "memory_bytes", None)
         if callable(fn):
             return dict(fn())
-        from evomerge.executors.worker import _rss_bytes
-
         return {"rss": _rss_bytes()}
 
     def pid(self) -> int:
@@ -208,8 +205,6 @@ class RayExecutor:
         ray = self._ray
         if ray.is_initialized():
             return
-        import logging
-
         kwargs: dict[str, Any] = {"namespace": "evomerge", "log_to_driver": False,
                                   "logging_level": logging.WARNING, "configure_logging": True}
         if address:

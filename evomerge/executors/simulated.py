@@ -21,8 +21,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from evomerge.executors.base import EvalJob, EvalOutcome
-from evomerge.executors.worker import WorkerSpec
+from evomerge.executors.worker import WorkerSpec, _rss_bytes
 from evomerge.fitness.result import EvalResult, TaskScore
+from evomerge.killpoints import kill_point
 from evomerge.merge.recipe import Recipe
 
 
@@ -79,8 +80,6 @@ class SimulatedWorker:
 
     def evaluate(self, job: EvalJob) -> EvalOutcome:
         """Sleep for the job's latency, then crash, fail or return the fake score, as drawn for this job."""
-        from evomerge.killpoints import kill_point
-
         rng = self._rng(job, "outcome")
         crash, fail = rng.random(), rng.random()
         seconds = self.latency(job)
@@ -98,8 +97,6 @@ class SimulatedWorker:
         return EvalOutcome(job=job, result=res, worker=self.name, eval_seconds=seconds)
 
     def memory_bytes(self) -> dict[str, int]:
-        from evomerge.executors.worker import _rss_bytes
-
         return {"rss": _rss_bytes()}
 
 

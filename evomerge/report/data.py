@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.search.events import EventKind
+
 
 @dataclass(frozen=True)
 class CandidateRow:
@@ -82,22 +84,23 @@ class RunData:
 
     def generations(self) -> list[dict[str, Any]]:
         """generation_end events, in order (generation, top, best, best_score)."""
-        return [e["payload"] for e in self.events if e.get("kind") == "generation_end"]
+        return [e["payload"] for e in self.events if e.get("kind") == EventKind.GENERATION_END]
 
     def decisions(self) -> list[tuple[str, str]]:
         """(kind, reason) of every recorded decision, in order."""
         out = []
         for e in self.events:
             p = e.get("payload", {})
-            if e.get("kind") == "generation_plan":
+            if e.get("kind") == EventKind.GENERATION_PLAN:
                 out.append((f"plan generation {p.get('generation')}", str(p.get("reason", ""))))
                 if p.get("revival"):
                     rv = p["revival"]
                     keys = ", ".join(str(r.get("key")) for r in rv.get("revived", []))
                     out.append((f"revival {rv.get('revival')}", f"{rv.get('reason')}; revived {keys}"))
-            elif e.get("kind") == "stop":
+            elif e.get("kind") == EventKind.STOP:
                 out.append(("stop", str(p.get("reason", ""))))
-            elif e.get("kind") not in ("pair_done", "generation_end", "population_start") and "reason" in p:
+            elif e.get("kind") not in (EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.POPULATION_START) \
+                    and "reason" in p:
                 out.append((str(e.get("kind")), str(p["reason"])))
         return out
 

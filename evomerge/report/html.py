@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evomerge.atomic import write_text_atomic
 from evomerge.report import plots
 from evomerge.report.data import RunData, lineage
 
@@ -24,8 +26,6 @@ class ReportFiles:
 
 def write_report(data: RunData, out_dir: str | os.PathLike[str], top_n: int = 8) -> ReportFiles:
     """Draw every plot the data supports into ``out_dir`` and write ``out_dir/report.html``."""
-    from evomerge.atomic import write_text_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ReportFiles(html=out / "report.html")
@@ -151,8 +151,6 @@ def _page(data: RunData, files: ReportFiles, top: list) -> str:
         parts.append("<h2>Decisions</h2>")
         parts.append(_table(["decision", "reason"], [[k, r] for k, r in decisions]))
     if best is not None and best.recipe:
-        import json
-
         parts.append("<h2>Best recipe</h2><pre><code>"
                      + html.escape(json.dumps(best.recipe, indent=2, sort_keys=True)) + "</code></pre>")
     parts.append("</body></html>\n")

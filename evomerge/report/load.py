@@ -14,13 +14,12 @@ from typing import Any
 
 from evomerge.errors import RunDirError
 from evomerge.report.data import CandidateRow, MemberRow, RunData
-from evomerge.search.archive import Archive, CandidateRecord
+from evomerge.search.archive import FILE_NAME, Archive, CandidateRecord
+from evomerge.search.events import EventKind
 
 
 def find_archive(run_dir: str | os.PathLike[str]) -> Path:
     """The archive of ``run_dir`` (RunDirError naming what was looked for when missing)."""
-    from evomerge.search.archive import FILE_NAME
-
     run = Path(run_dir)
     if not run.is_dir():
         raise RunDirError(f"run directory {run} does not exist")
@@ -51,15 +50,15 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
                 for r in records]
         raw_events = archive.events()
         events = [{"kind": e["kind"], "payload": e["data"], "time": e["time"]} for e in raw_events]
-        start = next((e["data"] for e in raw_events if e["kind"] == "population_start"), None)
+        start = next((e["data"] for e in raw_events if e["kind"] == EventKind.POPULATION_START), None)
         models = archive.get_meta("models", {}) or {}
         originals = [k for k in models if k != "base"]
         info: dict[str, Any] = {"base": models.get("base"), "models": ", ".join(originals),
                                 "seed": archive.get_meta("seed")}
-        sessions = [e["data"] for e in raw_events if e["kind"] == "session_start"]
+        sessions = [e["data"] for e in raw_events if e["kind"] == EventKind.SESSION_START]
         if sessions:
             info["budget"] = sessions[-1].get("budget")
-        ends = [e["data"] for e in raw_events if e["kind"] == "session_end"]
+        ends = [e["data"] for e in raw_events if e["kind"] == EventKind.SESSION_END]
         info["status"] = (f"stopped: {ends[-1].get('reason')}" if ends and len(ends) >= len(sessions)
                           else "running or interrupted")
         if start is not None:
@@ -86,11 +85,11 @@ def _population_members(events: list[dict[str, Any]], by_id: dict[int, Candidate
     out = []
     for e in events:
         p = e["data"]
-        if e["kind"] == "member":
+        if e["kind"] == EventKind.MEMBER:
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
             out.append(MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid, _tasks(rec) if rec else {}))
-        elif e["kind"] == "pair_done":
+        elif e["kind"] == EventKind.PAIR_DONE:
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
             out.append(MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]),

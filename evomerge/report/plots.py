@@ -6,6 +6,7 @@ archive into these inputs.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from evomerge.atomic import write_bytes_atomic
 
 _DPI = 110
 
@@ -28,10 +31,6 @@ def _plt() -> Any:
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
     """Write a PNG atomically (render to bytes, then rename)."""
-    import io
-
-    from evomerge.atomic import write_bytes_atomic
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
     _plt().close(fig)

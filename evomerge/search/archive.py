@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RunDirError
+from evomerge.killpoints import kill_point
+from evomerge.search.events import EventKind
 
 SCHEMA_VERSION = "1"
 FILE_NAME = "archive.sqlite"
@@ -173,7 +175,6 @@ class Archive:
             self._db.close()
             raise RunDirError(f"{self.path}: the archive is corrupt or not an evomerge archive ({exc}); "
                               "nothing was changed. Restore it from a backup or start a new run") from None
-        self._hash_cache: dict[tuple[str, str], int] | None = None
 
     @staticmethod
     def create(path: str | os.PathLike[str]) -> Archive:
@@ -257,13 +258,9 @@ class Archive:
                      float(aggregate), split, _dumps(settings), float(merge_seconds), float(eval_seconds), worker,
                      error, time.time() if created_at is None else float(created_at), int(session)),
                 )
-                from evomerge.killpoints import kill_point
-
                 kill_point("archive_commit")
         except sqlite3.IntegrityError as exc:
             raise RunDirError(f"{self.path}: candidate {id} ({recipe_hash[:12]}) not archived: {exc}") from None
-        if self._hash_cache is not None:
-            self._hash_cache[(recipe_hash, split)] = int(id)
 
     def _row(self, row: Sequence[Any]) -> CandidateRecord:
         return CandidateRecord(
@@ -292,9 +289,6 @@ class Archive:
         row = self._db.execute(f"SELECT {self._COLS} FROM candidates WHERE recipe_hash=? AND split=?",
                                (recipe_hash, split)).fetchone()
         return None if row is None else self._row(row)
-
-    def ids(self, split: str = "search") -> set[int]:
-        return {int(r[0]) for r in self._db.execute("SELECT id FROM candidates WHERE split=?", (split,))}
 
     def count(self, split: str = "search") -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM candidates WHERE split=?", (split,)).fetchone()[0])
@@ -355,7 +349,7 @@ class Archive:
 
     def member_candidates(self) -> dict[str, int]:
         """Merged population members (model keys such as ``g1.3``) -> the candidate that made them."""
-        return {str(e["data"]["child"]): int(e["data"]["candidate_id"]) for e in self.events("pair_done")
+        return {str(e["data"]["child"]): int(e["data"]["candidate_id"]) for e in self.events(EventKind.PAIR_DONE)
                 if "child" in e["data"] and "candidate_id" in e["data"]}
 
     # ------------------------------------------------------------------------------------------ rescores
@@ -386,25 +380,21 @@ class Archive:
 
     # ------------------------------------------------------------------------------------------ events
 
-    def add_event(self, kind: str, data: Mapping[str, Any] | None = None) -> None:
+    def add_event(self, kind: EventKind | str, data: Mapping[str, Any] | None = None) -> None:
+        """Append one event; the kind is stored as its plain string (``EventKind`` values)."""
         with self._tx() as db:
             db.execute("INSERT INTO events (time, kind, data) VALUES (?, ?, ?)",
-                       (time.time(), kind, _dumps(dict(data or {}))))
+                       (time.time(), str(kind), _dumps(dict(data or {}))))
 
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+    def events(self, kind: EventKind | str | None = None) -> list[dict[str, Any]]:
+        """Events in the order they were written (of one kind, if given); ``kind`` is the stored string."""
         q = "SELECT id, time, kind, data FROM events"
         args: tuple[Any, ...] = ()
         if kind is not None:
             q += " WHERE kind=?"
-            args = (kind,)
+            args = (str(kind),)
         return [{"id": int(r[0]), "time": float(r[1]), "kind": r[2], "data": json.loads(r[3])}
                 for r in self._db.execute(q + " ORDER BY id", args)]
-
-    def last_event(self, kinds: Sequence[str]) -> dict[str, Any] | None:
-        marks = ",".join("?" for _ in kinds)
-        r = self._db.execute(f"SELECT id, time, kind, data FROM events WHERE kind IN ({marks}) ORDER BY id DESC "
-                             "LIMIT 1", tuple(kinds)).fetchone()
-        return None if r is None else {"id": int(r[0]), "time": float(r[1]), "kind": r[2], "data": json.loads(r[3])}
 
     # ------------------------------------------------------------------------------------------ kinship cache
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,9 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RunDirError
-from evomerge.search.loop import SearchSummary, StopFlag, rescore_best, run_search
+from evomerge.search.events import EventKind
+from evomerge.search.loop import rescore_best, run_search
+from evomerge.search.population.session import run_population_session
+from evomerge.search.progress import SearchSummary
 from evomerge.search.run import RunDir
-from evomerge.search.space import Space
+from evomerge.search.run_space import check_resumable, snapshot_space
+from evomerge.search.space import Space, load_space
+from evomerge.search.stopping import StopFlag
+from evomerge.search.workers import make_executor, worker_spec
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,6 @@ def _graceful_signals(stop: StopFlag, log: Callable[[str], None]) -> Iterator[No
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -66,8 +71,6 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
                 log: Callable[[str], None] = _print, executor_factory: Callable[..., Any] | None = None
                 ) -> SessionResult:
     """Search in ``run`` until a stopping rule fires, then re-score the best on the test split."""
-    from evomerge.search.workers import make_executor, worker_spec
-
     stop = StopFlag()
     with run.locked(), _graceful_signals(stop, log):
         t0 = time.monotonic()
@@ -85,8 +88,6 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
         rescored: list[int] = []
         try:
             if space.raw.population is not None:
-                from evomerge.search.population_driver import run_population_session
-
                 summary = run_population_session(run, space, executor, stop=stop, log=log, progress=progress,
                                                  setup_seconds=setup)
             else:
@@ -98,7 +99,7 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
             interrupted = True
             log("interrupted: in-flight candidates were abandoned; `evomerge resume` re-submits them")
             with contextlib.suppress(Exception), run.archive() as archive:
-                archive.add_event("session_end", {"reason": "interrupted (abandoned in-flight work)"})
+                archive.add_event(EventKind.SESSION_END, {"reason": "interrupted (abandoned in-flight work)"})
         finally:
             executor.close()
         return SessionResult(run.path, summary, rescored, interrupted or stop.is_set())
@@ -115,24 +116,22 @@ def resume_run(run_path: Path, *, space_path: Path | None = None, budget: int | 
                workers: int | None = None, address: str | None = None, progress: bool = True,
                log: Callable[[str], None] = _print) -> SessionResult:
     """Continue a run; a changed space (``space_path``) is accepted only in the fields safe to change."""
-    from evomerge.search.space import load_space
-
     run = RunDir.open(run_path)
     with run.archive(readonly=True):  # refuses a corrupt archive before anything else
         pass
-    old = run.snapshot_space()
+    old = snapshot_space(run)
     space = old
     if space_path is not None:
         space = load_space(space_path)
-        changed = run.check_resumable(space, old)
+        changed = check_resumable(run, space, old)
         if changed:
             log(f"resuming with changed fields: {', '.join(changed)}")
     space = space.with_overrides(budget=budget, workers=workers)
     if space is not old:
-        changed = run.check_resumable(space, old)
+        changed = check_resumable(run, space, old)
         if changed:
             with run.archive() as archive:
-                archive.add_event("space_changed", {"fields": changed, "budget": space.budget,
+                archive.add_event(EventKind.SPACE_CHANGED, {"fields": changed, "budget": space.budget,
                                                     "workers": space.raw.workers})
     return run_session(run, space, address=address, progress=progress, log=log)
 

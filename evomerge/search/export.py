@@ -39,8 +39,9 @@ from evomerge.method_data import (
 )
 from evomerge.models.hf import load_causal_lm
 from evomerge.search.archive import Archive, CandidateRecord
-from evomerge.search.population_backend import ancestor_tasks
+from evomerge.search.population.members import ancestor_tasks
 from evomerge.search.run import RunDir
+from evomerge.search.run_space import snapshot_space
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class _ExportData:
         self.provider: MethodDataProvider | None = None
         if not need_rows and not need_scores:
             return
-        spec = run.snapshot_space(check_models=False).fitness
+        spec = snapshot_space(run, check_models=False).fitness
         self.spec = spec
         self.provider = MethodDataProvider(spec, self.originals[BASE_KEY])
         names = [str(t.name) for t in spec.tasks]
@@ -328,7 +329,7 @@ def verify_export(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[st
                   device: str = "cpu") -> tuple[float, float]:
     """(score of the exported folder loaded with plain transformers, the archive's score) on the search split."""
     run = RunDir.open(run_dir)
-    space = run.snapshot_space(check_models=False)
+    space = snapshot_space(run, check_models=False)
     with run.archive(readonly=True) as archive:
         rec = archive.get(candidate_id)
     if rec is None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import nevergrad as ng
 import numpy as np
 
+from evomerge.merge.methods.registry import get_method
 from evomerge.merge.params import FilterEntry, ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
 from evomerge.search.space import Gene, Granularity, MethodSpace, Space
@@ -51,8 +53,6 @@ class Genome:
 
     def parametrization(self, seed: int | None = None) -> Any:
         """A fresh, seeded nevergrad parametrization (bounds in the constructors)."""
-        import nevergrad as ng
-
         fields: dict[str, Any] = {}
         if len(self.methods) > 1:
             fields["method"] = ng.p.Choice([m.name for m in self.methods], deterministic=True)
@@ -106,8 +106,6 @@ class Genome:
                     per_model[key][gene.param] = self._param_value(arr[row].tolist(), gene)
             else:
                 global_params[gene.param] = self._param_value(arr.tolist(), gene)
-        from evomerge.merge.methods.registry import get_method
-
         spec = get_method(m.name)
         for pname, v in m.fixed.items():
             p = spec.param(pname)

@@ -1,9 +1,11 @@
-"""Progress while a search runs: a periodic line with evaluations, best score, rate and ETA."""
+"""Progress of a search: the periodic line while it runs, where its time went, what a session ended with."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from typing import TextIO
 
 
@@ -54,3 +56,33 @@ class ProgressLine:
         if force or now - self._last >= self.interval or done >= self.total:
             self._last = now
             print(self.line(done, best, best_id, last), file=self.stream, flush=True)
+
+
+@dataclass
+class Timings:
+    """Where this session's wall time went (seconds)."""
+
+    setup: float = 0.0
+    evaluation: float = 0.0  # inside workers: scoring (summed over workers)
+    merging: float = 0.0  # inside workers: merging recipes into the resident model
+    optimizer: float = 0.0  # ask, tell, decoding
+    checkpoint: float = 0.0
+    archive: float = 0.0
+    waiting: float = 0.0  # the search blocked on the executor (covers evaluation when in-process)
+    wall: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What one session of a search (plain or population) ended with."""
+
+    evaluations: int
+    failed: int
+    best_id: int | None
+    best: float | None
+    stop_reason: str
+    session: int
+    timings: Timings

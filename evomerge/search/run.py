@@ -27,15 +27,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.atomic import _fsync_dir, write_json_atomic
-from evomerge.errors import ConfigError, RunDirError
+from evomerge.errors import RunDirError
 from evomerge.killpoints import kill_point
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
 from evomerge.search.archive import Archive
-from evomerge.search.space import SAFE_ON_RESUME, Space, space_from_dict
+
+if TYPE_CHECKING:  # a run directory is read without the search space's machinery (`evomerge status`)
+    from evomerge.search.space import Space
 
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
@@ -46,8 +49,6 @@ LOCK_FILE = ".lock"
 
 def versions() -> dict[str, str]:
     """Versions of everything that can change a score or a merge."""
-    from importlib import metadata
-
     out = {"python": platform.python_version()}
     for dist in ("evomerge", "torch", "transformers", "nevergrad", "ray", "lm-eval", "datasets", "numpy",
                  "safetensors"):
@@ -142,34 +143,6 @@ class RunDir:
     def archive(self, readonly: bool = False) -> Archive:
         return Archive.open(self.archive_path, readonly=readonly)
 
-    # ------------------------------------------------------------------------------------- space
-
-    def snapshot_space(self, check_models: bool = True) -> Space:
-        """The space the run was started with (relative paths resolved against the original file's folder)."""
-        import yaml
-
-        text = self.space_path.read_text(encoding="utf-8")
-        info = self.info()
-        base_dir = Path(info.get("space_dir") or self.path)
-        return space_from_dict(yaml.safe_load(text), where=str(self.space_path), base_dir=base_dir, text=text,
-                               path=Path(info["space_path"]) if info.get("space_path") else None,
-                               check_models=check_models)
-
-    def check_resumable(self, new: Space, old: Space) -> list[str]:
-        """Fields that differ between ``old`` (the snapshot) and ``new``; refuses any not safe to change.
-
-        Returns the dotted paths of the (safe) fields that changed.
-        """
-        a, b = _flatten(old.raw.model_dump(mode="json")), _flatten(new.raw.model_dump(mode="json"))
-        changed = sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
-        unsafe = [k for k in changed if not any(k == s or k.startswith(s + ".") for s in SAFE_ON_RESUME)]
-        if unsafe:
-            shown = "; ".join(f"{k}: {_show(a.get(k, _MISSING))} -> {_show(b.get(k, _MISSING))}" for k in unsafe[:8])
-            raise ConfigError(
-                f"{new.where}: the search space differs from the one run {self.path} was started with ({shown}). "
-                f"Only {', '.join(SAFE_ON_RESUME)} may change on resume; start a new run for the rest")
-        return changed
-
     # ------------------------------------------------------------------------------------- lock
 
     @contextlib.contextmanager
@@ -236,19 +209,3 @@ class RunDir:
     def log(self, message: str) -> None:
         with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-_MISSING = object()
-
-
-def _show(v: Any) -> str:
-    return "(absent)" if v is _MISSING else repr(v)
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out or {prefix.rstrip("."): {}}
-    return {prefix.rstrip("."): d}

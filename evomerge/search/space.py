@@ -25,7 +25,7 @@ resume without invalidating the run: ``SAFE_ON_RESUME``.
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -33,11 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.merge.recipe import BASE_KEY
+from evomerge.fitness.spec import FitnessSpec, packaged_spec
+from evomerge.merge.methods.registry import get_method, validate_recipe
+from evomerge.merge.params import ParamValue
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.models.compat import check_compatible
+from evomerge.models.folder import ModelFolder
+from evomerge.models.layers import KINDS, LayerMap
 from evomerge.paths import resolve_path, scheme_of
+from evomerge.search.optimizer import optimizer_class
 
 # dotted field paths that may differ between the snapshot and a resumed space
 SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "progress_interval", "name",
@@ -263,8 +271,6 @@ def _format_validation(exc: ValidationError, where: str) -> str:
 
 def load_space(path: str | os.PathLike[str], *, check_models: bool = True) -> Space:
     """Read, validate and resolve a search space file (opens the model folders' headers when ``check_models``)."""
-    import yaml
-
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -284,10 +290,6 @@ def load_space(path: str | os.PathLike[str], *, check_models: bool = True) -> Sp
 def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | os.PathLike[str] | None = None,
                     text: str | None = None, path: Path | None = None, check_models: bool = True) -> Space:
     """Validate a parsed search space (see :func:`load_space`)."""
-    import yaml
-
-    from evomerge.fitness.spec import FitnessSpec, packaged_spec
-
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
     try:
@@ -332,7 +334,7 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
         fitness = FitnessSpec.from_dict(raw.fitness, where=f"{where}: fitness", base_dir=root)
 
     # optimizer
-    _check_optimizer(raw.optimizer.name, where)
+    optimizer_class(raw.optimizer.name, f"{where}: optimizer.name")
 
     # layers
     num_layers = _num_layers(resolved, refs, where, check_models)
@@ -365,24 +367,9 @@ def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
     return p.resolve() if p.exists() else p
 
 
-def _check_optimizer(name: str, where: str) -> None:
-    import nevergrad as ng
-
-    if name not in ng.optimizers.registry:
-        close = difflib.get_close_matches(name, list(ng.optimizers.registry), n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else " (e.g. CMA, TwoPointsDE, PSO, OnePlusOne)"
-        raise ConfigError(f"{where}: optimizer.name: unknown nevergrad optimizer {name!r}{hint}")
-
-
 def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool) -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
-    from evomerge.models.compat import check_compatible
-    from evomerge.models.folder import ModelFolder
-    from evomerge.models.layers import LayerMap
-
     if not check:
-        import json
-
         cfg_file = paths[BASE_KEY] / "config.json"
         if cfg_file.is_file():
             return LayerMap.from_config(json.loads(cfg_file.read_text())).num_layers
@@ -427,8 +414,6 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
             raise ConfigError(f"{at}.layer_groups: {arg} groups for a model of {num_layers} layers")
         return Granularity("layer_groups", groups=int(arg))
     if key == "tensor_kind":
-        from evomerge.models.layers import KINDS
-
         kinds = tuple(arg) if isinstance(arg, (list, tuple)) else ()
         if not kinds or any(k not in KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ConfigError(f"{at}.tensor_kind: expected a list of distinct kinds from {list(KINDS)}, got {arg!r}")
@@ -437,9 +422,6 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
 
 
 def _parse_method(name: str, spec: Mapping[str, Any], fine_tunes: list[str], where: str) -> MethodSpace:
-    from evomerge.merge.methods.registry import get_method, validate_recipe
-    from evomerge.merge.params import ParamValue
-    from evomerge.merge.recipe import ModelEntry, Recipe
 
     at = f"{where}: methods.{name}"
     try:

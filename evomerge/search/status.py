@@ -1,10 +1,12 @@
 """Text views of a run read from its archive only: status (progress, rate, ETA, leaderboard, time) and summary.
 
-Opened read-only, so ``evomerge status`` is safe while the search writes.
+Opened read-only, so ``evomerge status`` is safe while the search writes; light (no torch, no nevergrad), so it
+answers at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import time
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.search.archive import Archive, CandidateRecord
+from evomerge.search.events import EventKind
+from evomerge.search.population.status import population_status_lines
 from evomerge.search.progress import format_duration
-from evomerge.search.run import RunDir
+from evomerge.search.run import LOCK_FILE, RunDir
 
 TIME_PARTS = ("evaluation", "merging", "optimizer", "checkpoint", "archive", "setup")
 
@@ -22,7 +26,7 @@ def time_breakdown(archive: Archive) -> dict[str, float]:
     """Seconds by part, summed over sessions (each session's last timing snapshot), plus ``wall``."""
     last: dict[int, dict[str, float]] = {}
     for ev in archive.events():
-        if ev["kind"] in ("timing", "session_end") and "timings" in ev["data"]:
+        if ev["kind"] in (EventKind.TIMING, EventKind.SESSION_END) and "timings" in ev["data"]:
             last[int(ev["data"].get("session", 0))] = ev["data"]["timings"]
     total: dict[str, float] = {}
     for t in last.values():
@@ -33,9 +37,7 @@ def time_breakdown(archive: Archive) -> dict[str, float]:
 
 def _running(run: RunDir) -> str | None:
     """The holder of the run's lock, if a process is running it."""
-    import fcntl
-
-    lock = run.path / ".lock"
+    lock = run.path / LOCK_FILE
     if not lock.is_file():
         return None
     with open(lock, encoding="utf-8") as fh:
@@ -70,8 +72,8 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
     with run.archive(readonly=True) as archive:
         records = archive.results("search")
         counts = archive.counts()
-        starts = archive.events("session_start")
-        ends = archive.events("session_end")
+        starts = archive.events(EventKind.SESSION_START)
+        ends = archive.events(EventKind.SESSION_END)
         budget = int(starts[-1]["data"].get("budget", 0)) if starts else 0
         holder = _running(run)
         state = f"running ({holder})" if holder else (
@@ -83,8 +85,6 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
         lines += _rate_lines(records, budget, starts)
         lines.append("leaderboard (aggregate, higher is better):")
         lines += leaderboard(archive, top)
-        from evomerge.search.population_driver import population_status_lines
-
         lines += population_status_lines(archive)
         t = time_breakdown(archive)
         if t.get("wall"):
@@ -95,7 +95,7 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
             if per_worker > wall * 1.05:
                 lines.append(f"  (evaluation and merging are summed over workers: {per_worker / wall:.2f} "
                              "worker-seconds per second of wall time)")
-        requeued = archive.events("requeued")
+        requeued = archive.events(EventKind.REQUEUED)
         if requeued:
             lines.append(f"re-queued after a lost worker: {len(requeued)} time(s)")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from evomerge.search.archive import Archive
 from evomerge.search.driver import resume_run, run_session, start_run
 from evomerge.search.loop import MAX_DUPLICATES_IN_A_ROW, run_search
 from evomerge.search.run import RunDir
+from evomerge.search.run_space import check_resumable
 from evomerge.search.space import Space, load_space, space_from_dict
 
 
@@ -144,7 +145,7 @@ def test_resume_refuses_a_changed_space_but_accepts_budget_and_workers(tmp_path:
         resume_run(run.path, space_path=changed)
     fine = write_space(tmp_path / "s3.yaml", micro_space(optimizer={"name": "CMA", "budget": 9},
                                                          stopping={"no_improvement": 50}))
-    assert run.check_resumable(load_space(fine), space) == ["optimizer.budget", "stopping.no_improvement"]
+    assert check_resumable(run, load_space(fine), space) == ["optimizer.budget", "stopping.no_improvement"]
 
 
 def test_resume_continues_the_budget_without_repeating(tmp_path: Path) -> None:

@@ -15,17 +15,14 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.search.population import (
-    Member,
+from evomerge.search.population.manager import PairResult, PopulationManager
+from evomerge.search.population.members import Member, pair_key, top_k
+from evomerge.search.population.rules import (
     PairPlan,
-    PairResult,
     PopulationConfig,
-    PopulationManager,
     exploration_partner,
-    pair_key,
     plan_generation,
     revival_choices,
-    top_k,
 )
 
 ScoreFn = Callable[[Member, Member, str], float]

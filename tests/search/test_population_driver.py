@@ -12,11 +12,14 @@ import pytest
 from _spaces import RecipeScoreWorker, kill_at_hook, micro_space, run_cli, write_space
 
 from evomerge.executors.base import InProcessExecutor
-from evomerge.search.loop import SearchSummary, StopFlag
-from evomerge.search.population import exploration_partner, pair_key
-from evomerge.search.population_driver import MANAGER_EVENTS, population_config, run_population_session
+from evomerge.search.events import MANAGER_EVENTS
+from evomerge.search.population.members import pair_key
+from evomerge.search.population.rules import exploration_partner
+from evomerge.search.population.session import population_config, run_population_session
+from evomerge.search.progress import SearchSummary
 from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
+from evomerge.search.stopping import StopFlag
 
 POP = {"k": 3, "pair_budget": 2, "saturation": None, "max_generations": 4, "revive_after": 1, "max_revivals": 1}
 
@@ -96,7 +99,7 @@ def test_pairing_rules_through_the_archive(tmp_path: Path) -> None:
             # the exploration partner has the lowest kinship to the best among the unmerged members
             existing = [m for m in scores if m in originals or any(d["child"] == m and d["generation"] < g
                                                                    for d in done)]
-            from evomerge.search.population import Member
+            from evomerge.search.population.members import Member
 
             members = [Member(k, scores[k]) for k in existing]
             chosen = exploration_partner(top[0], members, lambda x, y: kin[pair_key(x, y)], "pcc",

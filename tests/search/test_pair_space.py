@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.search.population_backend import BASE_KEY, PairSpace, ancestor_tasks
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.search.population.members import ancestor_tasks
+from evomerge.search.population.pair_search import PairSpace
 
 
 def _pair(a: str, b: str) -> Recipe:

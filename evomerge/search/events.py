@@ -1,0 +1,39 @@
+"""The kinds of event a run's archive records, as one enum every writer and reader uses.
+
+The archive stores the plain string (``EventKind.PAIR_DONE.value == "pair_done"``), as it always did, so archives
+written before this enum read unchanged; an :class:`EventKind` compares equal to its string, so readers may test
+``e["kind"] == EventKind.STOP`` on rows that hold ``"stop"``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class EventKind(str, Enum):
+    """What happened; the payload of each kind is written by the module named in its comment."""
+
+    # a session of a search (search/loop.py, search/population/session.py, search/driver.py)
+    SESSION_START = "session_start"  # {session, budget, workers, resubmitted, evaluations[, mode]}
+    SESSION_END = "session_end"  # {session, reason, timings, evaluations, ...}
+    SPACE_CHANGED = "space_changed"  # {fields, budget, workers}: a resume changed safe fields
+    # the evaluation dispatcher (search/dispatch.py)
+    TIMING = "timing"  # {session, timings, evaluations[, executor]}: a snapshot every few evaluations
+    REQUEUED = "requeued"  # {candidate, attempt, worker, error, split}: a lost job submitted again
+    # the plain loop (search/loop.py)
+    REPLAYED = "replayed"  # {ids}: archived results told on resume (killed between archive and tell)
+    # the population manager (search/population/manager.py, session.py)
+    POPULATION_START = "population_start"  # {starting, k, metric, budget, explore, pair_budget}
+    MEMBER = "member"  # {key, generation, parents, candidate_id, score, reason}: an original scored
+    GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival]}
+    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations}
+    GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
+    STOP = "stop"  # {generation, reason, evaluations}
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# the population manager's decisions, replayed on resume
+MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
+                                         EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP)

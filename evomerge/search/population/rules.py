@@ -1,0 +1,246 @@
+"""The population manager's rules: Top-k greedy merging with model kinship (seed paper (a), Algorithm 1).
+
+The population is every model made so far: the originals and one child per merged parent pair (the best
+candidate of that pair's search). Generation 1 merges every pair of the starting models (or a configured seed
+set). Each later generation merges every not-yet-merged pair of the current top-k, plus ONE exploration merge
+of the best model with the model of the whole population that has the LOWEST kinship to it (largest distance
+for ED). Pairs already merged are never merged again. The run stops when the top-k set no longer changes, when
+kinship among the top-k exceeds the saturation threshold (the paper's 0.9), when nothing is left to merge, or
+at the evaluation budget.
+
+Revival (an extension, not in the paper): when the best score has not improved for ``revive_after``
+generations, or a convergence rule fires, up to ``revive_count`` abandoned members (not in the top-k), chosen
+by score and low kinship to the top-k, join the next generation's parents; at most ``max_revivals`` times.
+Every decision (plan, exploration choice, stop, revival) is an event with its reason.
+
+This module holds the decisions, pure functions of the population; the driver that applies them over
+generations is :class:`~evomerge.search.population.manager.PopulationManager`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from evomerge.errors import ConfigError
+from evomerge.kinship import METRICS, is_distance
+from evomerge.models.writer import parse_size
+from evomerge.search.population.members import Member, pair_key
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PopulationConfig:
+    """The ``population:`` section of a search space."""
+
+    k: int = 3
+    metric: str = "pcc"
+    saturation: float | None = 0.9  # similarity metrics: stop when mean top-k kinship exceeds it
+    saturation_distance: float | None = None  # ED: stop when mean top-k distance falls below it
+    explore: bool = True  # the kinship exploration merge (False: plain Top-k greedy)
+    pair_budget: int = 8  # evaluations per parent pair; 0 = the fixed recipe only (the paper)
+    max_generations: int = 20
+    seed_models: tuple[str, ...] | None = None  # generation 1 pairs these (default: every original)
+    revive_after: int = 1  # generations without improvement of the best before reviving
+    revive_count: int = 2
+    max_revivals: int = 2  # 0 disables revival
+    revive_kinship_weight: float = 1.0
+    cache_memory_models: int = 4  # merged parents kept resident per worker
+    cache_disk_bytes: int = 2 * 1024**3  # materialized merged parents on disk
+
+    def __post_init__(self) -> None:
+        where = "population"
+        if self.k < 2:
+            raise ConfigError(f"{where}.k: need at least 2, got {self.k}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"{where}.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.pair_budget < 0:
+            raise ConfigError(f"{where}.pair_budget: must be >= 0, got {self.pair_budget}")
+        if self.max_generations < 1:
+            raise ConfigError(f"{where}.max_generations: must be >= 1, got {self.max_generations}")
+        if self.revive_after < 1 or self.revive_count < 0 or self.max_revivals < 0:
+            raise ConfigError(f"{where}: revive_after >= 1, revive_count >= 0 and max_revivals >= 0 "
+                              f"(got {self.revive_after}, {self.revive_count}, {self.max_revivals})")
+        if self.saturation is not None and not -1.0 <= self.saturation <= 1.0:
+            raise ConfigError(f"{where}.saturation: a similarity in [-1, 1] or null, got {self.saturation}")
+        if self.seed_models is not None and len(self.seed_models) < 2:
+            raise ConfigError(f"{where}.seed_models: need at least two models, got {list(self.seed_models)}")
+        if self.cache_memory_models < 0 or self.cache_disk_bytes < 0:
+            raise ConfigError(f"{where}: cache budgets must be >= 0")
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any] | None, where: str = "population") -> PopulationConfig:
+        """Parse the YAML section (unknown keys are refused, names listed)."""
+        if data is None:
+            return PopulationConfig()
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        known = set(PopulationConfig.__dataclass_fields__)
+        aliases = {"cache_memory": "cache_memory_models", "cache_disk": "cache_disk_bytes"}
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = aliases.get(key, key)
+            if name not in known:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+            if name == "cache_disk_bytes" and isinstance(value, str):
+                value = parse_size(value)
+            if name == "seed_models" and value is not None:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{where}.seed_models: expected a list of model names, got {value!r}")
+                value = tuple(value)
+            out[name] = value
+        try:
+            return PopulationConfig(**out)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ plans
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """One merge to run this generation and why."""
+
+    a: str
+    b: str
+    reason: str  # "initial" | "top-k" | "exploration" | "revival"
+    kinship: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return pair_key(self.a, self.b)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "reason": self.reason, "kinship": self.kinship}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> PairPlan:
+        return PairPlan(str(d["a"]), str(d["b"]), str(d["reason"]), d.get("kinship"))
+
+
+# ------------------------------------------------------------------------------------------------ decisions
+
+
+class KinshipFn(Protocol):
+    def __call__(self, a: str, b: str) -> float: ...
+
+
+def initial_pairs(starting: Sequence[str]) -> list[PairPlan]:
+    """Generation 1: every pair of the starting models."""
+    return [PairPlan(starting[i], starting[j], "initial") for i in range(len(starting))
+            for j in range(i + 1, len(starting))]
+
+
+def exploration_partner(best: str, population: Sequence[Member], kin: KinshipFn, metric: str,
+                        exclude: set[tuple[str, str]]) -> tuple[str, float] | None:
+    """The member of LOWEST kinship to ``best`` (largest distance for ED) whose pair is not excluded.
+
+    NaN kinships (a zero task vector) are skipped. Ties go to the higher score, then the key.
+    """
+    best_val: tuple[float, float, str] | None = None
+    chosen: tuple[str, float] | None = None
+    for m in population:
+        if m.key == best or not m.ok or pair_key(best, m.key) in exclude:
+            continue
+        value = kin(best, m.key)
+        if not math.isfinite(value):
+            continue
+        related = -value if is_distance(metric) else value
+        order = (related, -m.score, m.key)
+        if best_val is None or order < best_val:
+            best_val, chosen = order, (m.key, value)
+    return chosen
+
+
+def plan_generation(top: Sequence[Member], population: Sequence[Member], merged: set[tuple[str, str]],
+                    kin: KinshipFn, cfg: PopulationConfig, revived: Sequence[Member] = ()) -> list[PairPlan]:
+    """Generation >= 2: all not-yet-merged top-k pairs, revived x top-k pairs, one exploration merge.
+
+    Pairs are never repeated: ``merged`` holds every pair merged so far, and the plan itself is deduplicated.
+    """
+    plans: list[PairPlan] = []
+    seen = set(merged)
+    keys = [m.key for m in top]
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys)):
+            pk = pair_key(keys[i], keys[j])
+            if pk not in seen:
+                seen.add(pk)
+                plans.append(PairPlan(keys[i], keys[j], "top-k"))
+    for r in revived:
+        for k in keys:
+            pk = pair_key(r.key, k)
+            if r.key != k and pk not in seen:
+                seen.add(pk)
+                plans.append(PairPlan(k, r.key, "revival", kin(k, r.key)))
+    if cfg.explore and top:
+        partner = exploration_partner(top[0].key, population, kin, cfg.metric, seen)
+        if partner is not None:
+            plans.append(PairPlan(top[0].key, partner[0], "exploration", partner[1]))
+    return plans
+
+
+def mean_pairwise(keys: Sequence[str], kin: KinshipFn) -> float:
+    vals = [kin(keys[i], keys[j]) for i in range(len(keys)) for j in range(i + 1, len(keys))]
+    vals = [v for v in vals if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def saturated(top: Sequence[Member], kin: KinshipFn, cfg: PopulationConfig) -> tuple[bool, float]:
+    """Whether the top-k are so related that merging them rarely gains (mean pairwise kinship)."""
+    if len(top) < 2:
+        return False, math.nan
+    value = mean_pairwise([m.key for m in top], kin)
+    if not math.isfinite(value):
+        return False, value
+    if is_distance(cfg.metric):
+        return (cfg.saturation_distance is not None and value < cfg.saturation_distance), value
+    return (cfg.saturation is not None and value > cfg.saturation), value
+
+
+def revival_choices(population: Sequence[Member], top: Sequence[Member], kin: KinshipFn, cfg: PopulationConfig,
+                    already: set[str], merged: set[tuple[str, str]] | None = None
+                    ) -> list[tuple[Member, float, float, float]]:
+    """Abandoned members ranked by priority = normalized score − weight × normalized kinship to the top-k.
+
+    Scores are normalized over the whole population's range (so near-equal scores stay near-equal);
+    similarities map [-1, 1] to [0, 1]; distances (ED) map to 1 − d/d_max over the candidates.
+
+    Returns (member, priority, score_norm, kinship_to_topk) for the best ``revive_count``. Kinship to the
+    top-k is the MAX relatedness to any top-k member (a branch is only new if it is far from all of them).
+    Originals count (they are branches too); members already revived are not revived again, nor members
+    whose pairs with every top-k member were merged already (``merged``): they would bring no new merge.
+    """
+    top_keys = {m.key for m in top}
+    done = merged or set()
+    pool = [m for m in population if m.ok and m.key not in top_keys and m.key not in already
+            and any(pair_key(m.key, t) not in done for t in top_keys)]
+    if not pool or not top:
+        return []
+    scores = [m.score for m in population if m.ok and math.isfinite(m.score)]
+    lo, hi = min(scores), max(scores)
+    rows = []
+    for m in pool:
+        vals = [kin(m.key, t.key) for t in top]
+        vals = [v for v in vals if math.isfinite(v)]
+        if not vals:
+            continue
+        if is_distance(cfg.metric):
+            closest = min(vals)
+            rows.append((m, closest, True))
+        else:
+            rows.append((m, max(vals), False))
+    if not rows:
+        return []
+    dmax = max((r[1] for r in rows if r[2]), default=0.0)
+    out = []
+    for m, value, dist in rows:
+        s_norm = (m.score - lo) / (hi - lo) if hi > lo else 1.0
+        k_norm = (1.0 - value / dmax if dmax > 0 else 0.0) if dist else (value + 1.0) / 2.0
+        out.append((m, s_norm - cfg.revive_kinship_weight * k_norm, s_norm, value))
+    out.sort(key=lambda r: (-r[1], -r[0].score, r[0].key))
+    return out[: cfg.revive_count]

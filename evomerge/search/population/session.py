@@ -1,0 +1,273 @@
+"""A population session over a run directory: the manager's backend on the run's archive, and its entry point.
+
+A search space with a ``population:`` section runs Top-k greedy merging with kinship
+(:class:`~evomerge.search.population.manager.PopulationManager`) instead of one black-box search over the whole
+genome. Everything goes to the run's :class:`~evomerge.search.archive.Archive`:
+
+- every evaluation is a candidate row: ``parents`` = the two parent member keys (better parent first),
+  ``generation``, ``method``, ``genome`` (the pair genome and its starting point), recipe and scores; the
+  originals are generation-0 candidates (a ``linear`` recipe of one model). Identical recipes are answered from
+  the archive, never evaluated twice;
+- the manager's decisions are events (``population_start``, ``member``, ``generation_plan``, ``pair_done``,
+  ``generation_end``, ``stop``, each with its reason), kinship values go to the archive's kinship table.
+
+Resume needs no checkpoint: the manager replays its events, and the interrupted pair's search replays itself
+(:mod:`~evomerge.search.population.pair_search`). With one evaluator the resumed run's archive equals an
+uninterrupted run's.
+
+Pair section of the YAML (``population.pair``, optional): ``points``, ``lower``, ``upper``, ``init`` (a weight
+or ``kinship``), ``optimizer`` (default: the space's ``optimizer.name``), ``sigma``, ``method``, ``parameters``,
+``options``; see :class:`~evomerge.search.population.pair_search.PairSpace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from evomerge.errors import ConfigError, RunDirError
+from evomerge.executors.base import Executor
+from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.method_data import MethodDataProvider
+from evomerge.search.archive import Archive
+from evomerge.search.dispatch import Dispatcher, Job
+from evomerge.search.events import MANAGER_EVENTS, EventKind
+from evomerge.search.optimizer import optimizer_class
+from evomerge.search.population.kinship_cache import KinshipCache
+from evomerge.search.population.manager import PairResult, PopulationManager
+from evomerge.search.population.members import Member, MemberStore, pair_key
+from evomerge.search.population.pair_search import PairSearch, PairSpace, seed_of, warm_start
+from evomerge.search.population.parent_cache import ParentCache, ParentFolders
+from evomerge.search.population.rules import PairPlan, PopulationConfig
+from evomerge.search.progress import ProgressLine, SearchSummary, Timings
+from evomerge.search.run import RunDir
+from evomerge.search.space import Space
+from evomerge.search.stopping import StopFlag
+
+PARENTS_DIR = "parents"
+
+
+class _Stopped(Exception):
+    """The session stops (Ctrl-C/SIGTERM, wall time) without a ``stop`` event: a resume continues the run."""
+
+
+def population_config(space: Space) -> tuple[PopulationConfig, PairSpace]:
+    """The ``population:`` section parsed: the manager's settings and the pair genome (``pair:`` subsection)."""
+    section = dict(space.raw.population or {})
+    where = f"{space.where}: population"
+    pair = section.pop("pair", None) or {}
+    if not isinstance(pair, Mapping):
+        raise ConfigError(f"{where}.pair: expected a mapping, got {type(pair).__name__}")
+    cfg = PopulationConfig.from_dict(section, where=where)
+    known = {f.name for f in dataclasses.fields(PairSpace)}
+    unknown = sorted(set(pair) - known)
+    if unknown:
+        raise ConfigError(f"{where}.pair: unknown key(s) {unknown} (known: {', '.join(sorted(known))})")
+    try:
+        ps = PairSpace(**{"optimizer": space.optimizer_name, **pair})
+    except TypeError as exc:
+        raise ConfigError(f"{where}.pair: {exc}") from None
+    optimizer_class(ps.optimizer, f"{where}.pair.optimizer")
+    return cfg, ps
+
+
+class RunPopulation:
+    """The manager's :class:`~evomerge.search.population.manager.PopulationBackend` over one run directory.
+
+    Made of parts named after their jobs: the member store (members, recipes, child names), the parent folders
+    (merged parents on disk), the kinship cache, the pair search, and the evaluation dispatcher that runs,
+    retries, de-duplicates and archives every evaluation.
+    """
+
+    def __init__(self, run: RunDir, archive: Archive, space: Space, executor: Executor, cfg: PopulationConfig,
+                 pair: PairSpace, *, stop: StopFlag, session: int, timings: Timings, t_start: float,
+                 bar: ProgressLine, log: Callable[[str], None], deadline: float | None) -> None:
+        self.run, self.archive, self.space, self.cfg, self.pair = run, archive, space, cfg, pair
+        self.stop, self.session, self._log, self.deadline = stop, session, log, deadline
+        base = str(space.base_path)
+        originals = {k: str(v) for k, v in space.models.items()}
+        self.members = MemberStore(originals, [str(t.name) for t in space.fitness.tasks])
+        self.folders = ParentFolders(base, originals, self.members, ParentCache(run.path / PARENTS_DIR,
+                                                                                cfg.cache_disk_bytes),
+                                     MethodDataProvider(space.fitness, base))
+        self.kin = KinshipCache(archive, base, originals, self.members, self.folders)
+        records = archive.results("search")
+        self.dispatch = Dispatcher(archive, executor, penalty=space.penalty,
+                                   max_retries=space.raw.executor.max_retries, session=session,
+                                   settings={"mode": "population", "seed": space.seed}, records=records,
+                                   timings=timings, t_start=t_start, bar=bar, say=self.say, shown=self.evaluations)
+        self.pairs = PairSearch(pair, self.dispatch, timings, self._new_id, self._check_stop,
+                                where=f"{space.where}: population.pair.optimizer")
+        self.next_id = archive.max_id() + 1
+        finished = self.members.replay(archive)
+        # evaluations of a pair that did not finish (an interrupted session): replayed, not counted twice
+        self._orphans = {r.id for r in records if r.generation > 0 and len(r.parents) == 2
+                         and (r.generation, pair_key(*r.parents)) not in finished}
+
+    def say(self, message: str) -> None:
+        self.run.log(message)
+        self._log(message)
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped(self.stop.reason or "stopped")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise _Stopped(f"wall_time of {self.space.raw.stopping.wall_time:.0f}s reached (this session)")
+
+    # ------------------------------------------------------------------------------------ protocol
+
+    def evaluations(self) -> int:
+        """Archived evaluations, less those of an interrupted pair (they count again when it is replayed)."""
+        return self.dispatch.progress.evaluations - len(self._orphans)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [{"kind": e["kind"], "payload": e["data"]} for e in self.archive.events()
+                if e["kind"] in MANAGER_EVENTS]
+
+    def record_event(self, kind: EventKind, payload: Mapping[str, Any]) -> None:
+        self.archive.add_event(kind, _jsonable(payload))
+        if kind == EventKind.GENERATION_PLAN:
+            self.members.note_plan(int(payload["generation"]), payload["plans"])
+
+    def originals(self) -> list[Member]:
+        """Score each original once (a generation-0 candidate; an archived score is reused)."""
+        recipes = {key: Recipe("linear", (ModelEntry(key),)) for key in self.folders.originals}
+        records = {key: self.dispatch.archived(r.content_hash()) for key, r in recipes.items()}
+        for key, recipe in recipes.items():
+            if records[key] is None:
+                self.dispatch.add(Job(self._new_id(), recipe, recipe.content_hash()), parents=[key])
+        for done in self.dispatch.drain():
+            records[done.record.parents[0]] = done.record
+        recorded = {e["data"].get("key") for e in self.archive.events(EventKind.MEMBER)}
+        out = []
+        for key, recipe in recipes.items():
+            rec = records[key]
+            assert rec is not None
+            member = Member(key, rec.aggregate, 0, (), rec.id, rec.ok)
+            self.members.add(member, recipe)
+            if key not in recorded:
+                self.archive.add_event(EventKind.MEMBER, {"key": key, "generation": 0, "parents": [],
+                                                          "candidate_id": rec.id, "score": rec.aggregate,
+                                                          "reason": "original model"})
+                self.say(f"original {key}: {rec.aggregate:.4f}")
+            out.append(member)
+        return out
+
+    def kinship(self, a: str, b: str) -> float:
+        """Kinship in the configured metric (cached in the archive's kinship table)."""
+        return self.kin.value(a, b, self.cfg.metric)
+
+    def run_pair(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
+        """One pair's search (``budget`` evaluations; 0 = the fixed starting recipe), replaying archived ones."""
+        self._check_stop()
+        ma, mb = self.members[plan.a], self.members[plan.b]
+        a, b = (plan.a, plan.b) if (ma.score, plan.b) >= (mb.score, plan.a) else (plan.b, plan.a)
+        key = self.members.child_key(plan.key, generation)
+        extra = self.folders.extra_models([a, b])
+        self.kinship(a, b)  # cached for the report's gain-vs-kinship plot
+        ps = self.pair
+        x0 = ps.x0(self.kin.value(a, b, "cos") if ps.init == "kinship" else None)
+        warm = warm_start(self.archive.results("search"), generation, x0, ps) if budget > 0 else None
+        results = self.pairs.run(a, b, generation, budget, seed=seed_of(self.space.seed, generation, a, b), x0=x0,
+                                 warm=warm, extra_models=extra, model_tasks=self.members.model_tasks(extra))
+        best = max(results, key=lambda r: (r.ok, r.aggregate, -r.id))
+        child = Member(key, float(best.aggregate), generation, (a, b), best.id, best.ok)
+        self.members.add(child, Recipe.from_dict(best.recipe))
+        self._orphans -= {r.id for r in results}
+        self.say(f"  g{generation} {plan.reason:<11} {a} x {b} -> {key} {child.score:.4f} "
+                 f"({len(results)} evaluations, best #{best.id})")
+        return PairResult(child, len(results))
+
+    # ------------------------------------------------------------------------------------ test split
+
+    def rescore(self, k: int, split: str = "test") -> list[int]:
+        """Score the ``k`` best candidates on ``split`` with their merged parents (skipping re-scored ones)."""
+        return self.dispatch.rescore(k, split, inputs_of=self._inputs)
+
+    def _inputs(self, recipes: Mapping[int, Recipe]) -> dict[int, tuple[dict[str, str], dict[str, tuple[str, ...]]]]:
+        """Each candidate's merged parents (folders, all kept on disk until the last is built) and their tasks."""
+        needed: list[str] = []
+        for cid, recipe in recipes.items():
+            for key in self.folders.merged(recipe):
+                if key not in self.members:
+                    raise RunDirError(f"candidate {cid} names {key!r}, which is no member of this run")
+                if key not in needed:
+                    needed.append(key)
+        folders = self.folders.extra_models(needed)
+        out = {}
+        for cid, recipe in recipes.items():
+            extra = {k: folders[k] for k in self.folders.merged(recipe)}
+            out[cid] = (extra, self.members.model_tasks(extra))
+        return out
+
+    @property
+    def best(self) -> tuple[float, int] | None:
+        p = self.dispatch.progress
+        return None if p.best is None or p.best_id is None else (p.best, p.best_id)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Events hold JSON: NaN/inf kinships become None, numpy scalars plain numbers."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _previous_wall(archive: Archive) -> float:
+    return sum(float(e["data"].get("timings", {}).get("wall", 0.0)) for e in archive.events(EventKind.SESSION_END))
+
+
+def run_population_session(run: RunDir, space: Space, executor: Executor, *, stop: StopFlag,
+                           log: Callable[[str], None], progress: bool, setup_seconds: float = 0.0
+                           ) -> SearchSummary:
+    """Run (or resume) the population manager in ``run`` until a stop rule fires or ``stop`` is set.
+
+    The best ``test_top`` candidates are re-scored on the test split at the end (their recipes name merged
+    parents, which the plain re-scoring cannot build), so the caller's ``rescore_best`` finds nothing left.
+    """
+    cfg, pair = population_config(space)
+    timings = Timings(setup=setup_seconds)
+    t_start = time.monotonic() - setup_seconds
+    with run.archive() as archive:
+        session = len(archive.events(EventKind.SESSION_START)) + 1
+        wall = space.raw.stopping.wall_time
+        deadline = None if wall is None else t_start + max(0.0, wall - _previous_wall(archive))
+        bar = ProgressLine(space.budget, space.raw.progress_interval, enabled=progress,
+                           done_before=archive.count())
+        backend = RunPopulation(run, archive, space, executor, cfg, pair, stop=stop, session=session,
+                                timings=timings, t_start=t_start, bar=bar, log=log, deadline=deadline)
+        archive.add_event(EventKind.SESSION_START, {"session": session, "budget": space.budget, "mode": "population",
+                                                    "workers": executor.capacity, "evaluations": backend.evaluations(),
+                                                    "resubmitted": []})
+        if session > 1:
+            backend.say(f"session {session}: resuming the population run ({backend.evaluations()} evaluations)")
+        stopped = False
+        try:
+            outcome = PopulationManager(backend, cfg, space.budget, log=backend.say).run()
+            reason = outcome.stop_reason
+        except _Stopped as exc:
+            reason, stopped = str(exc), True
+        if not stopped and not stop.is_set() and space.raw.test_top > 0:
+            backend.rescore(space.raw.test_top)
+        backend.dispatch.timing_event(EventKind.SESSION_END, reason=reason, evaluations=backend.evaluations(),
+                                      mode="population")
+        backend.say(f"session {session} ended: {reason}")
+        best = backend.best
+        bar.update(backend.evaluations(), best[0] if best else None, best[1] if best else None, force=True)
+        return SearchSummary(backend.evaluations(), backend.dispatch.progress.failed, best[1] if best else None,
+                             best[0] if best else None, reason, session, timings)
