@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = load_run(args.run_dir)
+    data = load_run(args.run_dir, top_items=args.top)
     out = args.out or (args.run_dir / "report")
     files = write_report(data, out, top_n=args.top)
     for key, path in files.images.items():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from evomerge.fitness.racing import RaceBar
 from evomerge.fitness.result import EvalResult
 from evomerge.merge.recipe import Recipe
 
@@ -21,7 +22,8 @@ from evomerge.merge.recipe import Recipe
 class EvalJob:
     """One candidate to merge and score. ``extra_models`` maps keys of materialized merged parents
     (population manager) to their folders, beyond the models the worker was built with; ``model_tasks`` names
-    the fitness tasks each of them stands for (for calibration rows)."""
+    the fitness tasks each of them stands for (for calibration rows); ``race``: evaluate in racing stages
+    against this bar, stopping early when the candidate cannot beat it (see :mod:`evomerge.fitness.racing`)."""
 
     candidate_id: int
     recipe: Recipe
@@ -30,6 +32,7 @@ class EvalJob:
     extra_models: Mapping[str, str] = field(default_factory=dict)
     # fitness tasks whose rows stand for a merged model in data-aware merges (qp, apl): its originals' tasks
     model_tasks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    race: RaceBar | None = None
 
 
 @dataclass(frozen=True)

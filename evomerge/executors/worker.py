@@ -20,6 +20,7 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.executors.base import EvalJob, EvalOutcome
 from evomerge.fitness.evaluator import Evaluator
+from evomerge.fitness.racing import NotRaceable, plan_race, run_race
 from evomerge.fitness.result import EvalResult
 from evomerge.killpoints import kill_point
 from evomerge.merge.engines.resident import ResidentMerger
@@ -102,7 +103,7 @@ class MergeEvalWorker:
             return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=time.perf_counter() - t0)
         t1 = time.perf_counter()
         kill_point("evaluate")
-        res = self.evaluator.score(self.model, job.split)
+        res = self._score(job)
         t2 = time.perf_counter()
         diagnostics = self.merger.last_diagnostics(job.recipe)
         if diagnostics:
@@ -110,6 +111,22 @@ class MergeEvalWorker:
         self.evaluations += 1
         self._release(full=not res.ok or self.evaluations % FULL_RELEASE_EVERY == 0)
         return EvalOutcome(job=job, result=res, worker=self.name, merge_seconds=t1 - t0, eval_seconds=t2 - t1)
+
+    def _score(self, job: EvalJob) -> EvalResult:
+        """Score the merged model: on every item, or in racing stages when the job carries a bar (all stages
+        here, on the model merged once; a job that cannot be raced is scored on every item, with the reason)."""
+        if job.race is None:
+            return self.evaluator.score(self.model, job.split)
+        try:
+            plan = plan_race(job.race, self.evaluator.item_lists(job.split))
+        except NotRaceable as exc:
+            res = self.evaluator.score(self.model, job.split)
+            return dataclasses.replace(res, settings={**res.settings, "race": {"skipped": str(exc)}})
+        try:
+            return run_race(plan, lambda items: self.evaluator.score(self.model, job.split, items=items))
+        except Exception as exc:  # noqa: BLE001 - a bad candidate never stops the search
+            return EvalResult.failure(f"racing: {type(exc).__name__}: {exc}", self.evaluator.spec.effective_penalty,
+                                      job.split)
 
     def _method_data(self, recipe: Recipe, model_tasks: Mapping[str, Sequence[str]] | None = None) -> None:
         """Give a data-aware method (qp, apl: task rows; mergeability_weighted: base scores) the fitness's data,

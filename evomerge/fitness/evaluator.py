@@ -279,7 +279,8 @@ class Evaluator:
         """Score ``model`` on ``split``; never raises for a bad candidate (returns a recorded failure).
 
         ``items``: per task, the items (positions in its item list, see :meth:`item_lists`) to score; tasks
-        not named are scored on every item. The result carries each task's per-item outcomes.
+        not named are scored on every item, a task named with no item is skipped (a racing stage that adds no
+        item of it). The result carries each task's per-item outcomes.
         """
         t0 = time.perf_counter()
         settings = self.settings(split) if split in SPLITS else {"split": split}
@@ -299,7 +300,9 @@ class Evaluator:
                     model.train()
             if timer.non_finite:
                 raise builtin.NonFiniteOutput("model produced non-finite logits")
-            ordered = tuple(scores[name] for name in prep.order)
+            ordered = tuple(scores[name] for name in prep.order if name in scores)
+            if not ordered:
+                raise ConfigError("no item to score: every task was given an empty item list")
             for s in ordered:
                 if not math.isfinite(s.value):
                     raise builtin.NonFiniteOutput(f"task {s.task}: non-finite {s.metric} {s.value}")
@@ -330,6 +333,8 @@ class Evaluator:
             for bt in prep.builtin_tasks:
                 name = str(bt.spec.name)
                 metric = str(bt.spec.metric)
+                if name in items and not items[name]:
+                    continue
                 if name in items:
                     positions = _positions(bt.rows.row, items[name], name)
                     stats = builtin.score_rows(model, bt.rows.batches(self.spec.batch_size, positions), self.device)
@@ -364,20 +369,29 @@ class Evaluator:
         lm = self._hflm(model)
         for obj in group.loaded["tasks"].values():
             obj.set_fewshot_seed(seed=self.spec.seed)  # the sampler's RNG advances per call: reset it
-        subsets = {name: sorted(int(i) for i in items[str(spec.name)]) for name, spec in group.specs.items()
-                   if str(spec.name) in items and name in group.docs}
-        if subsets and len(subsets) < len(group.loaded["tasks"]):  # lm-eval takes samples for every task or none
-            for name in group.loaded["tasks"]:
+        named = {name: sorted(int(i) for i in items[str(spec.name)]) for name, spec in group.specs.items()
+                 if str(spec.name) in items and name in group.docs}
+        skipped = {name for name, ids in named.items() if not ids}  # lm-eval reads an empty list as "all"
+        if skipped and len(skipped) == len(group.loaded["tasks"]):
+            return {}, {}
+        task_dict = group.loaded
+        if skipped:
+            if group.loaded.get("groups"):
+                raise ConfigError(f"lm-eval tasks {sorted(skipped)} belong to a group: they cannot be skipped")
+            task_dict = {**group.loaded, "tasks": {n: t for n, t in group.loaded["tasks"].items() if n not in skipped}}
+        subsets = {name: ids for name, ids in named.items() if ids}
+        if subsets and len(subsets) < len(task_dict["tasks"]):  # lm-eval takes samples for every task or none
+            for name in task_dict["tasks"]:
                 if name not in subsets:
-                    n = group.docs[name][0] if name in group.docs else len(list(group.loaded["tasks"][name].eval_docs))
+                    n = group.docs[name][0] if name in group.docs else len(list(task_dict["tasks"][name].eval_docs))
                     subsets[name] = list(range(n if group.limit is None else min(n, group.limit)))
         with _quiet_lm_eval(), _compiled_templates():
             from lm_eval.evaluator import evaluate
 
-            res = evaluate(lm=lm, task_dict=group.loaded, limit=None if subsets else group.limit,
+            res = evaluate(lm=lm, task_dict=task_dict, limit=None if subsets else group.limit,
                            samples=subsets or None, cache_requests=False, bootstrap_iters=0, log_samples=True,
                            verbosity="ERROR")
-        if not group.frozen and not subsets:  # the template holds every document's requests
+        if not group.frozen and not subsets and not skipped:  # the template holds every document's requests
             for obj in group.loaded["tasks"].values():
                 _freeze_requests(obj)
             group.frozen = True
@@ -386,6 +400,8 @@ class Evaluator:
         out: dict[str, TaskScore] = {}
         per_item: dict[str, ItemScores] = {}
         for name, task in group.specs.items():
+            if name in skipped:
+                continue
             results = res["results"].get(name)
             if results is None:
                 raise RuntimeError(f"lm-eval returned no results for task {name}")

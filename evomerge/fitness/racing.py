@@ -16,15 +16,22 @@ on the items both have, with a paired statistic on item-level differences weight
   sum_t a_t^2 Var(D_t)``; the chance that the candidate beats the bar on every item is ``Phi(D / sd(D))``
   (normal approximation; with no spread left, 1, 0.5 or 0 by the sign of D).
 
-The candidate stops when that chance falls below the level; its estimate on all items is the bar's aggregate
-plus D (a paired estimate, much tighter than the candidate's own subset mean). A stage with fewer than
-``min_items`` items in all is never a reason to stop.
+The candidate stops when that chance falls below the level and D < 0 (so a stopped candidate's estimate is
+always below the bar: with a level under 0.5 the second condition is implied); its estimate on all items is the
+bar's aggregate plus D (a paired estimate, much tighter than the candidate's own subset mean). A stage with
+fewer than ``min_items`` items in all is never a reason to stop, nor is the last stage.
+
+Where it runs: the search's dispatcher sends a :class:`RaceBar` with each search job (the settings, the bar's
+per-item results from the archive); the worker builds the :class:`RacePlan` over its own item lists
+(:func:`plan_race`) and runs every stage on its resident merged model (:func:`run_race`), so a race costs one
+job, one merge and no round trip per stage, in-process and on Ray workers alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +39,8 @@ import numpy as np
 
 from evomerge.errors import ConfigError
 from evomerge.fitness.items import ItemList, ItemScores
+from evomerge.fitness.result import EvalResult, TaskScore
+from evomerge.killpoints import kill_point
 
 DEFAULT_STAGES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
 
@@ -170,8 +179,107 @@ class RacePlan:
     task_weights: Mapping[str, tuple[float, bool]]
     level: float
     min_items: int
+    bar_id: int | None = None  # the bar's candidate id (recorded with the result)
 
     def should_stop(self, comparison: Comparison, stage: int) -> bool:
-        """Stop before the last stage when the chance to beat the bar is below the level (enough items seen)."""
+        """Stop before the last stage when the chance to beat the bar is below the level and the estimate is
+        below the bar (enough items seen)."""
         return (stage < len(self.stages) - 1 and comparison.items >= self.min_items
-                and comparison.chance < self.level)
+                and comparison.chance < self.level and comparison.difference < 0)
+
+
+# ------------------------------------------------------------------------------------------------ in a search
+
+
+@dataclass(frozen=True)
+class RaceBar:
+    """What a search job carries to race against: the settings and the bar (the incumbent, or the k-th best a
+    population keeps) as archived: its per-item results on the search split, its aggregate, and each task's
+    (weight, higher is better) it was scored with."""
+
+    config: RacingConfig
+    candidate_id: int
+    items: Mapping[str, ItemScores]
+    aggregate: float
+    task_weights: Mapping[str, tuple[float, bool]]
+
+
+class NotRaceable(ValueError):
+    """Racing cannot apply to this job (the message says why); the candidate is evaluated on every item."""
+
+
+def plan_race(bar: RaceBar, lists: Mapping[str, ItemList]) -> RacePlan:
+    """The stages of ``bar.config`` over the worker's item lists, checked against the bar; NotRaceable naming
+    the task when a task's value is not a mean of its items or the bar was scored on another item list."""
+    if set(lists) != set(bar.task_weights):
+        raise NotRaceable(f"the tasks {sorted(lists)} differ from the bar's {sorted(bar.task_weights)}")
+    for task, il in lists.items():
+        if not il.mean:
+            raise NotRaceable(f"task {task}: its value is not a mean of its items")
+        if not il.scorable:
+            raise NotRaceable(f"task {task}: no item can be scored")
+        ref = bar.items.get(task)
+        if ref is None:
+            raise NotRaceable(f"task {task}: the bar (candidate {bar.candidate_id}) has no per-item results")
+        if (ref.total, ref.content) != (il.total, il.content):
+            raise NotRaceable(f"task {task}: the bar (candidate {bar.candidate_id}) was scored on another item list")
+        dense, _ = ref.dense()
+        if np.isnan(dense[np.asarray(il.scorable, dtype=np.int64)]).any():
+            raise NotRaceable(f"task {task}: the bar (candidate {bar.candidate_id}) lacks some of its items")
+    order = item_order(lists, bar.config.seed)
+    stages = tuple(stage_items(order, f) for f in bar.config.stages)
+    return RacePlan(stages, dict(bar.items), float(bar.aggregate), dict(bar.task_weights), bar.config.level,
+                    bar.config.min_items, bar.candidate_id)
+
+
+def run_race(plan: RacePlan, score: Callable[[Mapping[str, Sequence[int]]], EvalResult]) -> EvalResult:
+    """Score stage by stage (``score(items)`` scores only the items it is given: each stage's new ones) and stop
+    as :meth:`RacePlan.should_stop` says. A stopped candidate's result is ``partial``: its items are those it saw,
+    its task values their means, its aggregate the paired estimate; a finished one is the full evaluation (its
+    task values the weighted means of all its items). ``settings["race"]`` records the stage reached, the last
+    comparison and the bar."""
+    last = len(plan.stages) - 1
+    wanted = {t: set(int(i) for i in plan.stages[last].get(t, ())) for t in plan.task_weights}
+    seen: dict[str, ItemScores] = {}
+    done: dict[str, set[int]] = {t: set() for t in plan.task_weights}
+    tasks: dict[str, TaskScore] = {}
+    seconds = forward = 0.0
+    res: EvalResult | None = None
+    comparison: Comparison | None = None
+    for k, stage in enumerate(plan.stages):
+        new = {t: sorted(int(i) for i in stage.get(t, ()) if int(i) not in done[t]) for t in plan.task_weights}
+        if not any(new.values()):
+            continue
+        res = score(new)
+        seconds += res.seconds
+        forward += res.forward_seconds
+        if not res.ok:
+            return dataclasses.replace(res, seconds=seconds, forward_seconds=forward)
+        for t in res.tasks:
+            tasks.setdefault(t.task, t)
+        for task, got in res.items.items():
+            seen[task] = seen[task].merged(got) if task in seen else got
+            done[task].update(int(i) for i in got.index)
+        if k == last or all(done[t] >= wanted[t] for t in wanted):
+            break
+        comparison = compare(seen, plan.bar, plan.bar_aggregate, plan.task_weights)
+        kill_point("race_stage")
+        if plan.should_stop(comparison, k):
+            return _raced(plan, res, tasks, seen, seconds, forward, k, comparison, stopped=True)
+    if res is None:
+        raise ValueError("racing: the stages hold no item")
+    return _raced(plan, res, tasks, seen, seconds, forward, k, comparison, stopped=False)
+
+
+def _raced(plan: RacePlan, res: EvalResult, tasks: Mapping[str, TaskScore], seen: Mapping[str, ItemScores],
+           seconds: float, forward: float, stage: int, comparison: Comparison | None, stopped: bool) -> EvalResult:
+    ordered = tuple(dataclasses.replace(t, value=seen[t.task].value()) for t in tasks.values())
+    race: dict[str, Any] = {"stage": stage + 1, "stages": len(plan.stages), "stopped": stopped, "bar": plan.bar_id,
+                            "items": int(sum(len(s.index) for s in seen.values()))}
+    if comparison is not None:
+        race.update(chance=comparison.chance, difference=comparison.difference, stderr=comparison.stderr,
+                    estimate=comparison.estimate)
+    aggregate = comparison.estimate if stopped and comparison is not None else EvalResult.weighted_aggregate(ordered)
+    return EvalResult(aggregate=aggregate, tasks=ordered, ok=True, split=res.split, seconds=seconds,
+                      forward_seconds=forward, settings={**res.settings, "race": race}, items=dict(seen),
+                      partial=stopped)

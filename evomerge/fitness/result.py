@@ -38,6 +38,8 @@ class EvalResult:
     forward_seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
     items: dict[str, ItemScores] = field(default_factory=dict)  # per task: which items it solved
+    # stopped by racing before its last stage: ``items`` holds what it saw, ``aggregate`` the paired estimate
+    partial: bool = False
 
     @property
     def complete(self) -> bool:

@@ -11,7 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from evomerge.search.events import EventKind
+
+SOLVED = 1.0 - 1e-6  # an item counts as solved at full marks (exact match 1, every token right)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,42 @@ class MemberRow:
     tasks: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ItemsView:
+    """Per-item results of some models on the search split: one row per model, each task's items in columns
+    (NaN: the model has no result on that item)."""
+
+    models: list[str]
+    scores: dict[str, np.ndarray]  # task -> len(models) x items
+
+    def solvable_tasks(self) -> list[str]:
+        """Tasks whose item scores lie in [0, 1], where 'solved' (full marks) means something."""
+        out = []
+        for task, m in self.scores.items():
+            finite = m[np.isfinite(m)]
+            if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+                out.append(task)
+        return out
+
+    def solved_by_none(self) -> dict[str, list[int]]:
+        """Per task, the items every model was scored on and none solved."""
+        out = {}
+        for task in self.solvable_tasks():
+            m = self.scores[task]
+            seen = np.isfinite(m).all(axis=0)
+            out[task] = [int(j) for j in np.flatnonzero(seen & ~(np.nan_to_num(m, nan=0.0) >= SOLVED).any(axis=0))]
+        return out
+
+    def solved_by_one(self) -> dict[str, list[tuple[int, str]]]:
+        """Per task, the items exactly one model solved, with that model."""
+        out = {}
+        for task in self.solvable_tasks():
+            solved = np.nan_to_num(self.scores[task], nan=0.0) >= SOLVED
+            only = np.flatnonzero(solved.sum(axis=0) == 1)
+            out[task] = [(int(j), self.models[int(np.flatnonzero(solved[:, j])[0])]) for j in only]
+        return out
+
+
 @dataclass
 class RunData:
     name: str
@@ -50,6 +90,7 @@ class RunData:
     events: list[dict[str, Any]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # space/run facts to print (method, budget, status...)
     test_scores: dict[str, Any] = field(default_factory=dict)  # held-out scores of the best, when recorded
+    items: ItemsView | None = None  # per-item results of the top candidates and the originals, when recorded
 
     # -------------------------------------------------------------------------------------------------- views
     def best_candidate(self) -> CandidateRow | None:

@@ -73,8 +73,38 @@ def write_report(data: RunData, out_dir: str | os.PathLike[str], top_n: int = 8)
     else:
         files.skipped["gain"] = "no merged child with scored parents and known kinship"
 
+    if data.items is not None and data.items.scores:
+        files.images["items"] = plots.item_heatmap(data.items.scores, data.items.models, out / "items.png",
+                                                   title="per-item scores of the top candidates and originals")
+    else:
+        files.skipped["items"] = "no per-item results recorded (a run written before per-item results)"
+
     write_text_atomic(files.html, _page(data, files, top))
     return files
+
+
+def _items_tables(data: RunData) -> str:
+    """Items solved by no model of the view, and by one only (with the model), per task."""
+    view = data.items
+    if view is None:
+        return ""
+    none, one = view.solved_by_none(), view.solved_by_one()
+    if not none:
+        return "<p class='muted'>no task scores its items in [0, 1]: 'solved' is not defined here</p>"
+
+    def shown(values: list[str], limit: int = 40) -> str:
+        return ", ".join(values[:limit]) + (f", ... ({len(values) - limit} more)" if len(values) > limit else "")
+
+    rows: list[list[object]] = []
+    for task in none:
+        by_model: dict[str, list[str]] = {}
+        for j, model in one[task]:
+            by_model.setdefault(model, []).append(str(j))
+        rows.append([task, f"{len(none[task])}: {shown([str(j) for j in none[task]])}" if none[task] else "0",
+                     "; ".join(f"{m} ({len(v)}): {shown(v, 15)}" for m, v in by_model.items()) or "-"])
+    return ("<p class='muted'>Solved = full marks on the item (exact match, or every token right). Item numbers "
+            "are rows of the task's search split.</p>"
+            + _table(["task", "solved by none of these models", "solved by one model only"], rows))
 
 
 def _img(path: Path, alt: str) -> str:
@@ -123,11 +153,15 @@ def _page(data: RunData, files: ReportFiles, top: list) -> str:
                 ("tree", "Family tree", "Originals at the top, each merged child below its parents; color = "
                                         "search fitness, red outline = the best model."),
                 ("kinship", "Kinship of the top models", f"Global {data.metric} of task vectors against the base."),
-                ("gain", "Merge gain vs parent kinship", "gain = child fitness − mean fitness of its two parents.")]
+                ("gain", "Merge gain vs parent kinship", "gain = child fitness − mean fitness of its two parents."),
+                ("items", "Items", "Who solves what: each column is one item of the search split, grouped by task; "
+                                   "rows are the best complete candidates and the original models (when scored).")]
     for key, title, note in sections:
         parts.append(f"<h2>{title}</h2>")
         if key in files.images:
             parts.append(f"<p class='muted'>{html.escape(note)}</p>{_img(files.images[key], title)}")
+            if key == "items":
+                parts.append(_items_tables(data))
         else:
             parts.append(f"<p class='muted'>not drawn: {html.escape(files.skipped.get(key, ''))}</p>")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import RunDirError
-from evomerge.report.data import CandidateRow, MemberRow, RunData
+from evomerge.report.data import CandidateRow, ItemsView, MemberRow, RunData
 from evomerge.search.archive import FILE_NAME, Archive, CandidateRecord
 from evomerge.search.events import EventKind
 
@@ -41,8 +41,9 @@ def _label(rec: CandidateRecord) -> str:
     return rec.method
 
 
-def load_run(run_dir: str | os.PathLike[str]) -> RunData:
-    """Candidates, members, kinship, events and test scores of a run (plain search or population)."""
+def load_run(run_dir: str | os.PathLike[str], top_items: int = 8) -> RunData:
+    """Candidates, members, kinship, events and test scores of a run (plain search or population), and the
+    per-item results of the ``top_items`` best complete candidates and the originals (when scored)."""
     with Archive.open(find_archive(run_dir), readonly=True) as archive:
         records = archive.results("search")
         by_id = {r.id: r for r in records}
@@ -78,7 +79,24 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
                 continue
             tests[f"test (#{r.id})"] = f"{res.aggregate:.4f} " + ", ".join(
                 f"{k} {v['value']:.3f}" for k, v in res.scores.items())
-    return RunData(Path(run_dir).resolve().name, rows, members, kin, metric, events, info, tests)
+        items = _items_view(archive, raw_events, top_items)
+    return RunData(Path(run_dir).resolve().name, rows, members, kin, metric, events, info, tests, items)
+
+
+def _items_view(archive: Archive, events: list[dict[str, Any]], top: int) -> ItemsView | None:
+    """The top complete candidates (``#ID``) and the scored originals (by name), as rows of item results."""
+    rows: dict[int, str] = {r.id: f"#{r.id}" for r in archive.best(top)}
+    for e in events:
+        if e["kind"] == EventKind.MEMBER and e["data"].get("candidate_id") is not None:
+            cid = int(e["data"]["candidate_id"])
+            rows[cid] = str(e["data"]["key"]) + (f" (#{cid})" if cid in rows else "")
+    if not rows:
+        return None
+    ids = list(rows)
+    matrix = archive.item_matrix(ids, "search")
+    if not matrix:
+        return None
+    return ItemsView([rows[i] for i in ids], {task: s for task, (s, _w) in sorted(matrix.items())})
 
 
 def _population_members(events: list[dict[str, Any]], by_id: dict[int, CandidateRecord]) -> list[MemberRow]:

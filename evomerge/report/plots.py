@@ -208,3 +208,41 @@ def gain_vs_kinship(kinships: Sequence[float], gains: Sequence[float], metric: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def item_heatmap(scores: Mapping[str, np.ndarray], models: Sequence[str], path: str | os.PathLike[str],
+                 title: str = "per-item scores (search split)") -> Path:
+    """Models (rows) by items (columns, grouped by task, a line between tasks); grey: no result on that item.
+
+    Scores in [0, 1] keep their values; a task with other values (log-likelihood) is scaled to [0, 1] within
+    the task, which the title then says."""
+    plt = _plt()
+    from matplotlib import colormaps
+
+    blocks, scaled = [], []
+    for task, m in scores.items():
+        m = np.asarray(m, dtype=float)
+        finite = m[np.isfinite(m)]
+        if finite.size and (finite.min() < 0.0 or finite.max() > 1.0):
+            lo, hi = float(finite.min()), float(finite.max())
+            m = (m - lo) / (hi - lo) if hi > lo else np.where(np.isfinite(m), 0.5, np.nan)
+            scaled.append(task)
+        blocks.append((task, m))
+    matrix = np.concatenate([m for _, m in blocks], axis=1) if blocks else np.zeros((len(models), 0))
+    n_items = matrix.shape[1]
+    fig, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.012 * n_items + 3)), max(2.5, 0.35 * len(models) + 1.5)))
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
+    im = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0,
+                   vmax=1.0)
+    start, centers, names = 0, [], []
+    for task, m in blocks:
+        centers.append(start + m.shape[1] / 2 - 0.5)
+        names.append(f"{task} ({m.shape[1]})")
+        start += m.shape[1]
+        if start < n_items:
+            ax.axvline(start - 0.5, color="white", lw=2)
+    ax.set_xticks(centers, names, fontsize=9)
+    ax.set_yticks(range(len(models)), [_short(m, 22) for m in models], fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="item score" + (" (scaled per task)" if scaled else ""))
+    ax.set_title(title + (f"; scaled within {', '.join(scaled)}" if scaled else ""))
+    return _save(fig, path)

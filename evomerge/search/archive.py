@@ -4,9 +4,13 @@ Tables (rows are never updated or deleted; triggers refuse it):
 
 - ``candidates``: one row per finished evaluation on the search split: id, recipe hash and JSON, parents,
   generation, method, genome, status (ok | failed), per-task scores, aggregate (higher is better; failures hold
-  the penalty), split, evaluation settings, merge/eval seconds, worker, error text, creation time, session.
-  A recipe hash appears at most once: identical recipes are never evaluated twice.
+  the penalty), split, evaluation settings, merge/eval seconds, worker, error text, creation time, session,
+  ``partial`` (1: stopped by racing before its last stage; its aggregate is the paired estimate and its items
+  are those it saw). A recipe hash appears at most once: identical recipes are never evaluated twice.
 - ``rescores``: re-scores of a candidate on another split (the held-out test split at the end of a search).
+- ``items``: per-item results, one row per candidate, split and task: the task's item count and content hash,
+  the items' indices (NULL: every item, in order), scores and weights as packed little-endian arrays (int32,
+  float32, float32); written in the transaction of the candidate row or the re-score it belongs to.
 - ``events``: time, kind, JSON payload (session starts/ends, timing snapshots, duplicates, stops, ...).
 - ``kinship``: cache of (a, b, metric) -> value for the population manager.
 - ``meta``: run-level key/values (schema version, model keys, space fingerprint); insert-only too.
@@ -14,6 +18,10 @@ Tables (rows are never updated or deleted; triggers refuse it):
 It is the single source of truth for ``status``, ``export``, reports and resume. Many readers may open it while
 one search writes (``Archive.open(path, readonly=True)``). A file that is not a healthy archive raises
 :class:`~evomerge.errors.RunDirError` and is never modified.
+
+Archives written before per-item results (no ``items`` table, no ``partial`` column) read as they are (no item
+results, nothing partial); opened for writing, they gain both (a new table and a column with default 0, no row
+changed), so a resumed old run goes on with per-item results.
 """
 
 from __future__ import annotations
@@ -29,13 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evomerge.errors import RunDirError
+from evomerge.fitness.items import ItemScores
 from evomerge.killpoints import kill_point
 from evomerge.search.events import EventKind
 
 SCHEMA_VERSION = "1"
 FILE_NAME = "archive.sqlite"
-_TABLES = ("meta", "candidates", "rescores", "events", "kinship")
+_TABLES = ("meta", "candidates", "rescores", "events", "kinship")  # every archive has these
+_ADDED_TABLES = ("items",)  # added later: created when an older archive is opened for writing
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,7 +69,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     worker TEXT,
     error TEXT,
     created_at REAL NOT NULL,
-    session INTEGER NOT NULL
+    session INTEGER NOT NULL,
+    partial INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS candidates_hash ON candidates (recipe_hash, split);
 CREATE TABLE IF NOT EXISTS rescores (
@@ -79,11 +92,29 @@ CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, time REAL NOT NULL, k
 CREATE TABLE IF NOT EXISTS kinship (a TEXT NOT NULL, b TEXT NOT NULL, metric TEXT NOT NULL, value REAL NOT NULL,
     PRIMARY KEY (a, b, metric));
 """
-_TRIGGERS = "".join(
-    f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t} "
-    f"BEGIN SELECT RAISE(ABORT, 'the archive is append-only ({t})'); END;\n"
-    for t in _TABLES for op in ("update", "delete")
-)
+_ITEMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    candidate_id INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    task TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    content TEXT NOT NULL,
+    idx BLOB,
+    scores BLOB NOT NULL,
+    weights BLOB NOT NULL,
+    PRIMARY KEY (candidate_id, split, task)
+);
+"""
+
+
+def _triggers(tables: Sequence[str]) -> str:
+    return "".join(
+        f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op} BEFORE {op.upper()} ON {t} "
+        f"BEGIN SELECT RAISE(ABORT, 'the archive is append-only ({t})'); END;\n"
+        for t in tables for op in ("update", "delete"))
+
+
+_TRIGGERS = _triggers(_TABLES + _ADDED_TABLES)
 
 
 @dataclass(frozen=True)
@@ -108,10 +139,16 @@ class CandidateRecord:
     error: str | None
     created_at: float
     session: int
+    partial: bool = False  # stopped by racing: aggregate is the paired estimate, items those it saw
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def complete(self) -> bool:
+        """A successful evaluation on every item (what best, leaderboards, exports and re-scores use)."""
+        return self.ok and not self.partial
 
 
 @dataclass(frozen=True)
@@ -168,9 +205,12 @@ class Archive:
                 self._db.execute("PRAGMA synchronous=FULL")
             if create:
                 # executescript commits on its own: the schema goes in as one script-level transaction
-                self._db.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + _TRIGGERS
+                self._db.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA + _ITEMS_SCHEMA + _TRIGGERS
                                        + f"INSERT INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}');\n"
                                        + "COMMIT;\n")
+            elif not readonly:
+                self._upgrade()
+            self._features()
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise RunDirError(f"{self.path}: the archive is corrupt or not an evomerge archive ({exc}); "
@@ -196,6 +236,28 @@ class Archive:
         if version is None or version[0] != SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"archive schema {version[0] if version else '?'}, "
                                         f"this evomerge reads schema {SCHEMA_VERSION}")
+
+    def _features(self) -> None:
+        """Which later additions this archive has (an older one, opened read-only, has neither)."""
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        self.has_items = "items" in tables
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(candidates)")}
+        self.has_partial = "partial" in columns
+        self._cols = self._BASE_COLS + (", partial" if self.has_partial else ", 0")
+
+    def _upgrade(self) -> None:
+        """Give an archive written before per-item results the ``items`` table and the ``partial`` column
+        (additions only: no existing row changes, and older readers still read it)."""
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(candidates)")}
+        if "items" in tables and "partial" in columns:
+            return
+        script = "BEGIN IMMEDIATE;\n"
+        if "partial" not in columns:
+            script += "ALTER TABLE candidates ADD COLUMN partial INTEGER NOT NULL DEFAULT 0;\n"
+        if "items" not in tables:
+            script += _ITEMS_SCHEMA + _triggers(_ADDED_TABLES)
+        self._db.executescript(script + "COMMIT;\n")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -243,8 +305,10 @@ class Archive:
                       generation: int, method: str, genome: Mapping[str, Any] | None, ok: bool,
                       scores: Mapping[str, Any], aggregate: float, split: str, settings: Mapping[str, Any],
                       merge_seconds: float, eval_seconds: float, worker: str | None, error: str | None,
-                      session: int, created_at: float | None = None) -> None:
-        """Append one finished evaluation (refuses a second row for the same recipe and split)."""
+                      session: int, created_at: float | None = None,
+                      items: Mapping[str, ItemScores] | None = None, partial: bool = False) -> None:
+        """Append one finished evaluation with its per-item results, in one transaction (refuses a second row
+        for the same recipe and split)."""
         if not math.isfinite(aggregate):
             raise ValueError(f"candidate {id}: non-finite aggregate {aggregate}")
         try:
@@ -252,12 +316,13 @@ class Archive:
                 db.execute(
                     "INSERT INTO candidates (id, recipe_hash, recipe, parents, generation, method, genome, status,"
                     " scores, aggregate, split, settings, merge_seconds, eval_seconds, worker, error, created_at,"
-                    " session) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " session, partial) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (int(id), recipe_hash, _dumps(recipe), _dumps(list(parents)), int(generation), method,
                      None if genome is None else _dumps(genome), "ok" if ok else "failed", _dumps(scores),
                      float(aggregate), split, _dumps(settings), float(merge_seconds), float(eval_seconds), worker,
-                     error, time.time() if created_at is None else float(created_at), int(session)),
+                     error, time.time() if created_at is None else float(created_at), int(session), int(partial)),
                 )
+                self._insert_items(db, int(id), split, items)
                 kill_point("archive_commit")
         except sqlite3.IntegrityError as exc:
             raise RunDirError(f"{self.path}: candidate {id} ({recipe_hash[:12]}) not archived: {exc}") from None
@@ -268,25 +333,25 @@ class Archive:
             generation=int(row[4]), method=row[5], genome=_loads(row[6]), status=row[7], scores=json.loads(row[8]),
             aggregate=float(row[9]), split=row[10], settings=json.loads(row[11]), merge_seconds=float(row[12]),
             eval_seconds=float(row[13]), worker=row[14], error=row[15], created_at=float(row[16]),
-            session=int(row[17]),
+            session=int(row[17]), partial=bool(row[18]),
         )
 
-    _COLS = ("id, recipe_hash, recipe, parents, generation, method, genome, status, scores, aggregate, split, "
-             "settings, merge_seconds, eval_seconds, worker, error, created_at, session")
+    _BASE_COLS = ("id, recipe_hash, recipe, parents, generation, method, genome, status, scores, aggregate, split, "
+                  "settings, merge_seconds, eval_seconds, worker, error, created_at, session")
 
     def results(self, split: str = "search") -> list[CandidateRecord]:
         """Every archived evaluation of ``split``, in the order they finished."""
         rows = self._db.execute(
-            f"SELECT {self._COLS} FROM candidates WHERE split=? ORDER BY rowid", (split,)).fetchall()
+            f"SELECT {self._cols} FROM candidates WHERE split=? ORDER BY rowid", (split,)).fetchall()
         return [self._row(r) for r in rows]
 
     def get(self, candidate_id: int) -> CandidateRecord | None:
-        row = self._db.execute(f"SELECT {self._COLS} FROM candidates WHERE id=?", (int(candidate_id),)).fetchone()
+        row = self._db.execute(f"SELECT {self._cols} FROM candidates WHERE id=?", (int(candidate_id),)).fetchone()
         return None if row is None else self._row(row)
 
     def by_hash(self, recipe_hash: str, split: str = "search") -> CandidateRecord | None:
         """The evaluation of an identical recipe, if any (the dedup lookup)."""
-        row = self._db.execute(f"SELECT {self._COLS} FROM candidates WHERE recipe_hash=? AND split=?",
+        row = self._db.execute(f"SELECT {self._cols} FROM candidates WHERE recipe_hash=? AND split=?",
                                (recipe_hash, split)).fetchone()
         return None if row is None else self._row(row)
 
@@ -294,12 +359,15 @@ class Archive:
         return int(self._db.execute("SELECT COUNT(*) FROM candidates WHERE split=?", (split,)).fetchone()[0])
 
     def counts(self) -> dict[str, int]:
-        """Evaluations by status (search split), rescores and events."""
+        """Evaluations by status (search split; ``partial``: stopped by racing, counted in ``ok``), rescores and
+        events."""
         out = {"ok": 0, "failed": 0}
         for status, n in self._db.execute(
                 "SELECT status, COUNT(*) FROM candidates WHERE split='search' GROUP BY status"):
             out[status] = int(n)
         out["evaluations"] = out["ok"] + out["failed"]
+        out["partial"] = int(self._db.execute(
+            "SELECT COUNT(*) FROM candidates WHERE split='search' AND partial=1").fetchone()[0]) if self.has_partial else 0
         out["rescores"] = int(self._db.execute("SELECT COUNT(*) FROM rescores").fetchone()[0])
         out["events"] = int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
         return out
@@ -309,17 +377,22 @@ class Archive:
         return int(row[0]) if row and row[0] is not None else 0
 
     def best(self, k: int = 1, rank_by: str = "search") -> list[CandidateRecord]:
-        """The top ``k`` successful candidates by search aggregate, or by test rescore (``rank_by="test"``)."""
+        """The top ``k`` complete candidates (successful, not stopped by racing) by search aggregate, or by
+        test rescore (``rank_by="test"``)."""
         if rank_by == "search":
             rows = self._db.execute(
-                f"SELECT {self._COLS} FROM candidates WHERE split='search' AND status='ok' "
+                f"SELECT {self._cols} FROM candidates WHERE split='search' AND status='ok'{self._complete()} "
                 "ORDER BY aggregate DESC, id ASC LIMIT ?", (int(k),)).fetchall()
             return [self._row(r) for r in rows]
+        cols = ", ".join("c." + c.strip() for c in self._BASE_COLS.split(","))
         rows = self._db.execute(
-            f"SELECT {', '.join('c.' + c.strip() for c in self._COLS.split(','))} FROM candidates c "
-            "JOIN rescores r ON r.candidate_id = c.id WHERE r.split=? AND r.status='ok' "
+            f"SELECT {cols}, {'c.partial' if self.has_partial else '0'} FROM candidates c "
+            f"JOIN rescores r ON r.candidate_id = c.id WHERE r.split=? AND r.status='ok'{self._complete('c.')} "
             "ORDER BY r.aggregate DESC, c.id ASC LIMIT ?", (rank_by, int(k))).fetchall()
         return [self._row(r) for r in rows]
+
+    def _complete(self, prefix: str = "") -> str:
+        return f" AND {prefix}partial=0" if self.has_partial else ""
 
     def lineage(self, candidate_id: int) -> dict[str, Any]:
         """The candidate's ancestry as a tree: parents are earlier candidates (``cand:ID``) or original models."""
@@ -356,7 +429,8 @@ class Archive:
 
     def add_rescore(self, *, candidate_id: int, split: str, ok: bool, scores: Mapping[str, Any], aggregate: float,
                     settings: Mapping[str, Any], merge_seconds: float, eval_seconds: float, worker: str | None,
-                    error: str | None) -> None:
+                    error: str | None, items: Mapping[str, ItemScores] | None = None) -> None:
+        """Append a re-score of a candidate on ``split`` with its per-item results, in one transaction."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO rescores (candidate_id, split, status, scores, aggregate, settings, merge_seconds,"
@@ -364,6 +438,7 @@ class Archive:
                 (int(candidate_id), split, "ok" if ok else "failed", _dumps(scores), float(aggregate),
                  _dumps(settings), float(merge_seconds), float(eval_seconds), worker, error, time.time()),
             )
+            self._insert_items(db, int(candidate_id), split, items)
 
     def rescores(self, candidate_id: int | None = None) -> list[Rescore]:
         q = ("SELECT candidate_id, split, status, scores, aggregate, settings, merge_seconds, eval_seconds, worker,"
@@ -377,6 +452,71 @@ class Archive:
 
     def rescore(self, candidate_id: int, split: str) -> Rescore | None:
         return next((r for r in self.rescores(candidate_id) if r.split == split), None)
+
+    # ------------------------------------------------------------------------------------------ per-item results
+
+    def _insert_items(self, db: sqlite3.Connection, candidate_id: int, split: str,
+                      items: Mapping[str, ItemScores] | None) -> None:
+        for task, scores in sorted((items or {}).items()):
+            rec = scores.to_record()
+            db.execute("INSERT INTO items (candidate_id, split, task, total, content, idx, scores, weights) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (candidate_id, split, str(task), int(rec["total"]), str(rec["content"]), rec["index"],
+                        rec["scores"], rec["weights"]))
+
+    def items(self, candidate_id: int, split: str = "search") -> dict[str, ItemScores]:
+        """One candidate's per-item results on ``split``, by task (empty: none recorded, e.g. an older run)."""
+        return self.items_of([candidate_id], split).get(int(candidate_id), {})
+
+    def items_of(self, candidate_ids: Sequence[int] | None = None, split: str = "search"
+                 ) -> dict[int, dict[str, ItemScores]]:
+        """Per-item results of many candidates (all of ``split`` when ``candidate_ids`` is None)."""
+        if not self.has_items:
+            return {}
+        q = "SELECT candidate_id, task, total, content, idx, scores, weights FROM items WHERE split=?"
+        args: list[Any] = [split]
+        if candidate_ids is not None:
+            ids = [int(c) for c in candidate_ids]
+            if not ids:
+                return {}
+            q += f" AND candidate_id IN ({', '.join('?' * len(ids))})"
+            args += ids
+        out: dict[int, dict[str, ItemScores]] = {}
+        for cid, task, total, content, idx, sc, w in self._db.execute(q + " ORDER BY candidate_id, task", args):
+            out.setdefault(int(cid), {})[task] = ItemScores.from_record(
+                {"task": task, "total": total, "content": content, "index": idx, "scores": sc, "weights": w})
+        return out
+
+    def item_matrix(self, candidate_ids: Sequence[int], split: str = "search"
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per task: (scores, weights) as ``len(candidate_ids) x items`` arrays in the given order, NaN / 0 where
+        a candidate has no result on an item (not seen by a raced candidate, or nothing recorded). A task whose
+        item list differs between candidates (an edited task file) keeps the first candidate's list."""
+        found = self.items_of(candidate_ids, split)
+        first: dict[str, ItemScores] = {}
+        for cid in candidate_ids:
+            for task, it in found.get(int(cid), {}).items():
+                first.setdefault(task, it)
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for task, ref in first.items():
+            s = np.full((len(candidate_ids), ref.total), np.nan, dtype=np.float32)
+            w = np.zeros((len(candidate_ids), ref.total), dtype=np.float32)
+            for row, cid in enumerate(candidate_ids):
+                it = found.get(int(cid), {}).get(task)
+                if it is not None and (it.total, it.content) == (ref.total, ref.content):
+                    s[row], w[row] = it.dense()
+            out[task] = (s, w)
+        return out
+
+    def item_counts(self, split: str = "search") -> dict[str, int]:
+        """``evaluated``: item evaluations recorded on ``split``; ``candidates``: rows of ``split`` that have
+        per-item results; ``full``: what those rows would have cost on every item."""
+        if not self.has_items:
+            return {"evaluated": 0, "candidates": 0, "full": 0}
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(CASE WHEN idx IS NULL THEN total ELSE length(idx) / 4 END), 0), "
+            "COUNT(DISTINCT candidate_id), COALESCE(SUM(total), 0) FROM items WHERE split=?", (split,)).fetchone()
+        return {"evaluated": int(row[0]), "candidates": int(row[1]), "full": int(row[2])}
 
     # ------------------------------------------------------------------------------------------ events
 

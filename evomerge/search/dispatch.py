@@ -15,7 +15,14 @@ result", and its callers keep only their own decisions (what to ask, when to sto
   new bests, the progress line;
 - **de-duplication by recipe hash**: :meth:`archived` answers a recipe already evaluated, :meth:`follow` attaches
   an ask of a recipe in flight to it (its *followers* are told the same result by the caller);
-- **re-scoring** the best candidates on another split (:meth:`rescore`), through the same retry path.
+- **re-scoring** the best candidates on another split (:meth:`rescore`), through the same retry path;
+- **racing**: with a :class:`~evomerge.fitness.racing.RacingConfig`, every search job carries a
+  :class:`~evomerge.fitness.racing.RaceBar`: the bar's per-item results read from the archive (the bar is the
+  caller's choice, a candidate id: the incumbent for the plain loop, the k-th best member for the population
+  manager), chosen once per job so a re-queued job races against the same bar. The worker runs the stages on
+  the model it merged once and returns one outcome (no round trip per stage or item); a stopped candidate comes
+  back ``partial`` and is archived so, with the items it saw and the paired estimate as its aggregate, which is
+  what callers tell their optimizers. Per-item results of every evaluation and re-score are archived with it.
 
 A job is a caller's :class:`Ticket` (the plain loop's checkpointed ``_InFlight`` entries, or a :class:`Job`); the
 dispatcher updates its ``attempt`` and ``followers`` in place, so a caller that checkpoints its tickets resumes
@@ -25,12 +32,6 @@ submit, archive before tell.
 
 Where later features go (no rewrite needed):
 
-- **racing** (candidates evaluated in stages over item subsets, stopped early, archived as partial with per-item
-  results): a stage policy consulted in :meth:`_handle` between :meth:`_retry_or_fail` and :meth:`_archive`.
-  An outcome of a stage that is not the last either continues (the same ticket submitted again for the next
-  stage, exactly as a re-queue is, with its stage on the ticket and in :class:`~evomerge.executors.base.EvalJob`)
-  or stops (archived by :meth:`_archive` as partial, with the items it saw). Per-item results travel in the
-  outcome's result and are written by :meth:`_archive`; the incumbent's items are the archive's.
 - **stop after N consecutive failures**: :meth:`_account` sees every archived row in order (and
   :class:`SearchProgress` is rebuilt from the archive on resume), so the streak is counted there (a field of
   ``SearchProgress``) and read by the callers' stopping rules (``StoppingRules.reason`` for the loop, the
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from evomerge.executors.base import EvalJob, EvalOutcome, Executor
+from evomerge.fitness.racing import RaceBar, RacingConfig
 from evomerge.fitness.result import EvalResult
 from evomerge.killpoints import kill_point
 from evomerge.merge.recipe import Recipe
@@ -91,6 +93,8 @@ class _Slot:
     generation: int
     extra_models: dict[str, str]
     model_tasks: dict[str, tuple[str, ...]]
+    bar: int | None = None  # the candidate this job races against (chosen at its first send)
+    bar_chosen: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,8 @@ class Dispatcher:
     ``records``: the archive's search rows when the caller has read them already (else they are read here);
     they seed the de-duplication table and the progress counts. ``settings`` go into every archived row's
     settings (with the job's ``attempt``). ``shown``: the evaluation count the progress line displays (default:
-    every archived evaluation).
+    every archived evaluation). ``racing``: race search jobs (see the module docstring) against the candidate
+    ``race_against()`` names (default: the best complete candidate so far; None: no bar yet, every item).
     """
 
     def __init__(self, archive: Archive, executor: Executor, *, penalty: float, max_retries: int,
@@ -128,15 +133,19 @@ class Dispatcher:
                  records: Sequence[CandidateRecord] | None = None, timings: Timings | None = None,
                  t_start: float | None = None, bar: ProgressLine | None = None,
                  say: Callable[[str], None] | None = None, shown: Callable[[], int] | None = None,
-                 timing_every: int = TIMING_EVERY) -> None:
+                 timing_every: int = TIMING_EVERY, racing: RacingConfig | None = None,
+                 race_against: Callable[[], int | None] | None = None) -> None:
         self.archive, self.executor = archive, executor
+        self.racing = racing if racing is not None and racing.enabled else None
+        self._race_against = race_against if race_against is not None else (lambda: self.progress.best_id)
+        self._bars: dict[int, RaceBar | None] = {}
         self.penalty, self.max_retries, self.session = float(penalty), int(max_retries), session
         self.settings = dict(settings or {})
         self.timings = timings if timings is not None else Timings()
         self.t_start = time.monotonic() if t_start is None else t_start
         self.bar, self._say, self._shown, self.timing_every = bar, say, shown, timing_every
         rows = list(archive.results(SEARCH) if records is None else records)
-        self.progress = SearchProgress.of((r.id, r.aggregate, r.ok) for r in rows)
+        self.progress = SearchProgress.of((r.id, r.aggregate, r.ok, r.partial) for r in rows)
         self._archived: dict[str, CandidateRecord] = {r.recipe_hash: r for r in rows}
         self._slots: dict[tuple[int, str], _Slot] = {}
         self._by_hash: dict[str, _Slot] = {}
@@ -205,7 +214,30 @@ class Dispatcher:
         t = slot.ticket
         self.executor.submit(EvalJob(candidate_id=t.candidate_id, recipe=t.recipe, split=slot.split,
                                      attempt=t.attempt, extra_models=slot.extra_models,
-                                     model_tasks=slot.model_tasks))
+                                     model_tasks=slot.model_tasks, race=self._race(slot)))
+
+    def _race(self, slot: _Slot) -> RaceBar | None:
+        """The bar a search job races against (chosen at its first send, so a re-queued job keeps it)."""
+        if self.racing is None or slot.split != SEARCH:
+            return None
+        if not slot.bar_chosen:
+            slot.bar, slot.bar_chosen = self._race_against(), True
+        return None if slot.bar is None else self.race_bar(slot.bar)
+
+    def race_bar(self, candidate_id: int) -> RaceBar | None:
+        """Candidate ``candidate_id`` as a bar: complete and with per-item results of every task, else None."""
+        if self.racing is None:
+            return None
+        if candidate_id not in self._bars:
+            rec, bar = self.archive.get(candidate_id), None
+            if rec is not None and rec.complete:
+                items = self.archive.items(candidate_id, SEARCH)
+                weights = {t: (float(v.get("weight", 1.0)), bool(v.get("higher_is_better", True)))
+                           for t, v in rec.scores.items()}
+                if items and set(items) == set(weights):
+                    bar = RaceBar(self.racing, candidate_id, items, rec.aggregate, weights)
+            self._bars[candidate_id] = bar
+        return self._bars[candidate_id]
 
     # ------------------------------------------------------------------------------------------- poll
 
@@ -237,7 +269,6 @@ class Dispatcher:
         if result is None:
             polled.requeued.append(slot.ticket)
             return
-        # racing (issue 13) goes here: a stage outcome either continues (send the next stage, return) or stops
         del self._slots[(slot.ticket.candidate_id, slot.split)]
         if self._by_hash.get(slot.ticket.recipe_hash) is slot:
             del self._by_hash[slot.ticket.recipe_hash]
@@ -280,7 +311,7 @@ class Dispatcher:
             scores=task_scores(result), aggregate=aggregate, split=SEARCH,
             settings={**self.settings, **result.settings, "attempt": t.attempt},
             merge_seconds=outcome.merge_seconds, eval_seconds=outcome.eval_seconds, worker=outcome.worker,
-            error=result.error, session=self.session)
+            error=result.error, session=self.session, items=result.items, partial=result.ok and result.partial)
         self.timings.archive += time.perf_counter() - t0
         self.timings.evaluation += outcome.eval_seconds
         self.timings.merging += outcome.merge_seconds
@@ -292,7 +323,7 @@ class Dispatcher:
 
     def _account(self, slot: _Slot, rec: CandidateRecord) -> bool:
         """Count an archived evaluation: progress, log lines, progress line, timing snapshots. True: new best."""
-        new_best = self.progress.add(rec.id, rec.aggregate, rec.ok)
+        new_best = self.progress.add(rec.id, rec.aggregate, rec.ok, rec.partial)
         if not rec.ok:
             self.say(f"candidate {rec.id} failed: {(rec.error or '').splitlines()[0][:300] if rec.error else ''}")
         if new_best:
@@ -347,7 +378,8 @@ class Dispatcher:
         self.archive.add_rescore(candidate_id=cid, split=slot.split, ok=result.ok, scores=task_scores(result),
                                  aggregate=result.aggregate if math.isfinite(result.aggregate) else self.penalty,
                                  settings=result.settings, merge_seconds=outcome.merge_seconds,
-                                 eval_seconds=outcome.eval_seconds, worker=outcome.worker, error=result.error)
+                                 eval_seconds=outcome.eval_seconds, worker=outcome.worker, error=result.error,
+                                 items=result.items)
         self.say(f"candidate {cid}: {slot.split} {result.aggregate:.6f}" + ("" if result.ok else f" ({result.error})"))
         rec = self.archive.get(cid)
         assert rec is not None

@@ -18,6 +18,7 @@ from typing import Any
 
 from evomerge.errors import RunDirError
 from evomerge.search.events import EventKind
+from evomerge.search.items import prepare_session_items
 from evomerge.search.loop import rescore_best, run_search
 from evomerge.search.population.session import run_population_session
 from evomerge.search.progress import SearchSummary
@@ -78,6 +79,7 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
             done = archive.count()
         log(f"run {run.path}: {done}/{space.budget} evaluations done; starting "
             f"{space.raw.workers} worker(s) on {space.raw.device} (loading models and tasks)")
+        racing = prepare_session_items(run, space, log)  # refuses task files changed since the run started
         spec = worker_spec(space, splits=("search",))
         factory = executor_factory or make_executor
         executor = factory(space, spec, address=address)
@@ -89,10 +91,10 @@ def run_session(run: RunDir, space: Space, *, address: str | None = None, progre
         try:
             if space.raw.population is not None:
                 summary = run_population_session(run, space, executor, stop=stop, log=log, progress=progress,
-                                                 setup_seconds=setup)
+                                                 setup_seconds=setup, racing=racing)
             else:
                 summary = run_search(run, space, executor, progress=progress, stop=stop, setup_seconds=setup,
-                                     log=log)
+                                     log=log, racing=racing)
             if not stop.is_set() and space.raw.test_top > 0:
                 rescored = rescore_best(run, space, executor, space.raw.test_top, log=log)
         except KeyboardInterrupt:

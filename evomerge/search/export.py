@@ -27,6 +27,7 @@ import yaml
 from evomerge.atomic import atomic_output_dir
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.fitness.evaluator import Evaluator
+from evomerge.fitness.result import EvalResult, TaskScore
 from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.formats.recipe_yaml import mergekit_yaml, recipe_yaml
 from evomerge.merge.params import ParamValue
@@ -311,6 +312,9 @@ def model_card(run: RunDir, rec: CandidateRecord, test: Any, refs: Mapping[str, 
         f"`{rec.method}`, chosen from {_count(run)} evaluated candidates.", "",
         "## Scores", "", *rows, "",
         "Aggregate: weighted mean of task scores (minimized metrics negated); higher is better.", "",
+        *([f"Stopped early by racing: scored on {rec.settings.get('race', {}).get('items', '?')} items of the "
+           "search split; its search scores are those items' and its aggregate the paired estimate against the "
+           f"candidate it raced (#{rec.settings.get('race', {}).get('bar')}).", ""] if rec.partial else []),
         "## Evaluation settings", "", *task_lines,
         f"- other settings: `{json.dumps(settings, sort_keys=True, default=str)}`",
         f"- versions: `{json.dumps(versions, sort_keys=True)}`", "",
@@ -327,15 +331,24 @@ def _count(run: RunDir) -> int:
 
 def verify_export(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], candidate_id: int,
                   device: str = "cpu") -> tuple[float, float]:
-    """(score of the exported folder loaded with plain transformers, the archive's score) on the search split."""
+    """(score of the exported folder loaded with plain transformers, the archive's score) on the search split.
+
+    A candidate stopped by racing is compared on the items it saw (the aggregate of its archived task values on
+    them), not on its estimate."""
     run = RunDir.open(run_dir)
     space = snapshot_space(run, check_models=False)
     with run.archive(readonly=True) as archive:
         rec = archive.get(candidate_id)
+        seen = archive.items(candidate_id) if rec is not None and rec.partial else {}
     if rec is None:
         raise RunDirError(f"no candidate {candidate_id} in {run.path}")
     model = load_causal_lm(out_dir, device)
-    result = Evaluator(space.fitness, str(out_dir), device).score(model, "search")
+    subset = {task: [int(i) for i in it.index] for task, it in seen.items()} or None
+    result = Evaluator(space.fitness, str(out_dir), device).score(model, "search", items=subset)
     if not result.ok:
         raise RunDirError(f"the exported model at {out_dir} failed to score: {result.error}")
-    return result.aggregate, rec.aggregate
+    if not rec.partial:
+        return result.aggregate, rec.aggregate
+    archived = tuple(TaskScore(t, v["metric"], float(v["value"]), bool(v.get("higher_is_better", True)),
+                               float(v.get("weight", 1.0))) for t, v in rec.scores.items())
+    return result.aggregate, EvalResult.weighted_aggregate(archived)

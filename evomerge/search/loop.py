@@ -24,6 +24,7 @@ from typing import Any
 
 from evomerge.errors import ConfigError
 from evomerge.executors.base import Executor
+from evomerge.fitness.racing import RacingConfig
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.dispatch import Dispatcher, Finished
 from evomerge.search.events import EventKind
@@ -61,10 +62,14 @@ def new_optimizer(space: Space, genome: Genome, num_workers: int) -> Any:
 
 def run_search(run: RunDir, space: Space, executor: Executor, *, progress: bool = True,
                stop: StopFlag | None = None, setup_seconds: float = 0.0,
-               log: Callable[[str], None] | None = None) -> SearchSummary:
-    """Search until a stopping rule fires (or ``stop`` is set), resuming from the run's checkpoint if any."""
+               log: Callable[[str], None] | None = None, racing: RacingConfig | None = None) -> SearchSummary:
+    """Search until a stopping rule fires (or ``stop`` is set), resuming from the run's checkpoint if any.
+
+    ``racing``: how candidates are raced against the incumbent (default: the space's ``racing`` section)."""
     with run.archive() as archive:
-        return _Loop(run, space, executor, archive, progress, stop or StopFlag(), setup_seconds, log).run()
+        loop = _Loop(run, space, executor, archive, progress, stop or StopFlag(), setup_seconds, log)
+        loop.racing = space.racing if racing is None else racing
+        return loop.run()
 
 
 class _Loop:
@@ -81,6 +86,7 @@ class _Loop:
         self._show_progress = progress
         self.rules = StoppingRules(budget=space.budget, wall_time=space.raw.stopping.wall_time,
                                    no_improvement=space.raw.stopping.no_improvement, target=space.raw.stopping.target)
+        self.racing: RacingConfig | None = None  # candidates race the incumbent (the best complete one)
 
     def say(self, message: str) -> None:
         self.run_dir.log(message)
@@ -221,7 +227,8 @@ class _Loop:
         self.dispatch = Dispatcher(
             self.archive, self.executor, penalty=self.space.penalty, max_retries=self.space.raw.executor.max_retries,
             session=self.session, settings={"optimizer": self.space.optimizer_name, "seed": self.space.seed},
-            records=records, timings=self.timings, t_start=self.t_start, bar=bar, say=self.say)
+            records=records, timings=self.timings, t_start=self.t_start, bar=bar, say=self.say,
+            racing=self.racing)
         for cid in resumed:
             self.dispatch.add(self.inflight[cid], parents=sorted(m.model for m in self.inflight[cid].recipe.models),
                               submit=False)

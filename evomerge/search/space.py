@@ -18,6 +18,7 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     dtype: float32
     stopping: {wall_time: 2h, no_improvement: 40, target: 0.9}
     population: {...}               # passed through untouched (population manager)
+    racing: {stages: [0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32}   # or false; default: on where safe
 
 A gene is ``[low, high]`` (searched within those bounds); a number is a fixed value. Fields that may change on
 resume without invalidating the run: ``SAFE_ON_RESUME``.
@@ -37,6 +38,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.fitness.items import MEAN_METRICS
+from evomerge.fitness.racing import RacingConfig
 from evomerge.fitness.spec import FitnessSpec, packaged_spec
 from evomerge.merge.methods.registry import get_method, validate_recipe
 from evomerge.merge.params import ParamValue
@@ -125,6 +128,7 @@ class SpaceModel(BaseModel):
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     test_top: int = Field(default=3, ge=0)  # best candidates re-scored on the held-out test split at the end
     population: dict[str, Any] | None = None  # owned by the population manager; passed through untouched
+    racing: bool | dict[str, Any] | None = None  # None: on where safe (see racing_config)
 
 
 def parse_duration(value: float | int | str) -> float:
@@ -225,6 +229,11 @@ class Space:
     @property
     def penalty(self) -> float:
         return float(self.fitness.effective_penalty)
+
+    @property
+    def racing(self) -> RacingConfig:
+        """How search candidates are raced (stages over items, stopped below the level; see racing_config)."""
+        return racing_config(self.raw.racing, self.fitness, self.seed, self.where)
 
     def model_paths(self) -> dict[str, str]:
         """Every model key (base included) -> resolved folder."""
@@ -333,8 +342,9 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
     else:
         fitness = FitnessSpec.from_dict(raw.fitness, where=f"{where}: fitness", base_dir=root)
 
-    # optimizer
+    # optimizer, racing
     optimizer_class(raw.optimizer.name, f"{where}: optimizer.name")
+    racing_config(raw.racing, fitness, raw.seed, where)
 
     # layers
     num_layers = _num_layers(resolved, refs, where, check_models)
@@ -349,6 +359,25 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
         base_path=resolved[BASE_KEY], models={k: v for k, v in resolved.items() if k != BASE_KEY},
         model_refs=refs, fitness=fitness, methods=methods, granularity=granularity, num_layers=num_layers,
     )
+
+
+def racing_config(value: bool | Mapping[str, Any] | None, fitness: FitnessSpec, seed: int,
+                  where: str = "search space") -> RacingConfig:
+    """The ``racing:`` section (``false``, ``true`` or a mapping with ``stages``, ``level``, ``min_items``), seeded
+    by the run seed. Unset, racing is on where it is safe: when every task's value is a weighted mean of its
+    items (jsonl exact_match, token_acc, loglik; lm-eval tasks whose metric lm-eval aggregates by the mean, which
+    the worker checks, scoring a task that is not on every item). A jsonl task that is not a mean (perplexity)
+    turns the default off, and refuses an explicit racing section, naming the task."""
+    at = f"{where}: racing"
+    unsafe = [f"{t.name} ({t.metric})" for t in fitness.tasks if t.kind == "jsonl" and str(t.metric) not in MEAN_METRICS]
+    if value is None:
+        return RacingConfig(enabled=not unsafe, seed=seed)
+    cfg = RacingConfig.from_value(value, seed=seed, where=at)
+    if cfg.enabled and unsafe:
+        raise ConfigError(f"{at}: task(s) {', '.join(unsafe)}: the value is not a mean of the items, so a subset "
+                          f"cannot stand for it; racing needs every task to be one (exact_match, token_acc, "
+                          f"loglik), or set racing: false")
+    return cfg
 
 
 def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:

@@ -1,4 +1,5 @@
-"""Text views of a run read from its archive only: status (progress, rate, ETA, leaderboard, time) and summary.
+"""Views of a run read from its archive only: status (progress, rate, ETA, leaderboard, time), the same as a JSON
+object for dashboards and scripts, and the summary.
 
 Opened read-only, so ``evomerge status`` is safe while the search writes; light (no torch, no nevergrad), so it
 answers at once.
@@ -83,6 +84,7 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
                  f"  evaluations {counts['evaluations']}/{budget} ({counts['failed']} failed), "
                  f"sessions {len(starts)}, seed {info.get('seed')}"]
         lines += _rate_lines(records, budget, starts)
+        lines += _items_lines(archive, counts)
         lines.append("leaderboard (aggregate, higher is better):")
         lines += leaderboard(archive, top)
         lines += population_status_lines(archive)
@@ -101,6 +103,16 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _items_lines(archive: Archive, counts: dict[str, int]) -> list[str]:
+    """Item evaluations of the search split against scoring every item, and candidates stopped by racing."""
+    c = archive.item_counts("search")
+    if not c["candidates"]:
+        return []
+    ratio = f", {c['full'] / c['evaluated']:.2f}x fewer" if c["evaluated"] and c["full"] > c["evaluated"] else ""
+    return [f"  items evaluated {c['evaluated']} of {c['full']} (search split{ratio}); "
+            f"{counts.get('partial', 0)} candidate(s) stopped early by racing"]
+
+
 def _rate_lines(records: list[CandidateRecord], budget: int, starts: list[dict[str, Any]]) -> list[str]:
     if not records or not starts:
         return []
@@ -114,6 +126,53 @@ def _rate_lines(records: list[CandidateRecord], budget: int, starts: list[dict[s
     ago = time.time() - records[-1].created_at
     return [f"  rate {rate * 60:.1f} eval/min (this session), ETA {format_duration(eta) if left else '-'}, "
             f"last result {format_duration(ago)} ago"]
+
+
+def status_json(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``evomerge status --json``: counts, item evaluations, the best candidate and time, as plain JSON data.
+
+    ``items_evaluated``: item evaluations recorded (search split and re-scores); ``items_full``: what scoring
+    every item of every task would have cost for the same evaluations (their ratio is what racing saved); both
+    are over the evaluations that recorded per-item results (``items.*.evaluations``), null when none did (a run
+    written before per-item results). ``best``: the best complete candidate by search score, with its held-out
+    test score once re-scored."""
+    run = RunDir.open(run_dir)
+    info = run.info()
+    with run.archive(readonly=True) as archive:
+        counts = archive.counts()
+        starts = archive.events(EventKind.SESSION_START)
+        ends = archive.events(EventKind.SESSION_END)
+        holder = _running(run)
+        if holder:
+            state = "running"
+        elif ends and len(ends) >= len(starts):
+            state = "stopped"
+        else:
+            state = "interrupted" if starts else "not started"
+        items = {split: archive.item_counts(split) for split in ("search", "test")}
+        best_rows = archive.best(1)
+        best: dict[str, Any] | None = None
+        if best_rows:
+            rec = best_rows[0]
+            test = archive.rescore(rec.id, "test")
+            best = {"id": rec.id, "search": rec.aggregate, "method": rec.method,
+                    "test": test.aggregate if test is not None and test.status == "ok" else None}
+        t = time_breakdown(archive)
+    recorded = sum(c["candidates"] for c in items.values())
+    return {
+        "run": run.name, "state": state, "stop_reason": ends[-1]["data"].get("reason") if state == "stopped" else None,
+        "seed": info.get("seed"), "sessions": len(starts),
+        "budget": int(starts[-1]["data"].get("budget", 0)) if starts else 0,
+        "evaluations": counts["evaluations"], "failed": counts["failed"], "partial": counts["partial"],
+        "rescores": counts["rescores"],
+        "items_evaluated": sum(c["evaluated"] for c in items.values()) if recorded else None,
+        "items_full": sum(c["full"] for c in items.values()) if recorded else None,
+        "items": {split: {"evaluations": c["candidates"], "evaluated": c["evaluated"], "full": c["full"]}
+                  for split, c in items.items()},
+        "best": best,
+        "wall_seconds": float(t.get("wall", 0.0)), "eval_seconds": float(t.get("evaluation", 0.0)),
+        "time": {k: float(v) for k, v in sorted(t.items())},
+    }
 
 
 def summary_text(run_dir: str | os.PathLike[str]) -> str:

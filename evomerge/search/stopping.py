@@ -56,20 +56,22 @@ class SearchProgress:
         self.best_id: int | None = None
         self.since_best = 0
 
-    def add(self, candidate_id: int, aggregate: float, ok: bool) -> bool:
-        """Count one evaluation; True when it is a new best."""
+    def add(self, candidate_id: int, aggregate: float, ok: bool, partial: bool = False) -> bool:
+        """Count one evaluation; True when it is a new best (a candidate stopped by racing never is: its
+        aggregate is an estimate, below the bar it lost to)."""
         self.evaluations += 1
         if not ok:
             self.failed += 1
-        if ok and math.isfinite(aggregate) and (self.best is None or aggregate > self.best):
+        if ok and not partial and math.isfinite(aggregate) and (self.best is None or aggregate > self.best):
             self.best, self.best_id, self.since_best = aggregate, candidate_id, 0
             return True
         self.since_best += 1
         return False
 
     @staticmethod
-    def of(records: Iterable[tuple[int, float, bool]]) -> SearchProgress:
+    def of(records: Iterable[tuple[int, float, bool] | tuple[int, float, bool, bool]]) -> SearchProgress:
+        """Counts over ``(id, aggregate, ok[, partial])`` in archive order."""
         p = SearchProgress()
-        for cid, agg, ok in records:
-            p.add(cid, agg, ok)
+        for rec in records:
+            p.add(*rec)
         return p

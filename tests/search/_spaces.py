@@ -82,6 +82,57 @@ class RecipeScoreWorker:
                            eval_seconds=0.001)
 
 
+class ItemScoreWorker(RecipeScoreWorker):
+    """Model-free, with per-item results: item j of task t is solved when ``u(t, j) < p``, where p is the mean of
+    the recipe's numbers (clipped to [0, 1]) and u a fixed uniform draw per item; so a higher p solves a superset
+    of a lower p's items (paired differences all of one sign). A job with a bar is raced through the real
+    ``plan_race`` / ``run_race``, as the merge worker does."""
+
+    TASKS = {"a": 240, "b": 160}
+
+    def __init__(self, **kw: Any) -> None:
+        import numpy as np
+
+        super().__init__(**kw)
+        self.u = {t: np.random.default_rng(i).random(n) for i, (t, n) in enumerate(self.TASKS.items())}
+        self.scored: list[dict[str, int]] = []  # items scored per call of the score function
+
+    def lists(self) -> dict[str, Any]:
+        from evomerge.fitness.items import ItemList
+
+        return {t: ItemList(n, tuple(range(n)), f"content-{t}", True) for t, n in self.TASKS.items()}
+
+    def score(self, p: float, items: Any = None) -> Any:
+        from evomerge.fitness.items import ItemScores
+        from evomerge.fitness.result import EvalResult, TaskScore
+
+        tasks, per_item = [], {}
+        for t, n in self.TASKS.items():
+            idx = list(range(n)) if items is None else sorted(items[t])
+            if not idx:
+                continue
+            solved = [float(self.u[t][j] < p) for j in idx]
+            per_item[t] = ItemScores.of(t, idx, solved, [1.0] * len(idx), n, f"content-{t}")
+            tasks.append(TaskScore(t, "exact_match", per_item[t].value()))
+        self.scored.append({t: len(v.index) for t, v in per_item.items()})
+        return EvalResult(aggregate=EvalResult.weighted_aggregate(tuple(tasks)), tasks=tuple(tasks), items=per_item,
+                          seconds=0.001)
+
+    def evaluate(self, job: Any) -> Any:
+        from evomerge.executors.base import EvalOutcome
+        from evomerge.fitness.racing import plan_race, run_race
+
+        self.calls.append((job.candidate_id, job.attempt))
+        values = [float(v) for m in job.recipe.models for pv in m.parameters.values() for e in pv.entries
+                  for v in e.values]
+        p = min(1.0, max(0.0, sum(values) / max(1, len(values))))
+        if job.race is None:
+            res = self.score(p)
+        else:
+            res = run_race(plan_race(job.race, self.lists()), lambda items: self.score(p, items))
+        return EvalOutcome(job=job, result=res, worker="w0", eval_seconds=0.001)
+
+
 def run_cli(*args: str, hook: str | None = None, marker: Path | None = None) -> subprocess.Popen[bytes]:
     """``python -m evomerge ARGS --quiet`` in a subprocess, optionally paused at a test hook (see hooks.py)."""
     env = dict(os.environ)

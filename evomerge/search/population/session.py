@@ -32,6 +32,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors.base import Executor
+from evomerge.fitness.racing import RacingConfig
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.method_data import MethodDataProvider
 from evomerge.search.archive import Archive
@@ -40,7 +41,7 @@ from evomerge.search.events import MANAGER_EVENTS, EventKind
 from evomerge.search.optimizer import optimizer_class
 from evomerge.search.population.kinship_cache import KinshipCache
 from evomerge.search.population.manager import PairResult, PopulationManager
-from evomerge.search.population.members import Member, MemberStore, pair_key
+from evomerge.search.population.members import Member, MemberStore, pair_key, top_k
 from evomerge.search.population.pair_search import PairSearch, PairSpace, seed_of, warm_start
 from evomerge.search.population.parent_cache import ParentCache, ParentFolders
 from evomerge.search.population.rules import PairPlan, PopulationConfig
@@ -86,7 +87,8 @@ class RunPopulation:
 
     def __init__(self, run: RunDir, archive: Archive, space: Space, executor: Executor, cfg: PopulationConfig,
                  pair: PairSpace, *, stop: StopFlag, session: int, timings: Timings, t_start: float,
-                 bar: ProgressLine, log: Callable[[str], None], deadline: float | None) -> None:
+                 bar: ProgressLine, log: Callable[[str], None], deadline: float | None,
+                 racing: RacingConfig | None = None) -> None:
         self.run, self.archive, self.space, self.cfg, self.pair = run, archive, space, cfg, pair
         self.stop, self.session, self._log, self.deadline = stop, session, log, deadline
         base = str(space.base_path)
@@ -100,7 +102,8 @@ class RunPopulation:
         self.dispatch = Dispatcher(archive, executor, penalty=space.penalty,
                                    max_retries=space.raw.executor.max_retries, session=session,
                                    settings={"mode": "population", "seed": space.seed}, records=records,
-                                   timings=timings, t_start=t_start, bar=bar, say=self.say, shown=self.evaluations)
+                                   timings=timings, t_start=t_start, bar=bar, say=self.say, shown=self.evaluations,
+                                   racing=racing, race_against=self._race_bar)
         self.pairs = PairSearch(pair, self.dispatch, timings, self._new_id, self._check_stop,
                                 where=f"{space.where}: population.pair.optimizer")
         self.next_id = archive.max_id() + 1
@@ -116,6 +119,12 @@ class RunPopulation:
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id - 1
+
+    def _race_bar(self) -> int | None:
+        """What a candidate races against: the k-th best member (it must beat it to enter the top-k the
+        manager merges); None while fewer than k members are scored (every item is evaluated then)."""
+        top = top_k(list(self.members.members.values()), self.cfg.k)
+        return top[-1].candidate_id if len(top) == self.cfg.k else None
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
@@ -233,12 +242,13 @@ def _previous_wall(archive: Archive) -> float:
 
 
 def run_population_session(run: RunDir, space: Space, executor: Executor, *, stop: StopFlag,
-                           log: Callable[[str], None], progress: bool, setup_seconds: float = 0.0
-                           ) -> SearchSummary:
+                           log: Callable[[str], None], progress: bool, setup_seconds: float = 0.0,
+                           racing: RacingConfig | None = None) -> SearchSummary:
     """Run (or resume) the population manager in ``run`` until a stop rule fires or ``stop`` is set.
 
     The best ``test_top`` candidates are re-scored on the test split at the end (their recipes name merged
     parents, which the plain re-scoring cannot build), so the caller's ``rescore_best`` finds nothing left.
+    ``racing``: how candidates race the k-th best member (default: the space's ``racing`` section).
     """
     cfg, pair = population_config(space)
     timings = Timings(setup=setup_seconds)
@@ -250,7 +260,8 @@ def run_population_session(run: RunDir, space: Space, executor: Executor, *, sto
         bar = ProgressLine(space.budget, space.raw.progress_interval, enabled=progress,
                            done_before=archive.count())
         backend = RunPopulation(run, archive, space, executor, cfg, pair, stop=stop, session=session,
-                                timings=timings, t_start=t_start, bar=bar, log=log, deadline=deadline)
+                                timings=timings, t_start=t_start, bar=bar, log=log, deadline=deadline,
+                                racing=space.racing if racing is None else racing)
         archive.add_event(EventKind.SESSION_START, {"session": session, "budget": space.budget, "mode": "population",
                                                     "workers": executor.capacity, "evaluations": backend.evaluations(),
                                                     "resubmitted": []})
