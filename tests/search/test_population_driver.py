@@ -162,7 +162,8 @@ def test_population_section_errors_name_the_field(tmp_path: Path) -> None:
 
 def _rows(run: RunDir) -> list[tuple[Any, ...]]:
     with run.archive(readonly=True) as a:
-        return [(r.id, r.recipe_hash, round(r.aggregate, 9), r.parents, r.generation) for r in a.results()]
+        return [(r.id, r.recipe_hash, round(r.aggregate, 9), r.parents, r.generation, r.partial)
+                for r in a.results()]
 
 
 # ------------------------------------------------------------------------------------------ SIGKILL + resume
@@ -176,7 +177,8 @@ def _decisions(run: Path) -> list[tuple[str, Any]]:
 def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     # 4 originals + 6 pairs x 2 in generation 1, then generation 2; kills inside a pair of each generation
     data = micro_space(optimizer={"name": "CMA", "budget": 22}, population=POP, test_top=1,
-                       executor={"threads_per_worker": 1})
+                       executor={"threads_per_worker": 1},
+                       racing={"stages": [0.25, 0.5, 1.0], "level": 0.2, "min_items": 8})
     space = write_space(tmp_path / "space.yaml", data)
     runs = tmp_path / "runs"
     ref = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
@@ -188,15 +190,19 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path)
     assert len(_rows(RunDir.open(runs / "k"))) == 7  # killed after the first evaluation of the second pair
     kill_at_hook(run_cli("resume", str(runs / "k"), hook="after_record@12", marker=marker), marker)
     assert len(_rows(RunDir.open(runs / "k"))) == 19  # inside a pair of generation 2
+    kill_at_hook(run_cli("resume", str(runs / "k"), hook="race_stage@1", marker=marker), marker)  # mid-race
+    assert len(_rows(RunDir.open(runs / "k"))) == 19
     final = run_cli("resume", str(runs / "k"))
     out = final.communicate(timeout=600)[0].decode()
     assert final.returncode == 0, out[-2000:]
 
     got, want = _rows(RunDir.open(runs / "k")), _rows(RunDir.open(runs / "ref"))
     assert len(got) == 22 and got == want
+    assert any(r[5] for r in want)  # some candidates were stopped by racing (against the k-th best member)
     assert _decisions(runs / "k") == _decisions(runs / "ref")
     with RunDir.open(runs / "k").archive(readonly=True) as a, RunDir.open(runs / "ref").archive(readonly=True) as b:
-        assert len(a.events("session_start")) == 3
+        assert len(a.events("session_start")) == 4
+        assert {r.id: a.items(r.id) for r in a.results()} == {r.id: b.items(r.id) for r in b.results()}
         assert a.kinship_table() == pytest.approx(b.kinship_table())
         assert [(r.candidate_id, round(r.aggregate, 9)) for r in a.rescores()] == [
             (r.candidate_id, round(r.aggregate, 9)) for r in b.rescores()]

@@ -1,4 +1,5 @@
-"""SIGKILL a running search at several points, resume each time: the archive equals an uninterrupted run's."""
+"""SIGKILL a running search at several points, resume each time: the archive equals an uninterrupted run's
+(racing on: the candidates stopped early, their items and estimates included)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from _spaces import kill_at_hook, micro_space, run_cli, write_space
 from evomerge.search.run import RunDir
 
 BUDGET = 9
-# (hook point, arrival in that process): during an evaluation, while the checkpoint's temporary file is written,
-# inside the archive transaction, and after archiving but before telling the optimizer
-KILL_POINTS = [("evaluate", 3), ("checkpoint_write", 2), ("archive_commit", 2), ("after_record", 1)]
+# (hook point, arrival in that process): during an evaluation, between two racing stages of a re-submitted
+# candidate, while the checkpoint's temporary file is written, inside the archive transaction, and after
+# archiving but before telling the optimizer
+KILL_POINTS = [("evaluate", 3), ("race_stage", 1), ("checkpoint_write", 2), ("archive_commit", 2),
+               ("after_record", 1)]
+# small stages and a lax level so that the micro zoo's 96 items stop some candidates early
+RACING = {"stages": [0.25, 0.5, 1.0], "level": 0.2, "min_items": 8}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,14 +29,21 @@ def _micro() -> None:
     ensure_zoo("micro")
 
 
-def _archive(run: Path) -> list[tuple[int, str, float]]:
+def _archive(run: Path) -> list[tuple[object, ...]]:
+    """Every row with what racing decided (stopped or not, the bar, the stage) and the items it saw."""
     with RunDir.open(run).archive(readonly=True) as a:
-        return [(r.id, r.recipe_hash, round(r.aggregate, 9)) for r in a.results()]
+        rows = []
+        for r in a.results():
+            race = r.settings.get("race", {})
+            items = {t: (v.index.tolist(), v.scores.tolist()) for t, v in a.items(r.id).items()}
+            rows.append((r.id, r.recipe_hash, round(r.aggregate, 9), r.partial, race.get("bar"), race.get("stage"),
+                         items))
+        return rows
 
 
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     space = write_space(tmp_path / "space.yaml", micro_space(optimizer={"name": "CMA", "budget": BUDGET},
-                                                             test_top=0))
+                                                             test_top=0, racing=RACING))
     runs = tmp_path / "runs"
     ref = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "ref")
     assert ref.wait(timeout=300) == 0, ref.stdout.read().decode()[-2000:]
@@ -50,14 +62,15 @@ def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tmp_path: Pa
 
     got, want = _archive(runs / "k"), _archive(runs / "ref")
     assert len(got) == BUDGET  # exactly the budget
-    assert len({h for _, h, _ in got}) == BUDGET  # no recipe twice
+    assert len({row[1] for row in got}) == BUDGET  # no recipe twice
+    assert any(row[3] for row in want) and not all(row[3] for row in want)  # racing stopped some, not all
     assert got == want  # every finished evaluation kept, the optimizer's state continued (same next asks)
     assert not list((runs / "k").glob(".checkpoint.*.tmp"))
     with RunDir.open(runs / "k").archive(readonly=True) as a:
         sessions = a.events("session_start")
         assert len(sessions) == len(KILL_POINTS) + 1
-        # killed mid-evaluation or mid-transaction: the candidate was re-submitted as it was
-        assert sessions[1]["data"]["resubmitted"] and sessions[3]["data"]["resubmitted"]
+        # killed mid-evaluation, between racing stages or mid-transaction: the candidate was re-submitted
+        assert all(sessions[i]["data"]["resubmitted"] for i in (1, 2, 4))
         # killed after archiving but before the optimizer checkpoint: the result was told from the archive
         assert len(a.events("replayed")) == 2
     assert killed_counts == sorted(killed_counts)

@@ -20,15 +20,15 @@ HEAVY = ("torch", "transformers", "nevergrad", "ray", "safetensors", "matplotlib
 PROBE = """
 import json, sys
 from evomerge.cli import main
-code = main(["status", sys.argv[1]])
+code = main(["status", *sys.argv[3:], sys.argv[1]])
 print("IMPORTED " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[2]))))
 sys.exit(code)
 """
 
 
-def _status(run: Path) -> tuple[str, list[str]]:
-    done = subprocess.run([sys.executable, "-c", PROBE, str(run), json.dumps(HEAVY)], capture_output=True, text=True,
-                          timeout=120)
+def _status(run: Path, *flags: str) -> tuple[str, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE, str(run), json.dumps(HEAVY), *flags], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     text, _, imported = done.stdout.rpartition("IMPORTED ")
     return text, json.loads(imported)
@@ -54,3 +54,7 @@ def test_status_of_a_population_and_a_plain_run_imports_no_heavy_library(tmp_pat
     run_search(run, plain, InProcessExecutor(lambda: w, penalty=plain.penalty), progress=False)
     text, imported = _status(run.path)
     assert imported == [] and "evaluations 4/4" in text and "population:" not in text and "wall time" in text
+    text, imported = _status(run.path, "--json")
+    data = json.loads(text)
+    assert imported == [] and data["evaluations"] == 4 and data["failed"] == 0 and data["best"]["id"] >= 1
+    assert {"items_evaluated", "items_full", "wall_seconds", "eval_seconds"} <= set(data)
