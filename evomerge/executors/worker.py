@@ -78,8 +78,11 @@ class MergeEvalWorker:
             if key in self._extra:
                 self._extra.move_to_end(key)
         for key in wanted:
-            if key in self._extra:
+            if key in self._extra and (key not in extra or self._extra[key] == str(extra[key])):
                 continue
+            if key in self._extra:  # the same member key in another run's folder (a worker reused across runs)
+                self.merger.remove_model(key)
+                del self._extra[key]
             if key not in extra:
                 raise ConfigError(f"recipe model {key!r} is neither an original model nor a materialized parent")
             for old in [k for k in self._extra if k not in wanted]:

@@ -14,7 +14,8 @@ on the items both have, with a paired statistic on item-level differences weight
   ``Var(D_t) = (1 - n/N) / (n * mean(w)^2) * sum_j (w_j (d_j - D_t))^2 / (n - 1)``;
 - the aggregate difference ``D = sum_t a_t D_t`` (``a_t`` = task weight / total weight), ``Var(D) =
   sum_t a_t^2 Var(D_t)``; the chance that the candidate beats the bar on every item is ``Phi(D / sd(D))``
-  (normal approximation; with no spread left, 1, 0.5 or 0 by the sign of D).
+  (normal approximation; with no spread left, 1, 0.5 or 0 by the sign of D; a task sampled at a single item
+  of several has no spread estimate, so the chance is then 0.5 and the sd infinite: never a reason to stop).
 
 The candidate stops when that chance falls below the level and D < 0 (so a stopped candidate's estimate is
 always below the bar: with a level under 0.5 the second condition is implied); its estimate on all items is the
@@ -139,6 +140,7 @@ def compare(candidate: Mapping[str, ItemScores], bar: Mapping[str, ItemScores], 
     diff = 0.0
     var = 0.0
     n_items = 0
+    unknown = False  # a task with one sampled item of several: its spread cannot be estimated
     for task, (weight, higher) in task_weights.items():
         cand, ref = candidate.get(task), bar.get(task)
         if cand is None or ref is None:
@@ -160,8 +162,12 @@ def compare(candidate: Mapping[str, ItemScores], bar: Mapping[str, ItemScores], 
             z = w * (d - d_t)
             s2 = float((z * z).sum() / (n - 1))
             var += a * a * (1.0 - n / cand.total) / (n * float(w.mean()) ** 2) * s2
+        elif n == 1 < cand.total:
+            unknown = True
     sd = math.sqrt(var)
-    if sd > 0:
+    if unknown:
+        sd, chance = math.inf, 0.5
+    elif sd > 0:
         chance = 0.5 * (1.0 + math.erf(diff / (sd * math.sqrt(2.0))))
     else:
         chance = 1.0 if diff > 0 else (0.5 if diff == 0 else 0.0)
@@ -277,8 +283,8 @@ def _raced(plan: RacePlan, res: EvalResult, tasks: Mapping[str, TaskScore], seen
     race: dict[str, Any] = {"stage": stage + 1, "stages": len(plan.stages), "stopped": stopped, "bar": plan.bar_id,
                             "items": int(sum(len(s.index) for s in seen.values()))}
     if comparison is not None:
-        race.update(chance=comparison.chance, difference=comparison.difference, stderr=comparison.stderr,
-                    estimate=comparison.estimate)
+        race.update(chance=comparison.chance, difference=comparison.difference, estimate=comparison.estimate,
+                    stderr=comparison.stderr if math.isfinite(comparison.stderr) else None)
     aggregate = comparison.estimate if stopped and comparison is not None else EvalResult.weighted_aggregate(ordered)
     return EvalResult(aggregate=aggregate, tasks=ordered, ok=True, split=res.split, seconds=seconds,
                       forward_seconds=forward, settings={**res.settings, "race": race}, items=dict(seen),

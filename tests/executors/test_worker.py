@@ -49,3 +49,18 @@ def _base_model(space: object) -> object:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(space.base_path), dtype=torch.float32)  # type: ignore[attr-defined]
+
+
+def test_a_member_key_named_with_another_folder_is_loaded_again() -> None:
+    """A worker reused across runs (benchmarks) sees the same member key (g1.1) for other weights."""
+    from evomerge.merge.recipe import ModelEntry, Recipe
+
+    space = space_from_dict(micro_space())
+    worker = MergeEvalWorker(worker_spec(space))
+    alone = Recipe("linear", (ModelEntry("g1.1"),))
+    first = worker.evaluate(EvalJob(1, alone, extra_models={"g1.1": str(space.models["add"])})).result
+    second = worker.evaluate(EvalJob(2, alone, extra_models={"g1.1": str(space.models["rev"])})).result
+    rev = worker.evaluate(EvalJob(3, Recipe("linear", (ModelEntry("rev"),)))).result
+    assert first.ok and second.ok and rev.ok
+    assert second.aggregate == pytest.approx(rev.aggregate, abs=1e-6)
+    assert first.aggregate != pytest.approx(second.aggregate, abs=1e-3)

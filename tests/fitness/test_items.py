@@ -59,6 +59,12 @@ def test_a_subset_scores_its_items_as_the_full_run_does(micro_zoo: Path) -> None
     np.testing.assert_allclose(merged.scores, full.items["rev"].scores, rtol=1e-6, atol=1e-7)
     bad = ev.score(model, items={"add": [40]})
     assert not bad.ok and "not scorable rows" in (bad.error or "")
+    # an empty list skips the task (a racing stage with no new item of it); nothing at all is an error
+    skip = ev.score(model, items={"add": [], "rev": [0, 1]})
+    assert skip.ok and [t.task for t in skip.tasks] == ["rev"] and set(skip.items) == {"rev"}
+    assert skip.aggregate == pytest.approx(skip.items["rev"].value(), rel=1e-6)
+    none = ev.score(model, items={"add": [], "rev": []})
+    assert not none.ok and "no item to score" in (none.error or "")
 
 
 def test_item_lists_are_content_hashed(micro_zoo: Path, tmp_path: Path) -> None:
@@ -95,6 +101,11 @@ def test_lm_eval_documents_are_items(micro_zoo: Path) -> None:
     assert part.items["enc"].scores.tolist() == s_full[[2, 5, 11]].tolist()
     again = ev.score(model, "test")  # a full run after a subset still sees every document
     assert again.task_values() == full.task_values() and again.items["enc"] == full.items["enc"]
+    # an empty list skips that task (lm-eval itself reads an empty list as "every document")
+    skip = ev.score(model, "test", items={"enc": [5, 11], "sort": []})
+    assert skip.ok, skip.error
+    assert [t.task for t in skip.tasks] == ["enc"] and skip.items["enc"].index.tolist() == [5, 11]
+    assert skip.items["enc"].scores.tolist() == s_full[[5, 11]].tolist()
 
 
 def test_storage_round_trip_and_dense_views() -> None:

@@ -9,7 +9,19 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.fitness.items import ItemList, ItemScores
-from evomerge.fitness.racing import RacePlan, RacingConfig, compare, item_order, stage_items
+from evomerge.fitness.racing import (
+    Comparison,
+    NotRaceable,
+    RaceBar,
+    RacePlan,
+    RacingConfig,
+    compare,
+    item_order,
+    plan_race,
+    run_race,
+    stage_items,
+)
+from evomerge.fitness.result import EvalResult, TaskScore
 
 
 def _items(task: str, index: list[int], scores: list[float], total: int, weights: list[float] | None = None
@@ -50,6 +62,8 @@ def test_no_spread_gives_the_sign_and_errors_name_the_task() -> None:
     assert compare({"t": worse}, {"t": bar}, 1.0, {"t": (1.0, True)}).chance == 0.0
     same = _items("t", [0, 1, 2], [1.0, 1.0, 1.0], 10)
     assert compare({"t": same}, {"t": bar}, 1.0, {"t": (1.0, True)}).chance == 0.5
+    one = compare({"t": _items("t", [4], [0.0], 10)}, {"t": bar}, 1.0, {"t": (1.0, True)})
+    assert one.chance == 0.5 and one.stderr == math.inf and one.difference == -1.0  # one item: no spread known
     other = ItemScores.of("t", [0], [1.0], [1.0], 10, "other")
     with pytest.raises(ValueError, match="different item lists"):
         compare({"t": other}, {"t": bar}, 1.0, {"t": (1.0, True)})
@@ -110,3 +124,92 @@ def test_racing_values() -> None:
     cfg = RacingConfig.from_value({"stages": [0.2, 1], "level": 0.1}, seed=7)
     assert cfg.enabled and cfg.stages == (0.2, 1.0) and cfg.level == 0.1 and cfg.seed == 7
     assert RacingConfig.from_value(True).stages == (0.125, 0.25, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ in a search
+
+
+def _scorer(values: dict[str, np.ndarray], calls: list[dict[str, list[int]]]):
+    """A score function over fixed per-item values that records which items each call was given."""
+
+    def score(items):
+        calls.append({t: list(v) for t, v in items.items()})
+        tasks, per_item = [], {}
+        for t, idx in items.items():
+            if not idx:
+                continue
+            per_item[t] = ItemScores.of(t, idx, values[t][idx].tolist(), [1.0] * len(idx), len(values[t]), "h")
+            tasks.append(TaskScore(t, "exact_match", per_item[t].value()))
+        return EvalResult(aggregate=EvalResult.weighted_aggregate(tuple(tasks)), tasks=tuple(tasks), items=per_item,
+                          settings={"split": "search"}, seconds=0.5)
+
+    return score
+
+
+def _bar(values: dict[str, np.ndarray], config: RacingConfig) -> RaceBar:
+    items = {t: ItemScores.of(t, range(len(v)), v.tolist(), [1.0] * len(v), len(v), "h") for t, v in values.items()}
+    agg = float(np.mean([it.value() for it in items.values()]))
+    return RaceBar(config, 7, items, agg, {t: (1.0, True) for t in values})
+
+
+def test_run_race_scores_each_stage_once_and_stops_a_loser_with_its_estimate() -> None:
+    rng = np.random.default_rng(1)
+    bar_v = {"a": (rng.random(160) < 0.6).astype(float), "b": (rng.random(80) < 0.5).astype(float)}
+    cfg = RacingConfig(stages=(0.125, 0.5, 1.0), level=0.05, min_items=16, seed=4)
+    lists = {t: ItemList(len(v), tuple(range(len(v))), "h", True) for t, v in bar_v.items()}
+    plan = plan_race(_bar(bar_v, cfg), lists)
+    assert plan.bar_id == 7 and [len(s["a"]) for s in plan.stages] == [20, 80, 160]
+    # a loser (solves only a third of what the bar solves): one call, the first stage's items only
+    worse = {t: v * (rng.random(len(v)) < 0.33) for t, v in bar_v.items()}
+    calls: list[dict[str, list[int]]] = []
+    res = run_race(plan, _scorer(worse, calls))
+    assert res.ok and res.partial and len(calls) == 1 and calls[0] == {t: list(plan.stages[0][t]) for t in bar_v}
+    c = compare(res.items, plan.bar, plan.bar_aggregate, plan.task_weights)
+    assert res.aggregate == pytest.approx(c.estimate) and res.settings["race"]["stage"] == 1
+    assert res.settings["race"]["chance"] == pytest.approx(c.chance) and c.chance < 0.05
+    assert res.settings["split"] == "search" and res.seconds == pytest.approx(0.5)
+    for t in res.tasks:  # the task values of a stopped candidate are those of the items it saw
+        assert t.value == pytest.approx(res.items[t.task].value())
+    # a winner: every stage, each item scored exactly once, the result that of every item
+    better = {t: np.maximum(v, rng.random(len(v)) < 0.3) for t, v in bar_v.items()}
+    calls = []
+    res = run_race(plan, _scorer(better, calls))
+    assert not res.partial and res.complete and len(calls) == 3
+    for t in bar_v:
+        got = [i for call in calls for i in call[t]]
+        assert sorted(got) == list(range(len(bar_v[t])))  # no item twice
+    want = np.mean([better[t].mean() for t in bar_v])
+    assert res.aggregate == pytest.approx(want) and res.seconds == pytest.approx(1.5)
+    assert res.settings["race"] == {**res.settings["race"], "stage": 3, "stopped": False, "items": 240}
+
+
+def test_run_race_skips_stages_without_new_items_and_never_stops_a_complete_candidate() -> None:
+    # 2 items in one task: every stage has them all after the first; a worse candidate is complete, not partial
+    bar_v = {"tiny": np.array([1.0, 1.0])}
+    cfg = RacingConfig(stages=(0.125, 0.5, 1.0), level=0.5, min_items=1)
+    plan = plan_race(_bar(bar_v, cfg), {"tiny": ItemList(2, (0, 1), "h", True)})
+    calls: list[dict[str, list[int]]] = []
+    res = run_race(plan, _scorer({"tiny": np.array([0.0, 0.0])}, calls))
+    assert len(calls) == 2 and calls[0] == {"tiny": [plan.stages[0]["tiny"][0]]}
+    assert not res.partial and res.aggregate == 0.0
+    # a level above one half never stops a candidate whose estimate is above the bar
+    c = Comparison(difference=0.01, stderr=0.1, chance=0.54, items=100, estimate=0.5)
+    assert not RacePlan((), {}, 0.0, {}, level=0.9, min_items=1).should_stop(c, -5)
+
+
+def test_plan_race_refuses_what_cannot_be_raced_naming_the_task() -> None:
+    bar_v = {"a": np.ones(10), "b": np.ones(10)}
+    bar = _bar(bar_v, RacingConfig())
+    good = {t: ItemList(10, tuple(range(10)), "h", True) for t in bar_v}
+    plan_race(bar, good)
+    for lists, message in (
+            ({**good, "b": ItemList(10, tuple(range(10)), "h", False)}, "task b: its value is not a mean"),
+            ({**good, "b": ItemList(10, tuple(range(10)), "other", True)}, "task b: the bar .* another item list"),
+            ({"a": good["a"]}, "differ from the bar's"),
+            ({**good, "a": ItemList(12, tuple(range(12)), "h", True)}, "task a: the bar .* another item list")):
+        with pytest.raises(NotRaceable, match=message):
+            plan_race(bar, lists)
+    partial = RaceBar(bar.config, 7, {**bar.items, "a": ItemScores.of("a", [0, 1], [1, 1], [1, 1], 10, "h")},
+                      bar.aggregate, bar.task_weights)
+    with pytest.raises(NotRaceable, match="task a: the bar .* lacks some of its items"):
+        plan_race(partial, good)

@@ -138,6 +138,9 @@ class PairSearch:
                  check_stop: Callable[[], None], where: str = "population.pair.optimizer") -> None:
         self.space, self.dispatch, self.timings = space, dispatch, timings
         self.new_id, self.check_stop, self.where = new_id, check_stop, where
+        # the evaluations of the pair being searched, in order (replayed ones included): only its best becomes a
+        # member, so racing may hold a candidate to the best of these too
+        self.results: list[CandidateRecord] = []
 
     def run(self, a: str, b: str, generation: int, budget: int, *, seed: int, x0: np.ndarray,
             warm: np.ndarray | None = None, extra_models: Mapping[str, str] | None = None,
@@ -147,6 +150,7 @@ class PairSearch:
         ps, dispatch = self.space, self.dispatch
         pk = pair_key(a, b)
         results: list[CandidateRecord] = []
+        self.results = results
         counted: set[int] = set()
 
         def job_of(x: np.ndarray, candidate: Any = None) -> Job:

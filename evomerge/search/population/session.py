@@ -122,9 +122,16 @@ class RunPopulation:
 
     def _race_bar(self) -> int | None:
         """What a candidate races against: the k-th best member (it must beat it to enter the top-k the
-        manager merges); None while fewer than k members are scored (every item is evaluated then)."""
+        manager merges) or, when higher, the best complete evaluation of its own pair so far (only a pair's best
+        becomes a member); None while fewer than k members are scored (every item is evaluated then)."""
         top = top_k(list(self.members.members.values()), self.cfg.k)
-        return top[-1].candidate_id if len(top) == self.cfg.k else None
+        if len(top) < self.cfg.k or top[-1].candidate_id is None:
+            return None
+        bar = self.archive.get(top[-1].candidate_id)
+        for rec in self.pairs.results:
+            if rec.complete and (bar is None or rec.aggregate > bar.aggregate):
+                bar = rec
+        return None if bar is None else bar.id
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
