@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "qp-diagnose": ("qp_diagnose", "print the QP merge's residual-energy diagnostic rho per layer and overall "
                                    "for each basis"),
     "zoo": ("zoo", "build the built-in demo zoo (a small base model and skill specialists, trained on CPU)"),
-    "bench": ("bench", "run a benchmark (merge, eval, search, workers, scheduler, methods) and print ratios "
+    "bench": ("bench", "run a benchmark (merge, eval, search, racing, workers, scheduler, methods) and print ratios "
                        "against peers"),
 }
 

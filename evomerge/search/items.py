@@ -71,14 +71,17 @@ def session_racing(space: Space, lists: Mapping[str, Mapping[str, ItemList]],
     cfg = space.racing
     if not cfg.enabled:
         return cfg
-    not_mean = sorted(task for task, il in lists.get("search", {}).items() if not il.mean)
+    search = lists.get("search", {})
+    not_mean = sorted(str(t.name) for t in space.fitness.tasks
+                      if str(t.name) not in search or not search[str(t.name)].mean)  # absent: an lm-eval group
     if not not_mean:
         return cfg
     if space.raw.racing is None:
         log(f"racing off: the value of task(s) {', '.join(not_mean)} is not a mean of their items")
         return dataclasses.replace(cfg, enabled=False)
     raise ConfigError(f"{space.where}: racing: the value of task(s) {', '.join(not_mean)} is not a mean of their "
-                      "items (lm-eval does not aggregate their metric by the mean); set racing: false")
+                      "items (lm-eval does not aggregate their metric by the mean, or the task is a group); "
+                      "set racing: false")
 
 
 def prepare_session_items(run: RunDir, space: Space, log: Callable[[str], None]) -> RacingConfig:

@@ -16,11 +16,13 @@ from _spaces import ItemScoreWorker, micro_space
 
 from evomerge.errors import ConfigError
 from evomerge.executors.base import InProcessExecutor
+from evomerge.fitness.items import ItemList
 from evomerge.fitness.racing import RacingConfig
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.search.archive import Archive
 from evomerge.search.dispatch import Dispatcher, Job
+from evomerge.search.items import session_racing
 from evomerge.search.loop import rescore_best, run_search
 from evomerge.search.population.session import run_population_session
 from evomerge.search.run import RunDir
@@ -165,3 +167,13 @@ def test_racing_sections_are_checked_where_the_space_is_read(tmp_path: Path) -> 
             space(bad)
     with pytest.raises(ConfigError, match=r"s\.yaml: racing: task\(s\) add \(perplexity\), rev \(perplexity\)"):
         space(True, "perplexity")
+    # once the tasks are loaded (an lm-eval metric not aggregated by the mean, or a group without items): the
+    # default turns off, saying so; an explicit section is refused naming the task
+    lists = {"search": {t: ItemList(24, tuple(range(24)), "h", t != "rev") for t in ("add", "rev", "sort")}}
+    said: list[str] = []
+    assert not session_racing(space(None), lists, said.append).enabled
+    assert said == ["racing off: the value of task(s) enc, rev is not a mean of their items"]
+    with pytest.raises(ConfigError, match=r"racing: the value of task\(s\) enc, rev is not a mean"):
+        session_racing(space({"level": 0.1}), lists, said.append)
+    full = {"search": {t: ItemList(24, tuple(range(24)), "h", True) for t in ("add", "rev", "sort", "enc")}}
+    assert session_racing(space({"level": 0.1}), full, said.append).level == 0.1
