@@ -18,8 +18,8 @@ result", and its callers keep only their own decisions (what to ask, when to sto
 - **re-scoring** the best candidates on another split (:meth:`rescore`), through the same retry path;
 - **racing**: with a :class:`~evomerge.fitness.racing.RacingConfig`, every search job carries a
   :class:`~evomerge.fitness.racing.RaceBar`: the bar's per-item results read from the archive (the bar is the
-  caller's choice, a candidate id: the incumbent for the plain loop, the k-th best member for the population
-  manager), chosen once per job so a re-queued job races against the same bar. The worker runs the stages on
+  caller's choice, a candidate id: the incumbent for the plain loop; for the population manager the k-th best
+  member, or the pair's best so far when higher), chosen once per job so a re-queued job races the same bar. The worker runs the stages on
   the model it merged once and returns one outcome (no round trip per stage or item); a stopped candidate comes
   back ``partial`` and is archived so, with the items it saw and the paired estimate as its aggregate, which is
   what callers tell their optimizers. Per-item results of every evaluation and re-score are archived with it.

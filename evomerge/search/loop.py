@@ -67,16 +67,16 @@ def run_search(run: RunDir, space: Space, executor: Executor, *, progress: bool 
 
     ``racing``: how candidates are raced against the incumbent (default: the space's ``racing`` section)."""
     with run.archive() as archive:
-        loop = _Loop(run, space, executor, archive, progress, stop or StopFlag(), setup_seconds, log)
-        loop.racing = space.racing if racing is None else racing
-        return loop.run()
+        return _Loop(run, space, executor, archive, progress, stop or StopFlag(), setup_seconds, log,
+                     space.racing if racing is None else racing).run()
 
 
 class _Loop:
     """The optimizer's side of a search session: ask, checkpoint, tell. Evaluations go through a dispatcher."""
 
     def __init__(self, run: RunDir, space: Space, executor: Executor, archive: Archive, progress: bool,
-                 stop: StopFlag, setup_seconds: float, log: Callable[[str], None] | None) -> None:
+                 stop: StopFlag, setup_seconds: float, log: Callable[[str], None] | None,
+                 racing: RacingConfig | None = None) -> None:
         self.run_dir, self.space, self.executor, self.archive = run, space, executor, archive
         self.stop = stop
         self.genome = Genome(space)
@@ -86,7 +86,7 @@ class _Loop:
         self._show_progress = progress
         self.rules = StoppingRules(budget=space.budget, wall_time=space.raw.stopping.wall_time,
                                    no_improvement=space.raw.stopping.no_improvement, target=space.raw.stopping.target)
-        self.racing: RacingConfig | None = None  # candidates race the incumbent (the best complete one)
+        self.racing = racing  # candidates race the incumbent (the best complete candidate so far)
 
     def say(self, message: str) -> None:
         self.run_dir.log(message)

@@ -18,7 +18,7 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     dtype: float32
     stopping: {wall_time: 2h, no_improvement: 40, target: 0.9}
     population: {...}               # passed through untouched (population manager)
-    racing: {stages: [0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32}   # or false; default: on where safe
+    racing: {stages: [0.0625, 0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32}  # or false; default: on where safe
 
 A gene is ``[low, high]`` (searched within those bounds); a number is a fixed value. Fields that may change on
 resume without invalidating the run: ``SAFE_ON_RESUME``.

@@ -123,7 +123,7 @@ def test_racing_values() -> None:
     assert not RacingConfig.from_value(False).enabled
     cfg = RacingConfig.from_value({"stages": [0.2, 1], "level": 0.1}, seed=7)
     assert cfg.enabled and cfg.stages == (0.2, 1.0) and cfg.level == 0.1 and cfg.seed == 7
-    assert RacingConfig.from_value(True).stages == (0.125, 0.25, 0.5, 1.0)
+    assert RacingConfig.from_value(True).stages == (0.0625, 0.125, 0.25, 0.5, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ in a search
