@@ -2,9 +2,10 @@
 
 ``EVOMERGE_TEST_HOOK="POINT[@N]"`` makes the N-th (default 1st) arrival at ``POINT`` in this process write the
 file named by ``EVOMERGE_TEST_HOOK_FILE`` (if set) and then sleep until killed. Points: ``evaluate`` (inside a
-worker's evaluation), ``checkpoint_write`` (optimizer state written to its temporary file, not yet renamed),
-``archive_commit`` (a candidate inserted, transaction not yet committed), ``after_record`` (archived, not yet
-told to the optimizer). Unset (always, outside tests), a hook costs one dictionary lookup.
+worker's evaluation), ``race_stage`` (a racing stage scored and compared, the next not started),
+``checkpoint_write`` (optimizer state written to its temporary file, not yet renamed), ``archive_commit`` (a
+candidate inserted, transaction not yet committed), ``after_record`` (archived, not yet told to the optimizer).
+Unset (always, outside tests), a hook costs one dictionary lookup.
 """
 
 from __future__ import annotations

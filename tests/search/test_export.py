@@ -119,3 +119,18 @@ def test_data_aware_candidates_export_with_the_workers_data(tmp_path: Path, meth
     merge_recipe_to_disk(recipe, tmp_path / "again", progress=False)  # what `evomerge merge` does
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all((a[n] - b[n]).abs().max().item() <= 1e-5 for n in a)
+
+
+def test_a_candidate_stopped_by_racing_exports_and_verifies_on_the_items_it_saw(tmp_path: Path) -> None:
+    space = space_from_dict(micro_space(optimizer={"name": "CMA", "budget": 8}, test_top=0,
+                                        racing={"stages": [0.25, 0.5, 1.0], "level": 0.2, "min_items": 8}))
+    start_run(space, tmp_path / "r", progress=False, log=lambda m: None)
+    with RunDir.open(tmp_path / "r").archive(readonly=True) as a:
+        stopped = [r for r in a.results() if r.partial]
+        assert stopped and a.best(1)[0].complete
+        rec = stopped[0]
+    summary = export_candidate(tmp_path / "r", tmp_path / "out", candidate_id=rec.id, progress=False)
+    got, want = verify_export(tmp_path / "r", summary.out_dir, rec.id)
+    assert got == pytest.approx(want, abs=1e-6)  # the subset's aggregate, not the estimate
+    assert want != pytest.approx(rec.aggregate, abs=1e-6)
+    assert "Stopped early by racing" in (tmp_path / "out" / "README.md").read_text()
