@@ -47,13 +47,19 @@ def qp_or_fallback(
     return method.fn(base, tensors, mp, fp, passthrough, generator)
 
 
-def calibration_of(ctx: MethodContext) -> CalibrationSet:
-    """The caller's task rows (a search passes its fitness data; ``evomerge merge`` reads options.calibration)."""
+def calibration_inputs(ctx: MethodContext) -> tuple[CalibrationSet, str]:
+    """(the caller's task rows, the base model's folder) of a data-aware method's recipe.
+
+    A search passes its fitness data; ``evomerge merge`` reads ``options.calibration``.
+    """
+    plan = ctx.plan
+    if plan.base_key is None or plan.base_key not in ctx.model_paths:
+        raise ConfigError(f"{plan.method.name}: no path for the base model {plan.base_key!r}")
     if ctx.calibration is None:
         raise ConfigError(f"method {ctx.plan.method.name} needs calibration rows for "
                           f"{list(ctx.plan.input_keys)}: set options.calibration to a fitness spec or a mapping of "
                           "model keys to jsonl files (a search passes its fitness data)")
-    return ctx.calibration
+    return ctx.calibration, str(ctx.model_paths[plan.base_key])
 
 
 def prepare_qp(ctx: MethodContext) -> Prepared:
@@ -62,14 +68,12 @@ def prepare_qp(ctx: MethodContext) -> Prepared:
     plan = ctx.plan
     opts = plan.options
     paths = ctx.model_paths
-    if plan.base_key is None or plan.base_key not in paths:
-        raise ConfigError(f"qp: no path for the base model {plan.base_key!r}")
-    calib = calibration_of(ctx)
+    calib, base_path = calibration_inputs(ctx)
     tokens = int(opts.get("calibration_tokens", 512))
     normalize = str(opts.get("gram_normalize", "mean"))
     batches = [calib.token_batches(k, tokens) for k in plan.input_keys]
     states = {k: cached_state(ctx.cache, paths[k]) for k in plan.keys}
-    probe = probe_model(ctx.cache, paths[plan.base_key])
+    probe = probe_model(ctx.cache, base_path)
     if bool(opts.get("sequential", False)):
         grams = sequential_grams(plan, states, batches, probe, normalize)
     else:
