@@ -95,13 +95,14 @@ def _case(name: str, paths: list[Path]) -> dict[str, Any]:
         "passthrough_slices": {
             "merge_method": "passthrough",
             "slices": [
-                {"sources": [{"model": str(paths[1]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(paths[1]), "layer_range": [0, 2]}],
+                 "parameters": {"scale": [{"filter": "embed_tokens", "value": 0.5}]}},
                 {"sources": [{"model": str(paths[2]), "layer_range": [1, 3],
                               "parameters": {"scale": [{"filter": "o_proj", "value": [0.0, 1.0]}]}}],
                  "parameters": {"scale": [{"filter": "down_proj", "value": 0.25}, {"value": 1.0}]}},
                 {"sources": [{"model": str(paths[3]), "layer_range": [1, 2]}]},
                 {"sources": [{"model": str(paths[1]), "layer_range": [2, 3]}],
-                 "parameters": {"scale": [{"filter": "mlp", "value": 2.0}]}},
+                 "parameters": {"scale": [{"filter": "mlp", "value": 2.0}, {"filter": "lm_head", "value": 0.25}]}},
             ],
         },
     }

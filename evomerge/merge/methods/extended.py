@@ -39,8 +39,9 @@ _DELLA_RESCALE = OptionSpec(
     "survivors divided by their keep probability (DELLA paper and code), the L1 norm restored (mergekit's "
     "rescale: true; a mergekit config without rescale reads as l1_norm), or none",
 )
-_DELLA_DOC = ("mergekit clips nothing and refuses density +- epsilon outside (0, 1): evomerge clips the keep "
-              "probabilities to [0, 1]; default rescale inverse_probability (paper), mergekit's L1 is l1_norm")
+_DELLA_DOC = ("differs from mergekit: keep probabilities clipped to [0, 1] (mergekit refuses density +- epsilon "
+              "outside (0, 1)); rescale default inverse_probability (DELLA paper and code; mergekit's L1 restore "
+              "is rescale: l1_norm)")
 _RAM_EPSILON = ParamSpec("epsilon", 1e-5, 0.0, None, False, "a task-vector entry is active where |tau| > epsilon")
 _SPHERE_WEIGHT = ParamSpec(
     "weight", 1.0, None, None, True, "per-model weight (the interpolation position comes from the weights' ratio)"
