@@ -166,3 +166,20 @@ def test_mergekit_yaml_of_a_stack_is_written_and_reads_back(tmp_path: Path, llam
     assert main(["merge", str(tmp_path / "ev" / "mergekit_config.yml"), str(tmp_path / "mk"), "--no-progress"]) == 0
     x, y = load_state(tmp_path / "ev"), load_state(tmp_path / "mk")
     assert sorted(x) == sorted(y) and all(torch.equal(x[n], y[n]) for n in x)
+
+
+def test_slice_models_are_resolved_like_every_model_reference(tmp_path: Path, llamas: list[Path]) -> None:
+    from evomerge.merge.formats.recipe_yaml import load_recipe
+    from evomerge.search.export import recipe_with_paths
+
+    _, a, b = llamas
+    here = a.parent
+    f = _write(here / "rel_stack.yaml", {"method": "passthrough", "slices": [
+        {"model": a.name, "layer_range": [0, 1]}, {"model": b.name, "layer_range": [2, 3]}]})
+    recipe = load_recipe(f)
+    assert [s.model for s in recipe.slices] == [str(a.resolve()), str(b.resolve())]
+    assert [m.model for m in recipe.models] == [str(a.resolve()), str(b.resolve())]
+    keyed = Recipe.from_dict({"method": "passthrough", "slices": [{"model": "x", "layer_range": [0, 1]},
+                                                                  {"model": "y", "layer_range": [1, 2]}]})
+    placed = recipe_with_paths(keyed, {"x": str(a), "y": str(b)})
+    assert [s.model for s in placed.slices] == [str(a), str(b)] and placed.models[1].model == str(b)

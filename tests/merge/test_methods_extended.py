@@ -373,3 +373,53 @@ def test_every_added_method_describes_itself(name: str) -> None:
         assert o["doc"]
     assert d["uses_generator"] == (name in ("della", "della_linear"))
     assert d["stacks_layers"] == (name == "passthrough")
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sce_selection_is_torch_variance_selection(n_models: int, quantized: bool) -> None:
+    """The fast float64 variance selects exactly what torch.var (mergekit's computation) selects."""
+    from evomerge.merge.kernels.sce import variance_mask
+    from evomerge.merge.kernels.sparsify import topk_mask
+
+    g = torch.Generator().manual_seed(n_models)
+    deltas = torch.randn(n_models, 300, 700, generator=g) * 0.01
+    if quantized:  # bf16 deltas: many exactly equal variances (ties broken by index in both)
+        deltas = deltas.bfloat16().float()
+    for keep in (0.05, 0.3, 0.8):
+        var = torch.var(deltas, dim=0, unbiased=False)
+        want = topk_mask(var, int(torch.count_nonzero(var) * keep))
+        got = variance_mask(deltas, keep)
+        assert got is not None and torch.equal(got, want), keep
+
+
+def test_della_in_the_engine_draws_from_the_per_tensor_generator(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each tensor's masks come from ``tensor_generator(seed, name)`` (MergePlan.generator): the same in any
+    tensor order or worker count, different for another seed."""
+    from _fixtures import build_llamas, load_state
+
+    from evomerge.merge.engines.disk import merge_to_disk
+    from evomerge.merge.methods.resolve import tensor_generator
+    from evomerge.merge.recipe import Recipe
+
+    root = tmp_path_factory.mktemp("della")
+    paths = build_llamas(root / "m", 2)
+    recipe = Recipe.from_dict({"method": "della", "base_model": str(paths[0]), "seed": 5,
+                               "models": [{"model": str(paths[1]), "parameters": {"density": 0.4, "epsilon": 0.2}},
+                                          {"model": str(paths[2]), "parameters": {"density": [0.3, 0.8]}}]})
+    merge_to_disk(recipe, root / "one", progress=False, workers=1)
+    merge_to_disk(recipe, root / "two", progress=False, workers=2)
+    merge_to_disk(recipe, root / "seed6", progress=False, seed=6)
+    one, two, other = load_state(root / "one"), load_state(root / "two"), load_state(root / "seed6")
+    states = [load_state(p) for p in paths]
+    method = REGISTRY.get("della")
+    for name, got in one.items():
+        assert torch.equal(got, two[name])
+        layer = int(name.split(".")[2]) if ".layers." in name else None
+        u = 0.0 if layer is None else layer / 2
+        mp = [{"weight": 1.0, "density": 0.4, "epsilon": 0.2},
+              {"weight": 1.0, "density": 0.3 + 0.5 * u, "epsilon": 0.15}]
+        want = method.fn(states[0][name], [states[1][name], states[2][name]], mp, {"lambda": 1.0},
+                         {"normalize": True}, tensor_generator(5, name))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(not torch.equal(one[n], other[n]) for n in one)

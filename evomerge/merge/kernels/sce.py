@@ -20,8 +20,27 @@ from typing import Any
 import torch
 
 from evomerge.merge.kernels.common import Tensor, check_inputs, stacked_deltas, work_dtype
-from evomerge.merge.kernels.sparsify import topk_mask
+from evomerge.merge.kernels.sparsify import select_rank, topk_mask
 from evomerge.merge.kernels.task_arithmetic import elected_sign
+
+_CHUNK = 1 << 16  # entries per chunk of the float64 variance (a few MB of temporaries)
+
+
+def variance(deltas: Tensor) -> Tensor:
+    """Population variance across the models (dim 0), in ``deltas``' dtype, as ``torch.var(unbiased=False)``.
+
+    torch's variance over the model axis is a scalar double-precision Welford loop (about 0.3 us per entry on
+    CPU); a chunked two-pass in float64 is ten times faster and rounds to the same float32 value but for
+    about one entry in 10^5 (1 ulp). :func:`variance_mask` recomputes the entries near its cut with torch's
+    own routine, so the selection is mergekit's.
+    """
+    t_count = deltas.shape[0]
+    flat = deltas.reshape(t_count, -1)
+    out = torch.empty(flat.shape[1], dtype=deltas.dtype, device=deltas.device)
+    for start in range(0, flat.shape[1], _CHUNK):
+        chunk = flat[:, start:start + _CHUNK].to(torch.float64)
+        out[start:start + _CHUNK] = chunk.sub_(chunk.mean(dim=0)).square_().mean(dim=0)
+    return out.view(deltas.shape[1:])
 
 
 def variance_mask(deltas: Tensor, select_topk: float) -> Tensor | None:
@@ -30,8 +49,15 @@ def variance_mask(deltas: Tensor, select_topk: float) -> Tensor | None:
         return None
     if select_topk <= 0:
         return torch.zeros(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
-    var = torch.var(deltas, dim=0, unbiased=False)
+    var = variance(deltas)
     k = int(torch.count_nonzero(var) * select_topk)  # in torch's arithmetic, as mergekit (float32 product)
+    if k <= 0:
+        return torch.zeros(var.shape, dtype=torch.bool, device=var.device)
+    flat = var.view(-1)
+    cut = select_rank(flat, flat.numel() - k)[0]
+    near = ((flat - cut).abs() <= 8 * torch.finfo(flat.dtype).eps * cut.abs()).nonzero().squeeze(1)
+    if near.numel():  # the entries whose side of the cut a last-bit difference could change
+        flat[near] = torch.var(deltas.reshape(deltas.shape[0], -1)[:, near], dim=0, unbiased=False)
     return topk_mask(var, k)
 
 
