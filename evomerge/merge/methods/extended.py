@@ -44,7 +44,8 @@ _DELLA_DOC = ("differs from mergekit: keep probabilities clipped to [0, 1] (merg
               "is rescale: l1_norm)")
 _RAM_EPSILON = ParamSpec("epsilon", 1e-5, 0.0, None, False, "a task-vector entry is active where |tau| > epsilon")
 _SPHERE_WEIGHT = ParamSpec(
-    "weight", 1.0, None, None, True, "per-model weight (the interpolation position comes from the weights' ratio)"
+    "weight", 1.0, None, None, True,
+    "per-model weight (nuslerp: t = w1 / (w0 + w1); multislerp: barycentric weights, normalized by default)",
 )
 
 METHODS: tuple[MergeMethod, ...] = (
