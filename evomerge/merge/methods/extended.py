@@ -41,7 +41,7 @@ _DELLA_RESCALE = OptionSpec(
 )
 _DELLA_DOC = ("differs from mergekit: keep probabilities clipped to [0, 1] (mergekit refuses density +- epsilon "
               "outside (0, 1)); rescale default inverse_probability (DELLA paper and code; mergekit's L1 restore "
-              "is rescale: l1_norm)")
+              "is rescale: l1_norm); magnitude ties ranked by index; a one-entry row keeps with probability density")
 _RAM_EPSILON = ParamSpec("epsilon", 1e-5, 0.0, None, False, "a task-vector entry is active where |tau| > epsilon")
 _SPHERE_WEIGHT = ParamSpec(
     "weight", 1.0, None, None, True,
@@ -70,7 +70,8 @@ METHODS: tuple[MergeMethod, ...] = (
                     "weights are uniform when the models' mean squared deltas sum below this (mergekit: 1e-6, "
                     "under which real fine-tunes often fall; 0 weights by the squares as the paper)"),),
         needs_base=True,
-        doc="SCE: select high-variance entries, weight models by their squared deltas, erase sign conflicts",
+        doc="SCE: select high-variance entries, weight models by their squared deltas, erase sign conflicts; "
+            "variance ties at the selection cut broken by index (mergekit: arbitrarily)",
     ),
     MergeMethod(
         "nuslerp", nuslerp, (_SPHERE_WEIGHT,),
@@ -126,7 +127,9 @@ METHODS: tuple[MergeMethod, ...] = (
         (ParamSpec("scale", 1.0, None, None, True, "multiplies the tensor (mergekit's scale)"),),
         (), min_models=1, max_models=1, elementwise=True, stacks_layers=True,
         doc="one model's tensors, optionally scaled; with slices, stacks layer ranges of models (the layer "
-            "count changes); base_model, if given, only supplies the config and tokenizer of a stack",
+            "count changes; embeddings from the first slice's model, final norm and head from the last one's); "
+            "base_model, if given, only supplies the config and tokenizer of a stack; differs from mergekit: a "
+            "per-layer layer_types list in the config is rebuilt for the stack (mergekit keeps the source's)",
     ),
 )
 
