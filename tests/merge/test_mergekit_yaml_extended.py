@@ -193,3 +193,12 @@ def test_slices_beyond_the_model_are_refused_when_the_recipe_is_read(tmp_path: P
                                                                    "layer_range": [2, 4]}]}]}
     with pytest.raises(ConfigError, match=r"cfg.slices\[0\].layer_range: \[2, 4\] of model .*a exceeds its 3 layers"):
         parse_recipe(raw, "cfg")
+
+
+def test_a_base_listed_among_the_models_gets_no_weight() -> None:
+    raw = {"merge_method": "nuslerp", "base_model": "base",
+           "models": [{"model": "base"}, {"model": "a", "parameters": {"weight": 0.3}}, {"model": "b"}]}
+    recipe = from_mergekit(raw)
+    mk = to_mergekit(recipe)
+    assert mk["models"][0] == {"model": "base"} and mk["models"][2]["parameters"] == {"weight": 1.0}
+    assert to_mergekit(from_mergekit(mk)) == mk

@@ -284,7 +284,7 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> Re
 
     if "rescale" not in options and _MERGEKIT_RESCALE_DEFAULT.get(name, False):
         options["rescale"] = "l1_norm"
-    inputs = [m for m in models if not (method.needs_base and m.model == base)]
+    inputs = [m for m in models if not (_base_apart(method) and m.model == base)]
     for pname, mk_default in _MERGEKIT_DEFAULTS.get(name, {}).items():
         spec = method.param(pname)
         if mk_default is None or spec is None or pname in params:
@@ -313,6 +313,11 @@ def _check_expressible(value: ParamValue, where: str) -> None:
                 f"{where}: filter {e.filter!r} selects tensors by kind, which mergekit cannot express "
                 "(use a tensor-name substring such as 'self_attn' or 'mlp')"
             )
+
+
+def _base_apart(method: MergeMethod) -> bool:
+    """Whether a base listed among the models is the kernel's base rather than one of its inputs."""
+    return method.needs_base or method.base_optional
 
 
 def _uses_base(method: MergeMethod, recipe: Recipe) -> bool:
@@ -370,7 +375,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     for name, value in sorted(recipe.parameters.items()):
         _check_expressible(value, f"{where}.parameters.{name}")
         params_out[name] = value.to_yaml()
-    inputs = [m for m in recipe.models if not (method.needs_base and m.model == recipe.base_model)]
+    inputs = [m for m in recipe.models if not (_base_apart(method) and m.model == recipe.base_model)]
     for pname in _MERGEKIT_DEFAULTS.get(recipe.method, {}):
         spec = method.param(pname)
         if spec is None or pname in recipe.parameters:
@@ -392,7 +397,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
             params = {k: v.to_yaml() for k, v in sorted(entry.parameters.items())}
             for name, value in entry.parameters.items():
                 _check_expressible(value, f"{where}.models[{i}].parameters.{name}")
-            if needs_weight and "weight" not in params and not (method.needs_base and entry.model == recipe.base_model):
+            if needs_weight and "weight" not in params and not (_base_apart(method) and entry.model == recipe.base_model):
                 assert weight_spec is not None
                 params["weight"] = weight_spec.default
             if params:
