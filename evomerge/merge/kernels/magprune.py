@@ -35,11 +35,12 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     if n == 1:
         return torch.full(delta.shape, float(density), dtype=wd, device=delta.device).clamp_(0.0, 1.0)
     order = torch.argsort(moved.abs(), dim=-1, stable=True)
-    ranks = torch.empty(moved.shape, dtype=wd, device=delta.device)
-    ranks.scatter_(-1, order, torch.arange(n, dtype=wd, device=delta.device).expand(moved.shape).contiguous())
-    rank_norm = (ranks / (n - 1)).clamp_(0, 1)  # (r - 1) / (n - 1) with r the 1-based rank
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    return probs.clamp_(0.0, 1.0).movedim(-1, 1).reshape(delta.shape)
+    # the probability of each rank (r - 1 = 0..n-1), then scattered to where that rank sits: one pass
+    rank_norm = (torch.arange(n, dtype=wd, device=delta.device) / (n - 1)).clamp_(0, 1)
+    by_rank = ((density - epsilon) + rank_norm * 2 * epsilon).clamp_(0.0, 1.0)
+    probs = torch.empty(moved.shape, dtype=wd, device=delta.device)
+    probs.scatter_(-1, order, by_rank.expand(moved.shape))
+    return probs.movedim(-1, 1).reshape(delta.shape)
 
 
 def magprune_(
