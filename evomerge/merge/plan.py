@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import ModelError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.kernels.linear import LinearCoefficients
 from evomerge.merge.kernels.sparsify import global_trim_thresholds
 from evomerge.merge.methods.resolve import (
@@ -55,8 +55,11 @@ class MergePlan:
         """Check ``recipe`` against ``method`` (ConfigError naming the field at fault), plan its kernel inputs."""
         check_recipe(recipe, method, where)
         inputs = plan_inputs(recipe, method)
+        options: dict[str, Any] = dict(resolve_options(recipe, method))
+        if method.base_optional:  # engines may pass a base only to rebuild task vectors (the resident merger)
+            options["base_given"] = inputs.base is not None
         return MergePlan(recipe=recipe, method=method, base_key=inputs.base, input_keys=tuple(inputs.models),
-                         layer_map=layer_map, options=dict(resolve_options(recipe, method)))
+                         layer_map=layer_map, options=options)
 
     @property
     def keys(self) -> list[str]:
@@ -123,22 +126,28 @@ class MergePlan:
 
     def coefficients(self, name: str) -> LinearCoefficients | None:
         """``beta`` and ``c`` of ``beta * base + sum_t c_t tau_t`` for a linear, unprepared method; else None."""
-        if self.method.coefficients is None or self.prepared:
+        if self.method.coefficients is None or self.prepared or self.recipe.slices:
             return None
         model_params, params = self.tensor_args(name)
         return self.method.coefficients(model_params, params, self.kernel_options(name))
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
                      extra_options: Mapping[str, Any] | None = None,
-                     device: str | torch.device | None = None) -> torch.Tensor:
+                     device: str | torch.device | None = None,
+                     values: tuple[list[dict[str, float]], dict[str, float]] | None = None) -> torch.Tensor:
         """Merge one tensor: the kernel on (base, inputs) with this tensor's values, options and generator.
 
         Integer tensors (buffers) are not merged: the reference input (base, else the first input) is returned.
+        ``values``: the per-model and global values when the caller resolved them itself (a layer stack
+        resolves them per slice, :mod:`evomerge.merge.formats.layer_stack`); a recipe with slices needs them.
         """
+        if values is None and self.recipe.slices:
+            raise ConfigError(f"recipe.slices: tensor {name}: a layer stack changes the model's tensors and is "
+                              "merged by the disk engine only (merge_to_disk, `evomerge merge`)")
         ref = base if base is not None else tensors[0]
         if not ref.is_floating_point():
             return ref
-        model_params, params = self.tensor_args(name)
+        model_params, params = values if values is not None else self.tensor_args(name)
         gen = self.generator(name, device if device is not None else ref.device)
         out = self.method.fn(base, tensors, model_params, params, self.kernel_options(name, extra_options), gen)
         if out.shape != ref.shape:

@@ -79,12 +79,8 @@ def recipe_with_paths(recipe: Recipe, paths: Mapping[str, str]) -> Recipe:
     missing = [k for k in recipe.model_keys() if k not in paths]
     if missing:
         raise RunDirError(f"recipe models {missing} are not models of this run (known: {sorted(paths)})")
-    return dataclasses.replace(
-        recipe,
-        base_model=paths[recipe.base_model] if recipe.base_model is not None else None,
-        models=tuple(ModelEntry(paths[m.model], dict(m.parameters)) for m in recipe.models),
-        tokenizer_source=paths.get(recipe.tokenizer_source or "", recipe.tokenizer_source),
-    )
+    return dataclasses.replace(recipe.map_models(lambda key: paths[key]),
+                               tokenizer_source=paths.get(recipe.tokenizer_source or "", recipe.tokenizer_source))
 
 
 def merged_ancestors(archive: Archive, rec: CandidateRecord, originals: Mapping[str, str]

@@ -88,8 +88,12 @@ BAD = {
     "corrupt": (lambda ll, tmp: _ties(ll, models=[{"model": str(_corrupt_copy(ll[1], tmp / "bad"))}]),
                 "corrupt safetensors"),
     "unknown key": (lambda ll, tmp: _ties(ll, wat=1), "unknown keys"),
-    "mergekit della": (lambda ll, tmp: {"merge_method": "della", "base_model": str(ll[0]),
-                                        "models": [{"model": str(ll[1])}]}, "della"),
+    "mergekit unknown method": (lambda ll, tmp: {"merge_method": "della_ties", "base_model": str(ll[0]),
+                                                 "models": [{"model": str(ll[1])}]}, "no evomerge equivalent"),
+    "mergekit unknown parameter": (lambda ll, tmp: {"merge_method": "sce", "base_model": str(ll[0]),
+                                                    "models": [{"model": str(ll[1])}, {"model": str(ll[2])}],
+                                                    "parameters": {"topk": 0.5}},
+                                   "parameters.topk: unknown parameter for method sce"),
 }
 
 

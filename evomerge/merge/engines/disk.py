@@ -37,6 +37,7 @@ from evomerge.atomic import atomic_output_dir
 from evomerge.dtypes import dtype_name, parse_dtype
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.calibration.rows import CalibrationSet
+from evomerge.merge.formats.layer_stack import LayerStack
 from evomerge.merge.formats.recipe_yaml import RECIPE_FILE, recipe_yaml
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.resolve import check_recipe, plan_inputs
@@ -185,7 +186,11 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
                   calibration: CalibrationSet | None, base_scores: Mapping[str, float] | None) -> MergeSummary:
     plan = inputs.plan
     recipe = plan.recipe
-    files_from = recipe.tokenizer_source or plan.base_key or plan.input_keys[0]
+    # layer stacking (recipe slices): the output's tensors map to source tensors (formats.layer_stack)
+    stack = LayerStack.of(recipe, inputs.tensor_names, plan.layer_map,
+                          {k: f.config for k, f in inputs.folders.items()}, where) if recipe.slices else None
+    files_from = (recipe.tokenizer_source or (recipe.base_model if stack else None) or plan.base_key
+                  or plan.input_keys[0])
     if not Path(files_from).is_dir():  # checked before any work
         raise ModelError(f"{where}.tokenizer_source: folder {files_from} does not exist")
     on_cuda = device.startswith("cuda")
@@ -196,9 +201,9 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
     plan = plan.with_global_trim(inputs.task_vectors(device))
     text = recipe_yaml(recipe)
     metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe": text}
-    names = inputs.tensor_names
+    names = stack.names if stack else inputs.tensor_names
     sources = [inputs.folders[k] for k in ([plan.base_key] if plan.base_key else []) + list(plan.input_keys)]
-    in_pieces = plan.method.elementwise and not plan.prepared and device == "cpu"
+    in_pieces = plan.method.elementwise and not plan.prepared and device == "cpu" and stack is None
 
     def merge_in_pieces(name: str) -> torch.Tensor | None:
         """An elementwise kernel run piece by piece: each piece of every input is read into a small reused
@@ -224,6 +229,12 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
             merged = merge_in_pieces(name)
             if merged is not None:
                 return merged
+        if stack is not None:
+            src = stack.source(name)
+            out = stack.merge(plan, inputs.read, name, device)
+            want = out_dtype if out_dtype is not None else inputs.folders[src.model].dtype(src.source)
+            out = out.to(device="cpu", dtype=want)
+            return out if out.is_contiguous() else out.contiguous()
         base_t = inputs.read(plan.base_key, name, device) if plan.base_key is not None else None
         tensors = [inputs.read(k, name, device) for k in plan.input_keys]
         ref = base_t if base_t is not None else tensors[0]
@@ -233,13 +244,17 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
         out = out.to(device="cpu", dtype=want)
         return out if out.is_contiguous() else out.contiguous()
 
+    updates = {"dtype": dtype_name(out_dtype)} if out_dtype is not None else {}
+    if stack is not None:  # the stack's layer count (checked before any output exists)
+        updates.update(stack.config_updates(Path(files_from), {k: f.config for k, f in inputs.folders.items()}))
     threads_before = torch.get_num_threads()
     written = 0
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         # every output tensor's shape and dtype is known now: shard headers go first and each merged tensor
         # streams to its place while the next ones merge (no shard held in memory, I/O overlaps compute)
         ref = inputs.reference
-        layout = [(n, ref.shape(n), out_dtype if out_dtype is not None else ref.dtype(n)) for n in names]
+        layout = [(n, ref.shape(n), out_dtype if out_dtype is not None else ref.dtype(n)) for n in names] \
+            if stack is None else stack.layout(inputs.folders, out_dtype)
         writer = ShardedWriter(tmp, shard_bytes, metadata, layout=layout)
         bar = _progress(len(names), progress)
         pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="evomerge-merge")
@@ -272,8 +287,7 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
             torch.set_num_threads(threads_before)
             bar.close()
         writer.finish()
-        copy_model_files(Path(files_from), tmp,
-                         config_updates={"dtype": dtype_name(out_dtype)} if out_dtype is not None else None)
+        copy_model_files(Path(files_from), tmp, config_updates=updates or None)
         (tmp / RECIPE_FILE).write_text(text, encoding="utf-8")
     return MergeSummary(
         out_dir=target.resolve(), tensors=len(names), bytes=written, seconds=time.perf_counter() - t0,

@@ -1,4 +1,4 @@
-"""mergekit's generalized task arithmetic: task_arithmetic, TIES, DARE and Breadcrumbs (linear and TIES forms).
+"""mergekit's generalized task arithmetic: task_arithmetic, TIES, DARE, Breadcrumbs and DELLA (linear and TIES forms).
 
 Per model the task vector is sparsified (none, top-magnitude, random, magnitude with outliers), weighted, then
 either summed (task arithmetic family) or combined by the TIES sign election and disjoint mean.
@@ -14,6 +14,7 @@ import torch
 
 from evomerge.merge.kernels.common import Tensor, check_inputs, work_dtype
 from evomerge.merge.kernels.linear import LinearCoefficients
+from evomerge.merge.kernels.magprune import magprune_
 from evomerge.merge.kernels.sparsify import (
     dare_,
     keep_count,
@@ -108,6 +109,8 @@ def _sparsify_one(
         dare_(row, density, generator, rescale)
     elif kind == "magnitude_outliers":
         magnitude_outliers_(row, density, float(mp.get("gamma", 0.01)), rescale)
+    elif kind == "magprune":
+        magprune_(row, density, float(mp.get("epsilon", 0.15)), generator, rescale)
     else:
         raise ValueError(f"unknown sparsification {kind!r}")
     return None
@@ -347,6 +350,37 @@ def breadcrumbs_ties(
     return generalized_task_arithmetic(
         base, tensors, model_params, params, options, generator,
         sparsify="magnitude_outliers", consensus=True, default_normalize=False,
+    )
+
+
+def della(
+    base: Tensor | None,
+    tensors: list[Tensor],
+    model_params: list[dict[str, float]],
+    params: dict[str, float],
+    options: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DELLA: MAGPRUNE each task vector (:mod:`evomerge.merge.kernels.magprune`), then the TIES sign election
+    and disjoint mean (mergekit's della: normalize default true)."""
+    return generalized_task_arithmetic(
+        base, tensors, model_params, params, options, generator,
+        sparsify="magprune", consensus=True, default_normalize=True, default_rescale="inverse_probability",
+    )
+
+
+def della_linear(
+    base: Tensor | None,
+    tensors: list[Tensor],
+    model_params: list[dict[str, float]],
+    params: dict[str, float],
+    options: Mapping[str, Any],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MAGPRUNE then task arithmetic (mergekit's della_linear: normalize default false)."""
+    return generalized_task_arithmetic(
+        base, tensors, model_params, params, options, generator,
+        sparsify="magprune", consensus=False, default_normalize=False, default_rescale="inverse_probability",
     )
 
 
