@@ -22,6 +22,7 @@ class EventKind(str, Enum):
     REQUEUED = "requeued"  # {candidate, attempt, worker, error, split}: a lost job submitted again
     # the plain loop (search/loop.py)
     REPLAYED = "replayed"  # {ids}: archived results told on resume (killed between archive and tell)
+    CHECKPOINT_IGNORED = "checkpoint_ignored"  # {reason, evaluations}: no usable checkpoint; rebuilt from the archive
     # the population manager (search/population/manager.py, session.py)
     POPULATION_START = "population_start"  # {starting, k, metric, budget, explore, pair_budget}
     MEMBER = "member"  # {key, generation, parents, candidate_id, score, reason}: an original scored

@@ -5,7 +5,8 @@ Layout::
     space.yaml        the search space as given (the snapshot a resume is checked against)
     run.json          name, creation time, space path, seeds, versions, command line
     archive.sqlite    every evaluation and event (append-only; see :mod:`evomerge.search.archive`)
-    checkpoint.pkl    optimizer state + in-flight candidates, replaced atomically after each tell batch
+    checkpoint.json   the optimizer's calls (replayed on resume) + in-flight candidates, replaced atomically
+                      after each tell batch; JSON only, so a run directory never runs code
     log.txt           what the search printed, appended by every session
     .lock             held (flock) by the one process running the search
 
@@ -19,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import os
-import pickle
 import platform
 import shutil
 import socket
@@ -31,7 +31,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.atomic import _fsync_dir, write_json_atomic
+from evomerge.atomic import _fsync_dir, raise_if_disk_full, write_json_atomic
 from evomerge.errors import RunDirError
 from evomerge.killpoints import kill_point
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
@@ -42,9 +42,15 @@ if TYPE_CHECKING:  # a run directory is read without the search space's machiner
 
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
-CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_FILE = "checkpoint.json"
+LEGACY_CHECKPOINT_FILE = "checkpoint.pkl"  # older evomerge: a pickle, never read
+CHECKPOINT_FORMAT = 2
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
+
+
+class CorruptCheckpoint(RunDirError):
+    """The checkpoint is not readable as this evomerge's JSON checkpoint (truncated, foreign, another format)."""
 
 
 def versions() -> dict[str, str]:
@@ -170,9 +176,15 @@ class RunDir:
     # ------------------------------------------------------------------------------------- checkpoint
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Replace the checkpoint atomically (temporary file, fsync, rename)."""
-        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.path)
+        """Replace the checkpoint (JSON: plain numbers and strings, nothing that can run code) atomically:
+        temporary file, fsync, rename. A full disk is a :class:`~evomerge.errors.DiskFullError`; the previous
+        checkpoint is kept."""
+        data = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.path)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, len(data), "the optimizer checkpoint", self._resume_hint())
+            raise
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -180,23 +192,49 @@ class RunDir:
                 os.fsync(fh.fileno())
             kill_point("checkpoint_write")
             os.replace(tmp, self.checkpoint_path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise_if_disk_full(exc, self.path, len(data), "the optimizer checkpoint", self._resume_hint())
             raise
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint's data (None: there is none). Never unpickles: an old ``checkpoint.pkl`` is not read.
+
+        A checkpoint that is not valid JSON of this format raises :class:`CorruptCheckpoint` (the caller moves it
+        aside with :meth:`set_checkpoint_aside` and rebuilds the optimizer from the archive)."""
         if not self.checkpoint_path.is_file():
             return None
         try:
-            with open(self.checkpoint_path, "rb") as fh:
-                state = pickle.load(fh)  # noqa: S301 - our own file, written by this run
-        except Exception as exc:  # noqa: BLE001
-            raise RunDirError(f"{self.checkpoint_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
-                              "nothing was changed") from None
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise RunDirError(f"{self.checkpoint_path}: not an evomerge checkpoint")
+            state = json.loads(self.checkpoint_path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CorruptCheckpoint(f"{self.checkpoint_path}: unreadable checkpoint ({type(exc).__name__}: "
+                                    f"{exc})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CorruptCheckpoint(f"{self.checkpoint_path}: not an evomerge checkpoint of format "
+                                    f"{CHECKPOINT_FORMAT} (format {got!r})")
         return state
+
+    def set_checkpoint_aside(self) -> Path:
+        """Rename an unusable checkpoint out of the way (kept for inspection); returns its new path."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path / f"{CHECKPOINT_FILE}.unusable-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path / f"{CHECKPOINT_FILE}.unusable-{stamp}-{n}"
+        os.replace(self.checkpoint_path, aside)
+        return aside
+
+    @property
+    def legacy_checkpoint_path(self) -> Path:
+        """Where evomerge before format 2 pickled its optimizer (never read: unpickling can run code)."""
+        return self.path / LEGACY_CHECKPOINT_FILE
+
+    def _resume_hint(self) -> str:
+        return f"`evomerge resume {self.path}`"
 
     def clean_temporaries(self) -> None:
         """Remove temporary files an interrupted checkpoint write left behind."""
