@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def refuse_replacing_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]],
+                            what: str = "input") -> None:
+    """Refuse to replace ``target`` when it is, or holds, one of ``inputs`` (replacing it deletes that input)."""
+    out = Path(target).expanduser().resolve()
+    if not out.exists():
+        return
+    for ref in inputs:
+        p = Path(ref).expanduser().resolve()
+        if p == out or out in p.parents:
+            raise ConfigError(f"output folder {out} holds the {what} {ref}: replacing it would delete what it is "
+                              "made from; write the output to another folder")
 
 
 @contextlib.contextmanager

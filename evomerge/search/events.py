@@ -27,9 +27,10 @@ class EventKind(str, Enum):
     POPULATION_START = "population_start"  # {starting, k, metric, budget, explore, pair_budget}
     MEMBER = "member"  # {key, generation, parents, candidate_id, score, reason}: an original scored
     GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival]}
-    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations}
+    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations, ok}
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
     STOP = "stop"  # {generation, reason, evaluations}
+    EXCLUDED = "excluded"  # {generation, keys, reason}: failed members taken out of pairing
 
     def __str__(self) -> str:
         return self.value
@@ -37,4 +38,5 @@ class EventKind(str, Enum):
 
 # the population manager's decisions, replayed on resume
 MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
-                                         EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP)
+                                         EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP,
+                                         EventKind.EXCLUDED)

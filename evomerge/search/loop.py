@@ -36,7 +36,7 @@ from evomerge.search.progress import ProgressLine, SearchSummary, Timings
 from evomerge.search.replay import ArchivedScore, LoggedOptimizer, OptimizerLog, ReplayMismatch, replay
 from evomerge.search.run import CHECKPOINT_FORMAT, CorruptCheckpoint, RunDir
 from evomerge.search.space import Space
-from evomerge.search.stopping import StopFlag, StoppingRules
+from evomerge.search.stopping import StopFlag, resume_failure_streak, stopping_rules
 
 MAX_DUPLICATES_IN_A_ROW = 200  # the optimizer has converged onto archived recipes: stop asking
 
@@ -93,8 +93,7 @@ class _Loop:
         self.t_start = time.monotonic() - setup_seconds
         self._log = log
         self._show_progress = progress
-        self.rules = StoppingRules(budget=space.budget, wall_time=space.raw.stopping.wall_time,
-                                   no_improvement=space.raw.stopping.no_improvement, target=space.raw.stopping.target)
+        self.rules = stopping_rules(space)
 
     def say(self, message: str) -> None:
         self.run_dir.log(message)
@@ -294,9 +293,11 @@ class _Loop:
             self.dispatch.add(self.inflight[cid], parents=sorted(m.model for m in self.inflight[cid].recipe.models),
                               submit=False)
         progress = self.dispatch.progress
+        resume_failure_streak(self.archive, progress, self.say)
         self.archive.add_event(EventKind.SESSION_START, {
-            "session": self.session, "budget": self.space.budget, "workers": self.executor.capacity,
-            "resubmitted": resumed, "evaluations": progress.evaluations})
+            "session": self.session, "budget": self.space.budget, "workers": self.space.raw.workers,
+            "capacity": self.executor.capacity, "test_top": self.space.raw.test_top, "resubmitted": resumed,
+            "evaluations": progress.evaluations})
         if resumed:
             self.say(f"session {self.session}: resuming; re-submitting in-flight candidates {resumed}")
         new = self._ask()
@@ -314,11 +315,14 @@ class _Loop:
             for entry in new:
                 self.dispatch.submit(entry)
         reason = self._stop_reason() or "done"
-        self.dispatch.timing_event(EventKind.SESSION_END, reason=reason, duplicates=self.duplicates)
+        failed_out = self.rules.failure_reason(progress) is not None and not self.stop.is_set()
+        final = not self.stop.is_set() and not failed_out
+        self.dispatch.timing_event(EventKind.SESSION_END, reason=reason, duplicates=self.duplicates, final=final,
+                                   failures=failed_out)
         bar.update(progress.evaluations, progress.best, progress.best_id, force=True)
         self.say(f"session {self.session} ended: {reason}")
         return SearchSummary(progress.evaluations, progress.failed, progress.best_id, progress.best, reason,
-                             self.session, self.timings)
+                             self.session, self.timings, final, failed_out)
 
 
 def rescore_best(run: RunDir, space: Space, executor: Executor, k: int, split: str = "test",

@@ -3,6 +3,8 @@
 Layout::
 
     space.yaml        the search space as given (the snapshot a resume is checked against)
+    overrides.json    fields safe to change that the command line or a resume changed (``--budget``,
+                      ``--workers``, ``resume --space``): the run's space is space.yaml with these applied
     run.json          name, creation time, space path, seeds, versions, command line
     archive.sqlite    every evaluation and event (append-only; see :mod:`evomerge.search.archive`)
     checkpoint.json   the optimizer's calls (replayed on resume) + in-flight candidates, replaced atomically
@@ -26,14 +28,15 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.atomic import _fsync_dir, raise_if_disk_full, write_json_atomic
+from evomerge.atomic import _fsync_dir, disk_full_error, is_disk_full, raise_if_disk_full, write_json_atomic
 from evomerge.errors import RunDirError
 from evomerge.killpoints import kill_point
+from evomerge.models.fingerprint import fingerprint_models
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
 from evomerge.search.archive import Archive
 
@@ -45,6 +48,7 @@ RUN_FILE = "run.json"
 CHECKPOINT_FILE = "checkpoint.json"
 LEGACY_CHECKPOINT_FILE = "checkpoint.pkl"  # older evomerge: a pickle, never read
 CHECKPOINT_FORMAT = 2
+OVERRIDES_FILE = "overrides.json"
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 
@@ -98,18 +102,41 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------- create / open
 
+    def overrides(self) -> dict[str, Any]:
+        """Safe fields (dotted paths) that differ from space.yaml: what ``run``/``resume`` were asked for."""
+        p = self.path / OVERRIDES_FILE
+        if not p.is_file():
+            return {}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{p}: cannot be read ({exc})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{p}: expected a mapping of field paths to values")
+        return data
+
+    def save_overrides(self, overrides: Mapping[str, Any]) -> None:
+        try:
+            write_json_atomic(self.path / OVERRIDES_FILE, dict(overrides))
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, 4096, OVERRIDES_FILE, self._resume_hint())
+            raise
+
     @staticmethod
-    def create(path: str | os.PathLike[str], space: Space, argv: list[str] | None = None) -> RunDir:
-        """Make a new run directory for ``space``; an existing one is refused (``evomerge resume`` continues it)."""
+    def create(path: str | os.PathLike[str], space: Space, argv: list[str] | None = None,
+               overrides: Mapping[str, Any] | None = None) -> RunDir:
+        """Make a new run directory for ``space``; an existing one is refused (``evomerge resume`` continues it).
+
+        ``overrides``: the safe fields the command line changed (kept in overrides.json). The input models are
+        fingerprinted (archive meta ``fingerprints``) so a resume notices a changed model."""
         target = Path(path)
-        if target.exists():
-            raise RunDirError(f"run directory {target} already exists; continue it with `evomerge resume {target}` "
-                              "or choose another --name")
+        RunDir.check_new(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
             os.chmod(tmp, 0o755)
             (tmp / SPACE_FILE).write_text(space.text, encoding="utf-8")
+            write_json_atomic(tmp / OVERRIDES_FILE, dict(overrides or {}))
             info = {
                 "name": target.name,
                 "created_at": time.time(),
@@ -128,12 +155,24 @@ class RunDir:
                 archive.set_meta("model_refs", dict(space.model_refs))
                 archive.set_meta("space", space.comparable())
                 archive.set_meta("seed", space.seed)
+                archive.set_meta("fingerprints", fingerprint_models(space.model_paths()))
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                raise disk_full_error(target.parent, 1 << 20, f"the new run directory {target}",
+                                      "Nothing was created: free some space and run again") from None
             raise
         return RunDir(target)
+
+    @staticmethod
+    def check_new(path: str | os.PathLike[str]) -> None:
+        """Refuse a run directory that exists already (``evomerge resume`` continues it)."""
+        target = Path(path)
+        if target.exists():
+            raise RunDirError(f"run directory {target} already exists; continue it with `evomerge resume {target}` "
+                              "or choose another --name")
 
     @staticmethod
     def open(path: str | os.PathLike[str]) -> RunDir:

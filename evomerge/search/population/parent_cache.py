@@ -24,8 +24,9 @@ class ParentCache:
     """Merged parents materialized on disk under ``root`` on demand; least recently used evicted beyond
     ``max_bytes`` (never the ones needed now). A recipe is deterministic, so an evicted parent is rebuilt."""
 
-    def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int, vocab_policy: str = "refuse") -> None:
         self.root = Path(root)
+        self.vocab_policy = vocab_policy
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._used: OrderedDict[str, int] = OrderedDict()
@@ -56,7 +57,7 @@ class ParentCache:
             models=tuple(ModelEntry(path_of(m.model), m.parameters) for m in recipe.models), dtype="float32")
         data = data_of(recipe, {m.model: path_of(m.model) for m in recipe.models}) if data_of else MethodData()
         merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=data.calibration,
-                      base_scores=data.base_scores)
+                      base_scores=data.base_scores, vocab_policy=self.vocab_policy)
         self.materialized += 1
         self._used[key] = _dir_bytes(target)
         self._evict(set(keep) | {key})
