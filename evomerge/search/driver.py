@@ -227,8 +227,9 @@ def resume_run(run_path: Path, *, space_path: Path | None = None, budget: int | 
         if changed:
             log(f"resuming with changed fields: {', '.join(changed)}")
     space = space.with_overrides(budget=budget, workers=workers)
-    if address and executor_kind(space, address) == "ray":
-        check_ray_address(address)
+    address_now = address or space.raw.executor.address
+    if address_now and executor_kind(space, address_now) == "ray":
+        check_ray_address(address_now)
     with run.archive() as archive:
         check_models_unchanged(run, archive, old, log)
         if space is not old:

@@ -114,7 +114,7 @@ class _Loop:
         if state is not None:
             try:
                 self._restore(state)
-            except (ReplayMismatch, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any checkpoint that does not replay: rebuild, said loudly
                 aside = self.run_dir.set_checkpoint_aside()
                 self._rebuilt_because(f"the checkpoint does not replay ({exc}); it was moved to {aside}")
                 state = None

@@ -284,5 +284,10 @@ class RunDir:
     # ------------------------------------------------------------------------------------- log
 
     def log(self, message: str) -> None:
-        with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+        try:
+            with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, len(line), LOG_FILE, self._resume_hint())
+            raise
