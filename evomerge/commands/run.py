@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from evomerge.search.driver import default_run_path, start_run
 from evomerge.search.space import load_space
-from evomerge.search.status import summary_text
+from evomerge.search.status import failure_text, summary_text
 
 if TYPE_CHECKING:
     from evomerge.search.driver import SessionResult
@@ -34,9 +35,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _finish(result: SessionResult) -> int:
+    """Print the summary and the way on; exit 1 when the search failed out or nothing succeeded."""
     print(summary_text(result.run_dir))
     if result.interrupted:
         print(f"stopped early; continue with: evomerge resume {result.run_dir}")
         return 130
+    failure = failure_text(result.run_dir, result.summary.stop_reason if result.failed_out and result.summary
+                           else None)
+    if failure is not None:
+        print(failure, file=sys.stderr)
+        return 1
     print(f"export the best model with: evomerge export {result.run_dir} OUT_DIR")
     return 0

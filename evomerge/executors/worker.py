@@ -42,6 +42,7 @@ class WorkerSpec:
     splits: tuple[str, ...] = ("search",)
     max_extra: int = 4  # materialized merged parents kept resident (population manager)
     threads: int | None = None  # torch threads in this worker (None: leave torch's default)
+    vocab_policy: str = "refuse"  # models with larger vocabularies: refuse, or slice_to_base (the search space's)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -58,7 +59,7 @@ class MergeEvalWorker:
         self.spec = spec
         self.name = name
         self.merger = ResidentMerger(spec.base, {k: str(v) for k, v in spec.models.items()}, device=spec.device,
-                                     dtype=spec.dtype, base_key=BASE_KEY)
+                                     dtype=spec.dtype, base_key=BASE_KEY, vocab_policy=spec.vocab_policy)
         self.model = self.merger.new_model()
         self.evaluator = Evaluator(spec.fitness, str(spec.base), spec.device, splits=spec.splits)
         self.method_data = MethodDataProvider(spec.fitness, spec.base, tokenizer=self.evaluator.tokenizer,

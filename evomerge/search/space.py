@@ -16,7 +16,8 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     workers: 1
     device: cpu
     dtype: float32
-    stopping: {wall_time: 2h, no_improvement: 40, target: 0.9}
+    vocab_policy: refuse            # or slice_to_base: larger vocabularies cut to the base's rows
+    stopping: {wall_time: 2h, no_improvement: 40, target: 0.9, max_consecutive_failures: 10}
     population: {...}               # passed through untouched (population manager)
 
 A gene is ``[low, high]`` (searched within those bounds); a number is a fixed value. Fields that may change on
@@ -41,7 +42,7 @@ from evomerge.fitness.spec import FitnessSpec, packaged_spec
 from evomerge.merge.methods.registry import get_method, validate_recipe
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
-from evomerge.models.compat import check_compatible
+from evomerge.models.compat import VOCAB_FIELD_HINT, check_compatible
 from evomerge.models.folder import ModelFolder
 from evomerge.models.layers import KINDS, LayerMap
 from evomerge.paths import resolve_path, scheme_of
@@ -52,6 +53,7 @@ SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "p
                                    "executor", "test_top")
 DEFAULT_KINDS: tuple[str, ...] = ("attention", "mlp")
 GRANULARITIES: tuple[str, ...] = ("per_layer", "layer_groups", "tensor_kind", "per_model")
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 10
 
 
 # ------------------------------------------------------------------------------------------- raw schema
@@ -78,6 +80,8 @@ class StoppingSection(BaseModel):
     wall_time: float | str | None = None
     no_improvement: int | None = Field(default=None, gt=0)
     target: float | None = None
+    # failed evaluations in a row that stop the search (a NaN model, a timeout every candidate hits); null: never
+    max_consecutive_failures: int | None = Field(default=DEFAULT_MAX_CONSECUTIVE_FAILURES, gt=0)
 
     @field_validator("wall_time")
     @classmethod
@@ -124,6 +128,8 @@ class SpaceModel(BaseModel):
     progress_interval: float = Field(default=5.0, ge=0)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     test_top: int = Field(default=3, ge=0)  # best candidates re-scored on the held-out test split at the end
+    # models with a larger vocabulary than the base: refuse, or cut their embedding/head rows to the base's
+    vocab_policy: Literal["refuse", "slice_to_base"] = "refuse"
     population: dict[str, Any] | None = None  # owned by the population manager; passed through untouched
 
 
@@ -337,7 +343,7 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
     optimizer_class(raw.optimizer.name, f"{where}: optimizer.name")
 
     # layers
-    num_layers = _num_layers(resolved, refs, where, check_models)
+    num_layers = _num_layers(resolved, refs, where, check_models, raw.vocab_policy)
     granularity = _parse_granularity(raw.granularity, num_layers, where)
 
     # methods
@@ -367,7 +373,8 @@ def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
     return p.resolve() if p.exists() else p
 
 
-def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool) -> int:
+def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool,
+                vocab_policy: str = "refuse") -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
     if not check:
         cfg_file = paths[BASE_KEY] / "config.json"
@@ -383,7 +390,8 @@ def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, 
                 field_ = "models.base" if key == BASE_KEY else f"models.fine_tunes.{key}"
                 raise ModelError(f"{where}: {field_}: {exc}") from None
         try:
-            check_compatible(folders[BASE_KEY], [f for k, f in folders.items() if k != BASE_KEY])
+            check_compatible(folders[BASE_KEY], [f for k, f in folders.items() if k != BASE_KEY],
+                             vocab_policy=vocab_policy, vocab_hint=VOCAB_FIELD_HINT)
         except ModelError as exc:
             raise ModelError(f"{where}: models: incompatible models: {exc}") from None
         return LayerMap.from_config(folders[BASE_KEY].config).num_layers

@@ -14,7 +14,7 @@ def worker_spec(space: Space, splits: tuple[str, ...] = ("search",)) -> WorkerSp
     raw = space.raw
     return WorkerSpec(base=str(space.base_path), models={k: str(v) for k, v in space.models.items()},
                       fitness=space.fitness, device=raw.device, dtype=raw.dtype, splits=splits,
-                      threads=raw.executor.threads_per_worker)
+                      threads=raw.executor.threads_per_worker, vocab_policy=raw.vocab_policy)
 
 
 def executor_kind(space: Space, address: str | None = None) -> str:
