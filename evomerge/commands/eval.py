@@ -12,7 +12,9 @@ HELP = "score a model folder on a search space's fitness tasks (or a FitnessSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL_DIR", help="model folder (or zoo:SIZE/NAME)")
+    parser.add_argument("model", metavar="MODEL_DIR",
+                        help="model folder (or zoo:SIZE/NAME), or a PEFT LoRA adapter folder (over the space's base, "
+                             "or written BASE+ADAPTER)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--space", metavar="SPACE.yaml", help="search space whose 'fitness:' section is used")
     src.add_argument("--tasks", metavar="FILE.yaml", help="a FitnessSpec file (tasks and settings)")
@@ -32,19 +34,27 @@ def load_spec(path: str) -> object:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from evomerge.fitness.evaluator import Evaluator, set_offline_env
+    from evomerge.models.adapter import folder_kind, split_ref
+    from evomerge.models.hf import load_causal_lm
     from evomerge.paths import resolve_path
 
     set_offline_env()
     spec = load_spec(args.space or args.tasks)
-    path = resolve_path(args.model)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model folder {path} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, args.dtype),
-                                                 local_files_only=True).to(args.device)
-    evaluator = Evaluator(spec, str(path), device=args.device, splits=(args.split,))
+    explicit, model_part = split_ref(args.model)
+    path = resolve_path(model_part)
+    kind = folder_kind(path)
+    if kind == "missing":
+        raise ConfigError(f"model folder {path} has no config.json (nor adapter_config.json: not a PEFT adapter)")
+    base = resolve_path(explicit) if explicit is not None else None
+    if kind == "adapter" and base is None and args.space:
+        from evomerge.search.space import load_space
+
+        base = load_space(args.space, check_models=False).base_path  # an adapter fine-tune of this space
+    model = load_causal_lm(path, args.device, dtype=getattr(torch, args.dtype), base=base)
+    tokenizer_from = path if kind == "model" else (base or _adapter_base(path))
+    evaluator = Evaluator(spec, str(tokenizer_from), device=args.device, splits=(args.split,))
     result = evaluator.score(model, split=args.split)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
@@ -56,3 +66,11 @@ def run(args: argparse.Namespace) -> int:
             arrow = "max" if t.higher_is_better else "min"
             print(f"  {t.task:<20} {t.metric:<18} {t.value:.4f}  ({arrow}, weight {t.weight:g})")
     return 0 if result.ok else 1
+
+
+def _adapter_base(path: object) -> object:
+    """The local base an adapter's config names (the loader already refused it when there is none)."""
+    from evomerge.models.adapter import open_weights
+
+    with open_weights(str(path)) as source:
+        return getattr(source, "base_path", path)

@@ -360,8 +360,9 @@ def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
     if check:
         if not p.is_dir():
             raise ModelError(f"{where}: model folder {p} does not exist")
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder)")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder) and no "
+                             "adapter_config.json (not a PEFT adapter folder)")
     return p.resolve() if p.exists() else p
 
 
@@ -376,8 +377,8 @@ def _check_optimizer(name: str, where: str) -> None:
 
 def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool) -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
+    from evomerge.models.adapter import open_weights
     from evomerge.models.compat import check_compatible
-    from evomerge.models.folder import ModelFolder
     from evomerge.models.layers import LayerMap
 
     if not check:
@@ -390,8 +391,8 @@ def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, 
     folders = {}
     try:
         for key, p in paths.items():
-            try:
-                folders[key] = ModelFolder.open(p)
+            try:  # the base first (refs list it first): a LoRA adapter fine-tune is read over it
+                folders[key] = open_weights(p, base=folders.get(BASE_KEY) if key != BASE_KEY else None)
             except ModelError as exc:
                 field_ = "models.base" if key == BASE_KEY else f"models.fine_tunes.{key}"
                 raise ModelError(f"{where}: {field_}: {exc}") from None

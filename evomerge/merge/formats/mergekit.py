@@ -15,8 +15,10 @@ mapping, per mergekit key:
 
 ``slices:`` are accepted only in the form that equals ``models:``: one slice whose sources all cover the
 same layer range starting at 0 (the loader checks that the range is the whole model, see
-:func:`slice_layer_range`). Layer stacking (several slices), ``modules:``, LoRA references (``model+lora``),
-``tokenizer:``/``union`` vocabularies and chat templates have no evomerge equivalent and are refused.
+:func:`slice_layer_range`). LoRA references (``model+lora``) are read as evomerge's ``BASE+ADAPTER``
+references (a PEFT adapter applied to that base), and a recipe model that is an adapter folder is written
+in that form. Layer stacking (several slices), ``modules:``, ``tokenizer:``/``union`` vocabularies and chat
+templates have no evomerge equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.resolve import resolve_options
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, OptionValue, Recipe
+from evomerge.models.adapter import model_ref, split_ref
 
 # Methods with the same name and semantics in mergekit 0.1.5 and evomerge.
 SHARED_METHODS: tuple[str, ...] = (
@@ -61,9 +64,17 @@ def is_mergekit_config(data: Any) -> bool:
 def _model_ref(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model path string, got {value!r}")
-    if "+" in value and not value.startswith(("/", ".")):
-        raise ConfigError(f"{where}: {value!r} applies a LoRA ('model+lora'); evomerge merges full models only")
+    try:
+        split_ref(value)  # one path, or MODEL+LORA
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return value
+
+
+def _mergekit_ref(model: str, base: str | None) -> str:
+    """mergekit's name for a recipe model: ``BASE+LORA`` for a PEFT adapter folder (mergekit applies it to
+    that base), the path otherwise."""
+    return model_ref(model, base) if base is not None else model
 
 
 def _is_numeric_setting(spec: Any) -> bool:
@@ -286,7 +297,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     needs_weight = weight_spec is not None and "weight" not in recipe.parameters
     models_out: list[dict[str, Any]] = []
     for i, entry in enumerate(recipe.models):
-        item: dict[str, Any] = {"model": entry.model}
+        item: dict[str, Any] = {"model": _mergekit_ref(entry.model, recipe.base_model)}
         params = {k: v.to_yaml() for k, v in sorted(entry.parameters.items())}
         for name, value in entry.parameters.items():
             _check_expressible(value, f"{where}.models[{i}].parameters.{name}")
