@@ -16,6 +16,7 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     workers: 1
     device: cpu
     dtype: float32
+    resident: auto                  # device | cpu | disk | auto (the store's memory tier; see `evomerge plan`)
     stopping: {wall_time: 2h, no_improvement: 40, target: 0.9}
     population: {...}               # passed through untouched (population manager)
 
@@ -41,7 +42,7 @@ from evomerge.paths import resolve_path, scheme_of
 
 # dotted field paths that may differ between the snapshot and a resumed space
 SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "progress_interval", "name",
-                                   "executor", "test_top")
+                                   "executor", "test_top", "resident")
 DEFAULT_KINDS: tuple[str, ...] = ("attention", "mlp")
 GRANULARITIES: tuple[str, ...] = ("per_layer", "layer_groups", "tensor_kind", "per_model")
 
@@ -112,6 +113,9 @@ class SpaceModel(BaseModel):
     workers: int = Field(default=1, gt=0)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where each worker keeps base + task vectors: device, (pinned) cpu memory, memory-mapped files, or what fits
+    # (merges are bit-identical in every tier; `evomerge plan` shows the numbers)
+    resident: Literal["device", "cpu", "disk", "auto"] = "auto"
     stopping: StoppingSection = Field(default_factory=StoppingSection)
     progress_interval: float = Field(default=5.0, ge=0)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

@@ -59,8 +59,14 @@ _SHARED_INPUT = (
 
 
 def gb(n: float | int | None) -> str:
-    """A byte count as GB (decimal, as GPU memory is quoted)."""
-    return "?" if n is None else f"{n / 1e9:.2f} GB"
+    """A byte count in decimal units (as GPU memory is quoted): GB, MB or kB."""
+    if n is None:
+        return "?"
+    if abs(n) >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if abs(n) >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} kB"
 
 
 @dataclass(frozen=True)
@@ -406,18 +412,17 @@ def plan_resident(
         if measured:
             bandwidths.update(measured)
             basis = "probe"
-    model_total = model_bytes + store_bytes
     dev_bw = bandwidths["cuda_memory"] if not on_cpu else bandwidths["cpu_memory"]
-    moved_device = model_total + model_bytes  # read the store, write the live model
+    moved_device = store_bytes + model_bytes  # read the store, write the live model
     tiers["device"].merge_seconds = moved_device / dev_bw
-    tiers["device"].merge_basis = f"{gb(moved_device)} at {bandwidths['cuda_memory' if not on_cpu else 'cpu_memory'] / 1e9:.0f} GB/s {basis}"
+    tiers["device"].merge_basis = f"{gb(moved_device)} at {dev_bw / 1e9:.1f} GB/s {basis}"
     if on_cpu:
         tiers["cpu"].merge_seconds = tiers["device"].merge_seconds
         tiers["cpu"].merge_basis = tiers["device"].merge_basis + " (same as device)"
     else:
         link = bandwidths["host_to_cuda"]
         tiers["cpu"].merge_seconds = store_bytes / link + moved_device / dev_bw
-        tiers["cpu"].merge_basis = f"{gb(store_bytes)} host->device at {link / 1e9:.0f} GB/s {basis} + device pass"
+        tiers["cpu"].merge_basis = f"{gb(store_bytes)} host->device at {link / 1e9:.1f} GB/s {basis} + device pass"
     read = bandwidths["file_read"]
     # the disk tier reads the base once per model (each task vector is taken against it) and every fine-tune
     disk_read = stored + model_bytes * len(dense)
@@ -445,14 +450,15 @@ def _decide(t: TierPlan, device_memory: int | None, dev_reserve: int, host: int 
         problems.append(f"needs {gb(t.device_bytes)} of device memory, {gb(device_memory)} found "
                         f"(less a {gb(dev_reserve)} reserve)")
     if not on_cpu and device_memory is None:
-        problems.append("no device memory found")
+        t.why = "device memory not found on this machine: each worker checks its own device when it starts"
     if host is not None and need_host > host - host_reserve:
         what = "memory" if on_cpu else "host memory"
         problems.append(f"needs {gb(need_host)} of {what}"
                         + (f" ({gb(calib_host)} of it calibration)" if calib_host else "")
                         + f", {gb(host)} found (less a {gb(host_reserve)} reserve)")
     t.fits = not problems
-    t.why = "; ".join(problems)
+    if problems or device_memory is not None or on_cpu:
+        t.why = "; ".join(problems)
 
 
 def _first_fit(tiers: Mapping[str, TierPlan], resident: str) -> str | None:
@@ -480,9 +486,21 @@ def _choose(tiers: Mapping[str, TierPlan], resident: str, calib: Sequence[Calibr
 # ------------------------------------------------------------------------------------------- probe
 
 
+def _timed(fn: Any, nbytes: int, min_bytes: int = 64 << 20, min_seconds: float = 0.05) -> float:
+    """Bytes per second of ``fn`` (moving ``nbytes`` per call), repeated until enough was moved to time."""
+    done, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        done += nbytes
+        elapsed = time.perf_counter() - t0
+        if done >= min_bytes and elapsed >= min_seconds:
+            return done / elapsed
+
+
 def probe_bandwidths(base: Path, device: str, limit_bytes: int = 64 << 20) -> dict[str, float]:
-    """Bandwidths measured on up to ``limit_bytes`` of the base's real tensors: file read, a host copy and,
-    on CUDA, pinned host-to-device and device copies. Empty when the files hold no data (a stand-in)."""
+    """Bandwidths measured on up to ``limit_bytes`` of the base's real tensors (repeated until at least 64 MB
+    moved): file read (the page cache, once warm), a host copy and, on CUDA, pinned host-to-device and device
+    copies. Empty when the files hold no data (a stand-in)."""
     try:
         folder = ModelFolder.open(base)
     except ModelError:
@@ -497,27 +515,25 @@ def probe_bandwidths(base: Path, device: str, limit_bytes: int = 64 << 20) -> di
             total += folder.nbytes(n)
         if not total:
             return {}
-        t0 = time.perf_counter()
         tensors = [folder.get(n) for n in chosen]
-        read = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        copies = [t.clone() for t in tensors]
-        copy = time.perf_counter() - t0
-        out = {"file_read": total / max(read, 1e-9), "cpu_memory": 2 * total / max(copy, 1e-9)}
-        del copies
+        out = {"file_read": _timed(lambda: [folder.get(n) for n in chosen], total),
+               "cpu_memory": 2 * _timed(lambda: [t.clone() for t in tensors], total)}
         if device.startswith("cuda") and torch.cuda.is_available():
             dev = torch.device(device)
             pinned = [t.pin_memory() for t in tensors]
-            torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            on_dev = [p.to(dev, non_blocking=True) for p in pinned]
-            torch.cuda.synchronize(dev)
-            h2d = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            _ = [d.clone() for d in on_dev]
-            torch.cuda.synchronize(dev)
-            dcopy = time.perf_counter() - t0
-            out.update(host_to_cuda=total / max(h2d, 1e-9), cuda_memory=2 * total / max(dcopy, 1e-9))
+            on_dev = [p.to(dev) for p in pinned]
+
+            def h2d() -> None:
+                for p, d in zip(pinned, on_dev):
+                    d.copy_(p, non_blocking=True)
+                torch.cuda.synchronize(dev)
+
+            def dcopy() -> None:
+                for d in on_dev:
+                    d.clone()
+                torch.cuda.synchronize(dev)
+
+            out.update(host_to_cuda=_timed(h2d, total), cuda_memory=2 * _timed(dcopy, total))
         return out
     finally:
         folder.close()
