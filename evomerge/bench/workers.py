@@ -91,7 +91,9 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         stats = executor.stats()
     finally:
         executor.close()
-    return {"workers": workers, "evaluations": summary.evaluations, "wall_s": wall, "startup_s": startup,
+    threads = {name: w.get("threads") for name, w in stats["workers"].items()}
+    return {"workers": workers, "threads": threads, "evaluations": summary.evaluations, "wall_s": wall,
+            "startup_s": startup,
             "per_minute": 60.0 * summary.evaluations / wall, "idle_fraction": stats["idle_fraction"],
             "busy_s": stats["busy_seconds"], "open_s": stats["open_seconds"], "restarts": stats["restarts"],
             "load_before": load, "best": summary.best, "timings": summary.timings.to_dict()}
@@ -110,9 +112,10 @@ def run(args: argparse.Namespace) -> int:
         for rep in range(max(1, args.repeats)):  # interleaved, so every count sees the same machine load
             for n in args.workers:
                 r = _row(n, args, work / f"rep{rep}")
+                used = ", ".join(f"{w}={t}" for w, t in r["threads"].items())
                 print(f"  {n} worker(s): {r['evaluations']} candidates in {r['wall_s']:.1f} s -> "
                       f"{r['per_minute']:.1f}/min (startup {r['startup_s']:.1f} s, load before "
-                      f"{r['load_before']:.2f})", flush=True)
+                      f"{r['load_before']:.2f}; torch threads per worker: {used})", flush=True)
                 if n not in best or r["per_minute"] > best[n]["per_minute"]:
                     best[n] = r
         rows = [best[n] for n in args.workers]

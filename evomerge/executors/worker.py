@@ -79,6 +79,8 @@ class MergeEvalWorker:
         self.tier = self.plan.require_fit(f"worker {name}: resident")
         self.merger = ResidentMerger(spec.base, {k: str(v) for k, v in spec.models.items()}, device=spec.device,
                                      dtype=spec.dtype, base_key=BASE_KEY, resident=self.tier)
+        if any(c.method == "qp" and c.grams_mode == "layer" for c in self.plan.calibration):
+            self.merger.gram_mode = "layer"  # all layers' Grams do not fit next to the store
         self.model = self.merger.new_model()
         self.evaluator = Evaluator(spec.fitness, str(spec.base), spec.device, splits=spec.splits)
         self.method_data = MethodDataProvider(spec.fitness, spec.base, tokenizer=self.evaluator.tokenizer,

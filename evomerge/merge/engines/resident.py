@@ -163,6 +163,8 @@ class ResidentMerger:
         # set by the caller (a search worker passes its fitness data); None: the recipe's options say
         self.calibration: CalibrationSet | None = None
         self.base_scores: dict[str, float] | None = None
+        # "layer": qp holds one layer's Grams per model at a time (the memory plan decides; "all" caches them)
+        self.gram_mode = "all"
         self._base: dict[str, torch.Tensor] = {}
         if self._where != "disk":
             for name in self.tensor_names:
@@ -593,7 +595,7 @@ class ResidentMerger:
         rows = self._rows(plan.input_keys)
         plan = self._global_trim(plan, rows)
         plan = plan.prepare(self._paths, str(self.device), cache=self._prepare_cache, calibration=self.calibration,
-                            base_scores=self.base_scores)
+                            base_scores=self.base_scores, grams=self.gram_mode)
         fused = plan.method.is_linear and not plan.prepared
 
         def merge_one(name: str) -> None:

@@ -27,6 +27,7 @@ else stated ones (listed in the plan).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -95,11 +96,13 @@ class Calibration:
     grams_layer_bytes: int  # qp: one layer's Grams of every model
     gradient_bytes: int  # apl: one model's gradients (float32)
     grams_mode: str = "all"  # what the plan lets qp keep: "all" layers, or one "layer" at a time
+    merged_bytes: int = 0  # qp one layer at a time: the merged linear weights (float32) until the engine writes them
 
     @property
     def bytes(self) -> int:
-        grams = self.grams_all_bytes if self.grams_mode == "all" else self.grams_layer_bytes
-        return self.states_bytes + grams + self.gradient_bytes
+        if self.grams_mode == "all":
+            return self.states_bytes + self.grams_all_bytes + self.gradient_bytes
+        return self.states_bytes + self.grams_layer_bytes + self.merged_bytes + self.gradient_bytes
 
 
 @dataclass
@@ -375,7 +378,7 @@ def plan_resident(
     for m in wanted:
         states = (t_calib + 2) * float32_model  # base, each input, and the probe model
         if m == "qp":
-            calib.append(Calibration("qp", states, grams_all, grams_layer, 0))
+            calib.append(Calibration("qp", states, grams_all, grams_layer, 0, merged_bytes=float32_model))
         else:
             calib.append(Calibration("apl", states, 0, 0, float32_model))
 
@@ -399,8 +402,7 @@ def plan_resident(
         _decide(t, device_memory, dev_reserve, host_share, host_reserve, calib_host, on_cpu)
     # qp keeps one layer's Grams at a time when all layers do not fit next to the store
     if any(c.method == "qp" for c in calib) and _first_fit(tiers, resident) is None:
-        calib = [Calibration(c.method, c.states_bytes, c.grams_all_bytes, c.grams_layer_bytes, c.gradient_bytes,
-                             "layer") if c.method == "qp" else c for c in calib]
+        calib = [dataclasses.replace(c, grams_mode="layer") if c.method == "qp" else c for c in calib]
         calib_host = sum(c.bytes for c in calib)
         for t in tiers.values():
             _decide(t, device_memory, dev_reserve, host_share, host_reserve, calib_host, on_cpu)

@@ -1,0 +1,65 @@
+"""End to end with LoRA adapters as the fine-tunes (a micro version of search_spaces/demo_lora.yaml): the zoo
+builder trains the adapters with PEFT, a search merges them (kept factored), the export is a plain Hugging Face
+folder that transformers loads and that scores what the archive says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import AutoModelForCausalLM
+
+from evomerge.search.driver import start_run
+from evomerge.search.export import export_candidate, verify_export
+from evomerge.search.run import RunDir
+from evomerge.search.space import space_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def micro_lora_space(budget: int) -> dict:
+    """search_spaces/demo_lora.yaml on the micro zoo, with a small budget."""
+    data = yaml.safe_load((ROOT / "search_spaces" / "demo_lora.yaml").read_text())
+    text = yaml.safe_dump(data).replace("zoo:demo/", "zoo:micro/")
+    data = yaml.safe_load(text)
+    data["optimizer"]["budget"] = budget
+    data.update(test_top=1, progress_interval=0, name="micro_lora")
+    data["stopping"] = {"no_improvement": 1000}
+    return data
+
+
+def test_demo_lora_space_names_adapters() -> None:
+    """The demo space is the micro one's with zoo:demo paths (loading it would train the demo zoo)."""
+    data = yaml.safe_load((ROOT / "search_spaces" / "demo_lora.yaml").read_text())
+    assert data["models"]["base"] == "zoo:demo/base"
+    assert data["models"]["fine_tunes"] == {s: f"zoo:demo/lora/{s}" for s in ("add", "rev", "sort", "enc")}
+    assert data["resident"] == "auto"
+
+
+@pytest.mark.slow
+def test_lora_search_export_loads_with_transformers(tmp_path: Path) -> None:
+    from evomerge.zoo.lora import ensure_lora
+
+    lora = ensure_lora("micro")
+    for skill in ("add", "rev", "sort", "enc"):
+        cfg = json.loads((lora / skill / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and Path(cfg["base_model_name_or_path"]) == lora.parent / "base"
+    again = json.loads((lora / "lora.json").read_text())
+    assert ensure_lora("micro") == lora and json.loads((lora / "lora.json").read_text()) == again  # cached
+
+    space = space_from_dict(micro_lora_space(8), where="micro_lora")
+    result = start_run(space, tmp_path / "run", progress=False, log=lambda m: None)
+    assert result.summary is not None and result.summary.evaluations == 8 and result.summary.failed == 0
+    with RunDir.open(tmp_path / "run").archive(readonly=True) as archive:
+        best = archive.best(1)[0]
+        assert len({r.aggregate for r in archive.results()}) > 1  # the recipes made different models
+    out = tmp_path / "export"
+    export_candidate(tmp_path / "run", out, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(str(out))  # plain transformers, no PEFT, no evomerge
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    got, want = verify_export(tmp_path / "run", out, best.id)
+    assert got == pytest.approx(want, abs=1e-5)
+    mk = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert all("+" in m["model"] for m in mk["models"])  # mergekit's BASE+LORA form
