@@ -63,3 +63,54 @@ def test_lora_search_export_loads_with_transformers(tmp_path: Path) -> None:
     assert got == pytest.approx(want, abs=1e-5)
     mk = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert all("+" in m["model"] for m in mk["models"])  # mergekit's BASE+LORA form
+
+
+@pytest.fixture(scope="module")
+def micro_lora(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The micro zoo's adapters and, for each, the full model PEFT's merge_and_unload makes of it."""
+    import warnings
+
+    import peft
+
+    from evomerge.zoo.lora import ensure_lora
+
+    lora = ensure_lora("micro")
+    root = tmp_path_factory.mktemp("merged")
+    merged = {}
+    for skill in ("add", "rev"):
+        base = AutoModelForCausalLM.from_pretrained(str(lora.parent / "base"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            full = peft.PeftModel.from_pretrained(base, str(lora / skill)).merge_and_unload()
+        full.save_pretrained(root / skill)
+        merged[skill] = root / skill
+    space = root / "space.yaml"
+    space.write_text(yaml.safe_dump(micro_lora_space(4)))
+    return {"lora": lora, "base": lora.parent / "base", "merged": merged, "space": space}
+
+
+def test_eval_command_scores_an_adapter_as_its_merged_model(micro_lora: dict, capsys: pytest.CaptureFixture) -> None:
+    from evomerge.cli import main
+    from evomerge.fitness.evaluator import Evaluator
+    from evomerge.fitness.spec import FitnessSpec
+
+    assert main(["eval", str(micro_lora["lora"] / "add"), "--space", str(micro_lora["space"]), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["aggregate"]
+    spec = FitnessSpec.from_yaml(micro_lora["space"])
+    model = AutoModelForCausalLM.from_pretrained(str(micro_lora["merged"]["add"]))
+    want = Evaluator(spec, str(micro_lora["base"]), "cpu").score(model, "search").aggregate
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_mergeability_of_adapters_equals_merged_models(micro_lora: dict) -> None:
+    from evomerge.fitness.spec import FitnessSpec
+    from evomerge.lab import ZooLab, estimate_mergeability
+
+    spec = FitnessSpec.from_yaml(micro_lora["space"])
+    labs = [ZooLab(str(micro_lora["base"]), {s: str(micro_lora["lora"] / s) for s in ("add", "rev")}, spec),
+            ZooLab(str(micro_lora["base"]), {s: str(p) for s, p in micro_lora["merged"].items()}, spec)]
+    for name, t in labs[1].states["add"].items():
+        assert float((labs[0].states["add"][name] - t).abs().max()) <= 1e-6, name
+    reports = [estimate_mergeability(lab, m=1, n=1, method="task_arithmetic", progress=False) for lab in labs]
+    assert [r.mergeability for r in reports[0].rows] == pytest.approx([r.mergeability for r in reports[1].rows],
+                                                                       abs=1e-9)

@@ -40,11 +40,11 @@ class LoraSettings:
 
     r: int = 8
     alpha: int = 16
-    lr: float = 1e-2
+    lr: float = 5e-3  # 1e-2 learns the skills as well but its task vectors interfere more when merged
     steps_scale: float = 1.0  # of each skill's full fine-tune steps
 
 
-SETTINGS: dict[str, LoraSettings] = {"micro": LoraSettings(r=4, alpha=8), "demo": LoraSettings()}
+SETTINGS: dict[str, LoraSettings] = {"micro": LoraSettings(r=4, alpha=8, lr=1e-2), "demo": LoraSettings()}
 
 
 def lora_key(size: str, seed: int, zoo_key: str) -> str:
