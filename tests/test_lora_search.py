@@ -114,3 +114,21 @@ def test_mergeability_of_adapters_equals_merged_models(micro_lora: dict) -> None
     reports = [estimate_mergeability(lab, m=1, n=1, method="task_arithmetic", progress=False) for lab in labs]
     assert [r.mergeability for r in reports[0].rows] == pytest.approx([r.mergeability for r in reports[1].rows],
                                                                        abs=1e-9)
+
+
+@pytest.mark.slow
+def test_lora_build_is_deterministic(tmp_path: Path) -> None:
+    import shutil
+
+    from evomerge.zoo.build import ensure_zoo
+    from evomerge.zoo.lora import build_lora
+
+    zoo = ensure_zoo("micro")
+    built = []
+    for i in range(2):
+        copy = tmp_path / f"zoo{i}"
+        shutil.copytree(zoo, copy, ignore=shutil.ignore_patterns("lora", "*.partial"))
+        built.append(build_lora(copy))
+    for skill in ("add", "enc"):
+        a, b = (p / skill / "adapter_model.safetensors" for p in built)
+        assert a.read_bytes() == b.read_bytes()

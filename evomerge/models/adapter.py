@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, ModelError
-from evomerge.models.folder import ModelFolder, TensorInfo, _Shard, header_tensors, read_shape
+from evomerge.models.folder import ModelFolder, TensorInfo, _Shard, header_tensors
 from evomerge.models.layers import LayerMap
 from evomerge.paths import resolve_path, scheme_of
 
@@ -218,9 +218,6 @@ class AdapterLayout:
     def factor_bytes(self) -> int:
         """Bytes of the factors as stored."""
         return sum(f.nbytes for f in self.factors.values())
-
-    def factor_bytes_in(self, dtype: torch.dtype) -> int:
-        return sum((f.a.numel + f.b.numel) * dtype.itemsize for f in self.factors.values())
 
 
 def read_adapter_layout(path: str | os.PathLike[str], *, tensors: Mapping[str, TensorInfo] | None = None
@@ -531,6 +528,11 @@ class AdapterFolder:
         prod = (b @ a[:, r0:r1]).T if factor.transpose else b[r0:r1] @ a
         return prod.mul_(factor.scale).contiguous()
 
+    def stored(self, name: str, device: str | torch.device = "cpu", rows: int | None = None) -> torch.Tensor:
+        """The full tensor the adapter stores for ``name`` (``modules_to_save``, a saved base layer), as stored;
+        KeyError for a tensor it does not store."""
+        return self._read_own(self.layout.replaced[self.base.resolve(name)], device, rows)
+
     def _read_own(self, info: TensorInfo, device: str | torch.device, rows: int | None) -> torch.Tensor:
         t = self._shard.read(info, rows)
         return t if torch.device(device).type == "cpu" else t.to(device)
@@ -635,8 +637,3 @@ def folder_kind(path: str | os.PathLike[str]) -> str:
     if is_adapter_folder(p):
         return "adapter"
     return "model" if (p / "config.json").is_file() else "missing"
-
-
-def read_shape_of(source: Source, name: str, rows: int | None) -> tuple[int, ...]:
-    """The shape ``source.get(name, rows=rows)`` returns."""
-    return read_shape(source.info(name), rows)

@@ -240,3 +240,15 @@ def test_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         del peft
+
+
+def test_auto_tier_and_store_accounting(loras: dict) -> None:
+    m = ResidentMerger(loras["base"], {"a": loras["adapters"][0], "b": loras["merged"][1]}, resident="auto")
+    assert m.tier == "device"  # tiny models fit anywhere; on a CPU device device and cpu are one store
+    assert m.store_bytes()["host"] == m.resident_bytes and m.store_bytes()["device"] == 0
+    disk = ResidentMerger(loras["base"], {"a": loras["adapters"][0], "b": loras["merged"][1]}, resident="disk")
+    mapped = disk.store_bytes()["mapped"]
+    assert mapped == 2 * sum(t.numel() * 4 for t in load_state(loras["base"]).values())  # base + b, mapped
+    with pytest.raises(ConfigError, match="resident"):
+        ResidentMerger(loras["base"], {"a": loras["adapters"][0]}, resident="gpu")
+    disk.close()

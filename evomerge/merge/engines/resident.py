@@ -122,6 +122,9 @@ class ResidentMerger:
         if resident not in RESIDENT_CHOICES:
             raise ConfigError(f"resident: {resident!r} is not one of {list(RESIDENT_CHOICES)}")
         self.base_path = Path(base_path)
+        if resident == "auto":  # decided from the headers, before anything is read
+            resident = plan_resident(self.base_path, {k: str(p) for k, p in models.items()}, device=str(self.device),
+                                     dtype=self.dtype).require_fit("resident: auto")
         self._base_folder = ModelFolder.open(base_path)
         sources: dict[str, Source] = {}
         try:
@@ -133,9 +136,6 @@ class ResidentMerger:
                 src.close()
             self._base_folder.close()
             raise
-        if resident == "auto":
-            resident = plan_resident(self.base_path, {k: str(p) for k, p in models.items()}, device=str(self.device),
-                                     dtype=self.dtype).choice
         self.tier = resident
         # where the store lives: "device" (the device tier, and the cpu tier on a CPU device), "host", "disk"
         self._where = "device" if resident == "device" or (resident == "cpu" and self.device.type == "cpu") \
@@ -298,8 +298,7 @@ class ResidentMerger:
 
     def _own_delta(self, src: AdapterFolder, name: str) -> torch.Tensor:
         """Stored minus base of a tensor the adapter stores in full, as a dense model's task vector is taken."""
-        own = src.layout.replaced[src.base.resolve(name)]
-        t = src._read_own(own, "cpu", self._vocab_slices.get(name)).to(self.device)
+        t = src.stored(name, "cpu", self._vocab_slices.get(name)).to(self.device)
         base = self._compute_base(name)
         if self.dtype in (torch.float32, torch.float64):
             return t.to(self.dtype).sub_(base)
