@@ -132,3 +132,28 @@ def test_lora_build_is_deterministic(tmp_path: Path) -> None:
     for skill in ("add", "enc"):
         a, b = (p / skill / "adapter_model.safetensors" for p in built)
         assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize("method,options", [("qp", {"basis": "full"}), ("qp", {"basis": "task", "sequential": True}),
+                                            ("apl", {"level": "row"})])
+def test_data_aware_methods_on_adapters_equal_merged_models(micro_lora: dict, method: str, options: dict,
+                                                            tmp_path: Path) -> None:
+    """qp and apl calibrate on each model's task rows: the adapters (read over the base) and PEFT's merged
+    models give the same merge."""
+    from safetensors.torch import load_file
+
+    from evomerge.merge.engines.disk import merge_to_disk
+    from evomerge.merge.recipe import ModelEntry, Recipe
+    from evomerge.method_data import MethodDataProvider
+
+    fitness = str(micro_lora["lora"].parent / "fitness.yaml")
+    out = {}
+    for kind, folders in (("lora", {s: micro_lora["lora"] / s for s in ("add", "rev")}),
+                          ("merged", micro_lora["merged"])):
+        recipe = Recipe(method, tuple(ModelEntry(str(p)) for p in folders.values()),
+                        base_model=str(micro_lora["base"]), options={"calibration": fitness, **options}, seed=3)
+        data = MethodDataProvider(None, micro_lora["base"]).for_recipe(recipe)
+        merge_to_disk(recipe, tmp_path / kind, progress=False, calibration=data.calibration)
+        out[kind] = load_file(str(tmp_path / kind / "model.safetensors"))
+    worst = max(float((out["lora"][n] - out["merged"][n]).abs().max()) for n in out["merged"])
+    assert worst <= 1e-5
