@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "tree, kinship, gains)"),
     "merge": ("merge", "merge models from a recipe (evomerge or mergekit YAML) into a new model folder"),
     "methods": ("methods", "list merge methods, their parameters (ranges, defaults) and options"),
+    "plan": ("plan", "the memory plan of a search space per worker: live model, resident store per tier, "
+                     "calibration data, device memory, the tier auto picks and why, merge time per candidate"),
     "kinship": ("kinship", "pairwise model kinship (Pearson, cosine, |cosine|, Euclidean distance of task "
                            "vectors) against a base"),
     "eval": ("eval", "score a model folder on a search space's fitness tasks (or a FitnessSpec file given "

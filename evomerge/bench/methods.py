@@ -16,6 +16,13 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from evomerge.atomic import write_json_atomic
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.lab import ZooLab, correlation, estimate_mergeability
+from evomerge.zoo.build import SPECIALISTS, ensure_zoo
+
 NAME = "methods"
 HELP = "held-out scores of linear, TA, TIES, DARE-TIES, mergeability_weighted, qp (each basis), apl on the demo zoo"
 
@@ -49,13 +56,6 @@ def _methods() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from evomerge.atomic import write_json_atomic
-    from evomerge.fitness.spec import FitnessSpec
-    from evomerge.lab import ZooLab, correlation, estimate_mergeability
-    from evomerge.zoo.build import SPECIALISTS, ensure_zoo
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     zoo = ensure_zoo(args.zoo_size, args.zoo_seed)

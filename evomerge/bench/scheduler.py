@@ -19,7 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from evomerge.atomic import write_json_atomic
+from evomerge.bench.workers import demo_space_dict
+from evomerge.executors.ray_executor import RayExecutor
+from evomerge.executors.simulated import simulated_worker
+from evomerge.executors.worker import WorkerSpec
 from evomerge.search.events import EventKind
+from evomerge.search.loop import run_search
+from evomerge.search.run import RunDir
+from evomerge.search.space import space_from_dict
 
 NAME = "scheduler"
 HELP = "throughput of loop + Ray executor + archive with 32 simulated workers vs the ideal workers/latency"
@@ -43,17 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from evomerge.atomic import write_json_atomic
-    from evomerge.bench.workers import demo_space_dict
-    from evomerge.executors.ray_executor import RayExecutor
-    from evomerge.executors.simulated import simulated_worker
-    from evomerge.executors.worker import WorkerSpec
-    from evomerge.search.loop import run_search
-    from evomerge.search.run import RunDir
-    from evomerge.search.space import space_from_dict
-
     workers, latency = int(args.workers), float(args.latency)
     ideal = workers / latency
     budget = int(args.budget or round(ideal * args.duration))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evomerge.commands.plan import plan_for_space
 from evomerge.search.driver import default_run_path, start_run
 from evomerge.search.space import load_space
 from evomerge.search.status import failure_text, summary_text
@@ -29,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     space = load_space(args.space).with_overrides(budget=args.budget, workers=args.workers)
+    # the memory plan first: a search that cannot fit is refused before anything is loaded
+    plan = plan_for_space(space)
+    if not args.quiet:
+        print(plan.table(), flush=True)
+    plan.require_fit(f"{space.where}: resident")
     path = default_run_path(space, args.name, args.runs_dir)
     result = start_run(space, path, address=args.ray_address, progress=not args.quiet)
     return _finish(result)

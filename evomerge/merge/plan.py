@@ -77,13 +77,17 @@ class MergePlan:
         return dataclasses.replace(self, runtime={}, prepared=None)
 
     def prepare(self, model_paths: Mapping[str, Any], device: str, *, cache: dict[str, Any] | None = None,
-                calibration: Any = None, base_scores: Mapping[str, float] | None = None) -> MergePlan:
-        """Run the method's ``prepare`` hook once (calibration Grams, importance, base-score weights)."""
+                calibration: Any = None, base_scores: Mapping[str, float] | None = None,
+                grams: str = "all") -> MergePlan:
+        """Run the method's ``prepare`` hook once (calibration Grams, importance, base-score weights);
+        ``grams="layer"``: hold one layer's activation statistics at a time (see :class:`MethodContext`)."""
         if self.method.prepare is None:
             return self
+        if grams not in ("all", "layer"):
+            raise ValueError(f"grams must be 'all' or 'layer', got {grams!r}")
         ctx = MethodContext(plan=self, model_paths=dict(model_paths), device=device,
                             calibration=calibration, base_scores=base_scores,
-                            cache=cache if cache is not None else {})
+                            cache=cache if cache is not None else {}, grams=grams)
         return dataclasses.replace(self, prepared=self.method.prepare(ctx))
 
     @property

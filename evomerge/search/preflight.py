@@ -16,14 +16,17 @@ compatibility. :func:`preflight` adds what used to be found late or never:
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness.evaluator import check_sources
 from evomerge.fitness.spec import SPLITS
 from evomerge.merge.recipe import BASE_KEY
+from evomerge.models.adapter import ADAPTER_WEIGHTS, is_adapter_folder, open_weights
 from evomerge.models.folder import ModelFolder
 from evomerge.models.hf import check_loadable
 from evomerge.search.space import Space
@@ -39,26 +42,38 @@ def _field(key: str) -> str:
 
 
 def non_finite_tensors(path: str, limit: int = 5) -> list[str]:
-    """Names of up to ``limit`` tensors of the model at ``path`` that hold a NaN or an infinity."""
-    bad: list[str] = []
+    """Names of up to ``limit`` tensors of the model at ``path`` that hold a NaN or an infinity (an adapter's
+    stored tensors: its factors and the modules it saves whole)."""
+    if is_adapter_folder(path):
+        with safe_open(str(Path(path) / ADAPTER_WEIGHTS), framework="pt") as fh:
+            tensors = ((name, fh.get_tensor(name)) for name in fh.keys())  # noqa: SIM118 - a safe_open handle is not iterable
+            return _non_finite(tensors, limit)
     with ModelFolder.open(path) as folder:
-        for name in folder.tensor_names:
-            tensor = folder.get(name)
-            if not (tensor.is_floating_point() or tensor.is_complex()):
-                continue
-            flat = tensor.reshape(-1)
-            if any(not bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK)):
-                bad.append(name)
-                if len(bad) >= limit:
-                    break
+        return _non_finite(((name, folder.get(name)) for name in folder.tensor_names), limit)
+
+
+def _non_finite(tensors: Iterable[tuple[str, torch.Tensor]], limit: int) -> list[str]:
+    bad: list[str] = []
+    for name, tensor in tensors:
+        if not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        flat = tensor.reshape(-1)
+        if any(not bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK)):
+            bad.append(name)
+            if len(bad) >= limit:
+                break
     return bad
 
 
 def check_models(space: Space, *, weights: bool = True) -> None:
     """Every model of ``space`` loads by the one rule and (``weights``) holds finite numbers only."""
+    base = str(space.base_path)
     for key, path in space.model_paths().items():
         try:
-            check_loadable(path)
+            if is_adapter_folder(path):
+                open_weights(path, base=base).close()  # its config, type and shapes against the base
+            else:
+                check_loadable(path)
         except ModelError as exc:
             raise ModelError(f"{space.where}: {_field(key)}: {exc}") from None
         if weights:

@@ -17,6 +17,7 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     device: cpu
     dtype: float32
     vocab_policy: refuse            # or slice_to_base: larger vocabularies cut to the base's rows
+    resident: auto                  # device | cpu | disk | auto (the store's memory tier; see `evomerge plan`)
     stopping: {wall_time: 2h, no_improvement: 40, target: 0.9, max_consecutive_failures: 10}
     population: {...}               # passed through untouched (population manager)
 
@@ -42,15 +43,15 @@ from evomerge.fitness.spec import FitnessSpec, packaged_spec
 from evomerge.merge.methods.registry import get_method, validate_recipe
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.models.adapter import open_weights
 from evomerge.models.compat import VOCAB_FIELD_HINT, check_compatible
-from evomerge.models.folder import ModelFolder
 from evomerge.models.layers import KINDS, LayerMap
 from evomerge.paths import resolve_path, scheme_of
 from evomerge.search.optimizer import optimizer_class
 
 # dotted field paths that may differ between the snapshot and a resumed space
 SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "progress_interval", "name",
-                                   "executor", "test_top")
+                                   "executor", "test_top", "resident")
 DEFAULT_KINDS: tuple[str, ...] = ("attention", "mlp")
 GRANULARITIES: tuple[str, ...] = ("per_layer", "layer_groups", "tensor_kind", "per_model")
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 10
@@ -124,6 +125,9 @@ class SpaceModel(BaseModel):
     workers: int = Field(default=1, gt=0)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where each worker keeps base + task vectors: device, (pinned) cpu memory, memory-mapped files, or what fits
+    # (merges are bit-identical in every tier; `evomerge plan` shows the numbers)
+    resident: Literal["device", "cpu", "disk", "auto"] = "auto"
     stopping: StoppingSection = Field(default_factory=StoppingSection)
     progress_interval: float = Field(default=5.0, ge=0)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
@@ -368,14 +372,16 @@ def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
     if check:
         if not p.is_dir():
             raise ModelError(f"{where}: model folder {p} does not exist")
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder)")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder) and no "
+                             "adapter_config.json (not a PEFT adapter folder)")
     return p.resolve() if p.exists() else p
 
 
 def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool,
                 vocab_policy: str = "refuse") -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
+
     if not check:
         cfg_file = paths[BASE_KEY] / "config.json"
         if cfg_file.is_file():
@@ -384,8 +390,8 @@ def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, 
     folders = {}
     try:
         for key, p in paths.items():
-            try:
-                folders[key] = ModelFolder.open(p)
+            try:  # the base first (refs list it first): a LoRA adapter fine-tune is read over it
+                folders[key] = open_weights(p, base=folders.get(BASE_KEY) if key != BASE_KEY else None)
             except ModelError as exc:
                 field_ = "models.base" if key == BASE_KEY else f"models.fine_tunes.{key}"
                 raise ModelError(f"{where}: {field_}: {exc}") from None
@@ -430,7 +436,6 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
 
 
 def _parse_method(name: str, spec: Mapping[str, Any], fine_tunes: list[str], where: str) -> MethodSpace:
-
     at = f"{where}: methods.{name}"
     try:
         method = get_method(name)

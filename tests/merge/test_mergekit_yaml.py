@@ -108,7 +108,7 @@ def test_single_slice_equals_models_form() -> None:
         ({"slices": [{"sources": [{"model": "a", "layer_range": [1, 3]}, {"model": "b", "layer_range": [1, 3]}]}],
           "models": None}, "same full layer range"),
         ({"slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}], "models": None}, "empty or negative"),
-        ({"models": [{"model": "a+lora/x"}]}, "LoRA"),
+        ({"models": [{"model": "a+lora/x+lora/y"}]}, "BASE\\+ADAPTER"),
         ({"tokenizer_source": "union"}, "union"),
         ({"parameters": {"normalize": [True, False]}}, "one constant"),
         ({"models": [{"model": "a", "parameters": {"normalize": True}}]}, "switch"),
@@ -122,6 +122,12 @@ def test_refuses_what_evomerge_cannot_express(change: dict, message: str) -> Non
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ConfigError, match=message):
         from_mergekit(raw)
+
+
+def test_lora_references_are_read() -> None:
+    """mergekit's MODEL+LORA is evomerge's BASE+ADAPTER reference (the merge reads the adapter over MODEL)."""
+    recipe = from_mergekit({"merge_method": "ties", "base_model": "base", "models": [{"model": "base+lora/x"}]})
+    assert recipe.models[0].model == "base+lora/x"
 
 
 def test_to_mergekit_refuses_evomerge_only_features() -> None:

@@ -43,6 +43,7 @@ from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.resolve import check_recipe, plan_inputs
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import Recipe
+from evomerge.models.adapter import Source, open_weights, source_ref
 from evomerge.models.compat import check_compatible
 from evomerge.models.folder import ModelFolder, read_shape
 from evomerge.models.layers import LayerMap
@@ -86,8 +87,8 @@ class DiskInputs:
     """The recipe's model folders opened and checked against each other before any tensor is read."""
 
     plan: MergePlan
-    folders: dict[str, ModelFolder]  # plan key -> folder
-    reference: ModelFolder  # whose config, layer map and tensor names rule (the base, else the first input)
+    folders: dict[str, Source]  # plan key -> model folder, or a LoRA adapter over the recipe's base
+    reference: Source  # whose config, layer map and tensor names rule (the base, else the first input)
     tensor_names: list[str]
     vocab_slices: Mapping[str, int]
 
@@ -109,15 +110,26 @@ class DiskInputs:
             folder.close()
 
 
-def open_inputs(recipe: Recipe, *, vocab_policy: str = "refuse", where: str = "recipe",
-                open_folder: Callable[[str], ModelFolder] = ModelFolder.open) -> DiskInputs:
-    """Check the recipe, open its models and check them against each other; no tensor is read."""
+def open_inputs(recipe: Recipe, *, vocab_policy: str = "refuse", where: str = "recipe") -> DiskInputs:
+    """Check the recipe, open its models and check them against each other; no tensor is read.
+
+    A model that is a LoRA adapter folder is read over the recipe's base (``BASE+ADAPTER`` names its own; with
+    no base in the recipe, the local model its ``base_model_name_or_path`` names).
+    """
     if vocab_policy not in ("refuse", "slice_to_base"):
         raise ConfigError(f"vocab_policy: {vocab_policy!r} is not one of ['refuse', 'slice_to_base']")
     method = check_recipe(recipe, get_method(recipe.method), where)  # before any folder is opened
     inputs = plan_inputs(recipe, method)
     keys = list(dict.fromkeys(([inputs.base] if inputs.base else []) + list(inputs.models)))
-    folders = {k: open_folder(k) for k in keys}
+    folders: dict[str, Source] = {}
+    try:
+        for k in keys:  # the base first: adapters are read over it
+            base = folders.get(inputs.base) if inputs.base is not None and k != inputs.base else None
+            folders[k] = open_weights(k, base=base if isinstance(base, ModelFolder) else None)
+    except BaseException:
+        for folder in folders.values():
+            folder.close()
+        raise
     try:
         reference = folders[inputs.base if inputs.base is not None else inputs.models[0]]
         report = check_compatible(reference, [f for f in folders.values() if f is not reference],
@@ -191,13 +203,17 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
                           {k: f.config for k, f in inputs.folders.items()}, where) if recipe.slices else None
     files_from = (recipe.tokenizer_source or (recipe.base_model if stack else None) or plan.base_key
                   or plan.input_keys[0])
+    opened = inputs.folders.get(files_from)
+    if opened is not None:  # config and tokenizer come from a model folder (an adapter's: its base's)
+        files_from = str(getattr(opened, "base_path", opened.path))
     if not Path(files_from).is_dir():  # checked before any work
         raise ModelError(f"{where}.tokenizer_source: folder {files_from} does not exist")
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    plan = plan.prepare({k: Path(k) for k in plan.keys}, device, calibration=calibration, base_scores=base_scores)
+    plan = plan.prepare({k: source_ref(inputs.folders[k]) for k in plan.keys}, device, calibration=calibration,
+                        base_scores=base_scores)
     plan = plan.with_global_trim(inputs.task_vectors(device))
     text = recipe_yaml(recipe)
     metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe": text}

@@ -23,9 +23,10 @@ methods and ``t`` for nearswap).
 ``slices:``: for a method that stacks layers (passthrough) each slice is one source whose ``layer_range`` is
 kept (a slice's own ``parameters`` apply to its source after the source's own); for the other methods only
 the form that equals ``models:`` is accepted, one slice whose sources all cover the same whole layer range
-(the loader checks that the range is the whole model, see :func:`slice_layer_range`). ``modules:``, LoRA
-references (``model+lora``), ``tokenizer:``/``union`` vocabularies and chat templates have no evomerge
-equivalent and are refused.
+(the loader checks that the range is the whole model, see :func:`slice_layer_range`). LoRA references
+(``model+lora``) are read as evomerge's ``BASE+ADAPTER`` references (a PEFT adapter applied to that base), and a
+recipe model that is an adapter folder is written in that form. ``modules:``, ``tokenizer:``/``union``
+vocabularies and chat templates have no evomerge equivalent and are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from evomerge.merge.methods.resolve import resolve_options
 from evomerge.merge.methods.spec import MergeMethod
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import LayerSlice, ModelEntry, OptionValue, Recipe, parse_layer_range
+from evomerge.models.adapter import model_ref, split_ref
 
 # Methods with the same name and semantics in mergekit 0.1.5 and evomerge (all of mergekit's).
 SHARED_METHODS: tuple[str, ...] = (
@@ -86,8 +88,10 @@ def is_mergekit_config(data: Any) -> bool:
 def _model_ref(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model path string, got {value!r}")
-    if "+" in value and not value.startswith(("/", ".")):
-        raise ConfigError(f"{where}: {value!r} applies a LoRA ('model+lora'); evomerge merges full models only")
+    try:
+        split_ref(value)  # one path, or MODEL+LORA
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return value
 
 
@@ -103,6 +107,12 @@ def _number(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: (_number(v) if k == "value" else v) for k, v in value.items()}
     return value
+
+
+def _mergekit_ref(model: str, base: str | None) -> str:
+    """mergekit's name for a recipe model: ``BASE+LORA`` for a PEFT adapter folder (mergekit applies it to
+    that base), the path otherwise."""
+    return model_ref(model, base) if base is not None else model
 
 
 def _is_numeric_setting(spec: Any) -> bool:
@@ -393,7 +403,7 @@ def to_mergekit(recipe: Recipe) -> dict[str, Any]:
     else:
         models_out: list[dict[str, Any]] = []
         for i, entry in enumerate(recipe.models):
-            item: dict[str, Any] = {"model": entry.model}
+            item: dict[str, Any] = {"model": _mergekit_ref(entry.model, recipe.base_model)}
             params = {k: v.to_yaml() for k, v in sorted(entry.parameters.items())}
             for name, value in entry.parameters.items():
                 _check_expressible(value, f"{where}.models[{i}].parameters.{name}")

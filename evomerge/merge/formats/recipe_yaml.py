@@ -21,6 +21,7 @@ from evomerge.merge.formats.layer_stack import check_slice_ranges, config_layer_
 from evomerge.merge.formats.mergekit import from_mergekit, is_mergekit_config, slice_layer_range, to_mergekit
 from evomerge.merge.methods.registry import validate_recipe
 from evomerge.merge.recipe import Recipe
+from evomerge.models.adapter import join_ref, split_ref
 from evomerge.models.layers import LayerMap
 from evomerge.paths import resolve_path, scheme_of
 
@@ -28,7 +29,11 @@ RECIPE_FILE = "evomerge_recipe.yaml"  # the recipe written next to a merged mode
 
 
 def resolve_model_path(ref: str, folder: Path | None) -> str:
-    """Scheme paths (``zoo:``) resolved, ``~`` expanded, relative paths against ``folder``."""
+    """Scheme paths (``zoo:``) resolved, ``~`` expanded, relative paths against ``folder``; each side of a
+    ``BASE+ADAPTER`` reference (mergekit's LoRA syntax) likewise."""
+    base, model = split_ref(ref)
+    if base is not None:
+        return join_ref(resolve_model_path(base, folder), resolve_model_path(model, folder))
     if scheme_of(ref) is not None:
         return str(resolve_path(ref))
     p = Path(ref).expanduser()
@@ -72,7 +77,7 @@ def _check_slice_range(data: dict[str, Any], recipe: Recipe, where: str) -> None
     rng = slice_layer_range(data)
     if rng is None:
         return
-    ref = recipe.base_model or recipe.models[0].model
+    ref = recipe.base_model or split_ref(recipe.models[0].model)[0] or recipe.models[0].model
     cfg_path = Path(ref) / "config.json"
     if not cfg_path.is_file():
         return  # the model check reports the missing folder with its own message

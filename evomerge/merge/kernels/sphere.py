@@ -100,7 +100,9 @@ def multislerp(
     result gets the weighted mean norm. With a base it acts on task vectors. One model is returned as is;
     two opposite directions that cancel fall back to linear interpolation. Options: ``normalize_weights``
     (default true), ``eps`` (1e-8). evomerge raises a ValueError naming the weights where they sum to 0
-    under ``normalize_weights`` (mergekit divides by 0) and where more than two directions cancel.
+    under ``normalize_weights`` (mergekit divides by 0) and where more than two directions cancel; where no
+    input has a direction (every task vector zero on this tensor, as on the weights LoRA adapters leave alone)
+    the result is the base, where mergekit raises.
     """
     check_inputs(base, tensors, model_params)
     wd = work_dtype(tensors[0], options)
@@ -121,9 +123,11 @@ def multislerp(
     mean = (units * weights.view(-1, 1)).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
-        if xs.shape[0] != 2:
+        if xs.shape[0] != 2 and bool((norms > eps).any()):
             raise ValueError(f"multislerp: the weighted directions cancel (weights {raw}); use other weights")
-        out = (xs[0] * weights[0] + xs[1] * weights[1]).reshape(xs.shape[1:])
+        # two opposite directions, or no direction at all (no model changed this tensor: an adapter's untouched
+        # weights): the weighted sum, which for zero task vectors is the base
+        out = (xs * weights.view(-1, *([1] * (xs.dim() - 1)))).sum(0)
     else:
         mean = mean / mean_norm
         tangent = units - (units * mean).sum(-1, keepdim=True) * mean

@@ -196,7 +196,8 @@ class MethodContext:
     :class:`~evomerge.merge.calibration.rows.CalibrationSet` (None: the method reads its ``calibration``
     option). ``base_scores``: model key -> the base model's score on that model's task. ``cache``: kept by the
     caller across recipes (e.g. by a resident merger) so that recipe-independent work (Grams, importance) is
-    done once.
+    done once. ``grams``: ``"all"`` (activation statistics of every layer may be held at once, and cached) or
+    ``"layer"`` (memory allows one layer's per model: collect a layer, merge it, drop it; the memory plan says).
     """
 
     plan: MergePlan
@@ -205,6 +206,7 @@ class MethodContext:
     calibration: Any = None
     base_scores: Mapping[str, float] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    grams: str = "all"
 
     @property
     def recipe(self) -> Recipe:
