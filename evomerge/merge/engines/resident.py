@@ -8,8 +8,8 @@ writes the merged state straight into the model's parameters:
 - linear / task arithmetic (and DARE-free, filter-free relatives) are one fused ``addmm`` per tensor:
   ``param = beta * theta_0 + c^T tau`` with the per-layer coefficients ``c`` of this tensor, computed
   directly into the parameter's storage (no temporary, one pass over the resident memory);
-- every other method calls its registered kernel with ``inputs_are_deltas`` (per-tensor temporaries only),
-  then copies the result into the parameter.
+- every other method calls its registered kernel with ``inputs_are_deltas``, writing into the parameter
+  (streaming kernels, e.g. TIES and DARE, piece by piece with piece-sized temporaries; others copy their result).
 
 Nothing full-model-sized is allocated per candidate and nothing touches the disk. Results equal
 :func:`evomerge.merge.engines.disk.merge_to_disk` of the same recipe in float32 to rounding (the tests check every
@@ -332,7 +332,7 @@ class ResidentMerger:
                     _fused_into(target, base, self._stack[name], used, by_row, form.beta)
                     return
                 tensors = [self._stack[name][r] if r is not None else torch.zeros_like(base) for r in rows]
-                target.copy_(plan.merge_tensor(name, base, tensors, device=self.device))
+                plan.merge_tensor(name, base, tensors, device=self.device, out=target)  # written in place
 
         pool = self._worker_pool()
         if pool is None:

@@ -28,7 +28,8 @@ Kernel = Callable[..., torch.Tensor]
 Prepared = Mapping[str, Mapping[str, Any]]
 
 # Options the engines pass to kernels at run time; a recipe may not set them.
-RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign"})
+RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign",
+                             "memory_budget", "piece_elems"})
 
 
 class Need(str, enum.Enum):
@@ -97,7 +98,10 @@ class MergeMethod:
     ``min_models``/``max_models`` count the kernel's ``tensors`` (non-base inputs for methods that need a
     base). ``base_as_input``: a recipe's ``base_model`` becomes the first input (slerp, as mergekit).
     ``elementwise``: each output element depends only on the same element of the inputs, so an engine may
-    merge a tensor in pieces that stay in cache. ``coefficients``: for linear methods, the per-tensor
+    merge a tensor in pieces that stay in cache. ``streams``: the kernel takes
+    :class:`~evomerge.merge.kernels.pieces.Source` inputs (read piece by piece) and an ``out`` keyword (the
+    buffer it writes, any float dtype), and holds only piece-sized temporaries within
+    ``options['memory_budget']``: an engine may hand it inputs it never loads whole. ``coefficients``: for linear methods, the per-tensor
     ``beta * base + sum_t c_t tau_t`` form of the kernel (the resident merger's fused path; kinship's exact
     forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
     recipe (a qp recipe that names its own calibration file needs no rows from the caller). ``prepare``: run
@@ -116,6 +120,7 @@ class MergeMethod:
     doc: str = ""
     base_as_input: bool = False
     elementwise: bool = False
+    streams: bool = False
     needs: frozenset[Need] = frozenset()
     coefficients: Callable[[list[dict[str, float]], dict[str, float], Mapping[str, Any]], LinearCoefficients] | None = None
     prepare: Callable[[MethodContext], Prepared] | None = None
