@@ -140,19 +140,58 @@ def build_models(root: Path, params: int, small: bool, seed: int = 0, cfg: Any =
     return [folder / n for n in names]
 
 
-def _run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes of that child alone, combined output); raises on a non-zero exit."""
+# A child's ru_maxrss counts its parent's resident memory at the fork (Linux carries the high-water mark
+# through exec), so the timed tools are started by this small process, launched before torch is imported:
+# each figure is then the tool's own peak (plus the spawner's ~10 MB), not the benchmark's.
+_SPAWNER = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
+    proc = subprocess.Popen(req["cmd"], env=req["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}:\n{out[-3000:]}")
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return wall, int(rss), out
+    print(json.dumps({"wall": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
+                      "maxrss": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime, "out": out[-20000:]}),
+          flush=True)
+"""
+
+
+class _Spawner:
+    """Runs commands from a small process and reports (wall, own peak RSS, CPU time, output) for each."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _SPAWNER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, "env": env}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the benchmark's process spawner exited")
+        return dict(json.loads(line))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+_spawner: _Spawner | None = None
+
+
+def _run_timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS bytes of that child alone, combined output, its CPU seconds (user + system));
+    raises on a non-zero exit. CPU time says what a run cost when other work shares the machine."""
+    if _spawner is None:
+        raise RuntimeError("bench merge: no spawner (run() starts it before importing torch)")
+    res = _spawner.run(cmd, env)
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {res['rc']}:\n{res['out'][-3000:]}")
+    rss = int(res["maxrss"]) * (1 if sys.platform == "darwin" else 1024)
+    return float(res["wall"]), rss, str(res["out"]), float(res["cpu"])
 
 
 def _floor(inputs: list[Path], out_dir: Path) -> float:
@@ -282,15 +321,17 @@ def _disk_rows(label: str, paths: list[Path], methods: list[str], work: Path, en
         mk_runs: list[dict[str, Any]] = []
         mk_error = None
         for _ in range(max(1, runs)):  # interleaved, so both tools see the same machine load
-            wall, rss, text = _run_timed([sys.executable, "-m", "evomerge", "merge", str(cfg_file), str(ev_out),
-                                          "--no-progress", "--overwrite"], env)
+            wall, rss, text, cpu = _run_timed([sys.executable, "-m", "evomerge", "merge", str(cfg_file), str(ev_out),
+                                               "--no-progress", "--overwrite"], env)
             m = re.search(r"in ([\d.]+) s", text)
-            ev_runs.append({"wall_s": wall, "peak_rss": rss, "engine_s": float(m.group(1)) if m else None})
+            ev_runs.append({"wall_s": wall, "peak_rss": rss, "cpu_s": cpu,
+                            "engine_s": float(m.group(1)) if m else None})
             if mergekit and mk_error is None:
                 shutil.rmtree(mk_out, ignore_errors=True)
                 try:
-                    wall, rss, _ = _run_timed([mergekit, str(cfg_file), str(mk_out), "--random-seed", "0"], env)
-                    mk_runs.append({"wall_s": wall, "peak_rss": rss})
+                    wall, rss, _, cpu = _run_timed([mergekit, str(cfg_file), str(mk_out), "--random-seed", "0"],
+                                                   env)
+                    mk_runs.append({"wall_s": wall, "peak_rss": rss, "cpu_s": cpu})
                 except RuntimeError as exc:  # e.g. killed for memory on the Llama-3 row: say so, keep going
                     mk_error = str(exc).splitlines()[0]
                     _log(f"  mergekit failed: {mk_error}")
@@ -298,6 +339,7 @@ def _disk_rows(label: str, paths: list[Path], methods: list[str], work: Path, en
         if mk_runs:
             row["mergekit"] = {**min(mk_runs, key=lambda r: r["wall_s"]), "runs": mk_runs}
             row["speedup"] = row["mergekit"]["wall_s"] / row["evomerge"]["wall_s"]
+            row["cpu_ratio"] = row["mergekit"]["cpu_s"] / row["evomerge"]["cpu_s"]
             row["rss_ratio"] = row["evomerge"]["peak_rss"] / row["mergekit"]["peak_rss"]
             diff, at, n_far = _compare(ev_out, mk_out)
             row["max_abs_diff_vs_mergekit"] = diff
@@ -325,9 +367,18 @@ def _describe(paths: list[Path]) -> tuple[int, int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-
+    global _spawner
     threads = int(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    _spawner = _Spawner()  # before torch: the tools' peak RSS must not include this process's
+    try:
+        return _run(args, threads)
+    finally:
+        _spawner.close()
+        _spawner = None
+
+
+def _run(args: argparse.Namespace, threads: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
@@ -390,13 +441,14 @@ def _print_disk(method: str, row: dict[str, Any]) -> None:
     eng = f" (engine {ev['engine_s']:.2f} s)" if ev.get("engine_s") is not None else ""
     _log(f"\n{method}: floor (read {row['inputs']} inputs once + write the output once) {row['floor_s']:.2f} s")
     runs = f" [best of {len(ev['runs'])}]" if len(ev.get("runs", [])) > 1 else ""
-    _log(f"  evomerge  wall {_span(ev['runs'], 'wall_s')} s{eng}{runs}  peak RSS "
+    _log(f"  evomerge  wall {_span(ev['runs'], 'wall_s')} s{eng}{runs}  CPU {_span(ev['runs'], 'cpu_s')} s  peak RSS "
          f"{_span(ev['runs'], 'peak_rss', 1e9)} GB  ({ev['wall_s'] / row['floor_s']:.1f}x floor)")
     if "mergekit" in row:
         mk = row["mergekit"]
-        _log(f"  mergekit  wall {_span(mk['runs'], 'wall_s')} s  peak RSS {_span(mk['runs'], 'peak_rss', 1e9)} GB  "
-             f"({mk['wall_s'] / row['floor_s']:.1f}x floor)")
-        _log(f"  evomerge is {row['speedup']:.2f}x faster, peak RSS {row['rss_ratio']:.2f}x mergekit's; "
+        _log(f"  mergekit  wall {_span(mk['runs'], 'wall_s')} s  CPU {_span(mk['runs'], 'cpu_s')} s  peak RSS "
+             f"{_span(mk['runs'], 'peak_rss', 1e9)} GB  ({mk['wall_s'] / row['floor_s']:.1f}x floor)")
+        _log(f"  evomerge is {row['speedup']:.2f}x faster ({row['cpu_ratio']:.2f}x less CPU time), peak RSS "
+             f"{row['rss_ratio']:.2f}x mergekit's; "
              f"max |evomerge - mergekit| = {row['max_abs_diff_vs_mergekit']:.3g}"
              + (f" (at {row['max_diff_tensor']}; {row['tensors_differing_over_1e-2']} tensors differ by > 1e-2:"
                 " top-k ties among bf16-quantized deltas are broken by index here, arbitrarily in mergekit)"

@@ -13,14 +13,17 @@ import pytest
 import torch
 
 from evomerge.merge.kernels import sparsify as S
+from evomerge.merge.kernels import task_arithmetic as task_arithmetic_kernels
 from evomerge.merge.kernels.pieces import (
     BlockSum,
+    CpuShare,
     TensorSource,
     UniformStream,
     finish_streams,
     model_streams,
     piece_size,
     ranges,
+    run_parts,
 )
 from evomerge.merge.kernels.task_arithmetic import (
     breadcrumbs,
@@ -360,3 +363,55 @@ def test_piece_size_follows_the_budget_within_bounds() -> None:
     assert piece_size({}, 40, "cpu") == 1 << 17
     with pytest.raises(ValueError, match="memory_budget"):
         piece_size({"memory_budget": 0}, 40, "cpu")
+
+
+# ------------------------------------------------------------------------------------------ parts, cores
+
+
+@pytest.mark.parametrize("case", _kernel_cases(), ids=lambda c: c[0])
+def test_parts_walked_by_several_threads_give_the_same_bits(case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor cut into parts that threads walk at once (ties split across parts) equals one walk."""
+    name, fn, values, options = case
+    base, tensors = _quantized((384, 512), 3, seed=5, dtype=torch.bfloat16)  # 6 parts of 32,768
+    mp = [{"weight": w, **values} for w in (0.6, 1.0, 1.7)]
+    gen = torch.Generator
+    whole = fn(base, tensors, mp, {}, dict(options), gen().manual_seed(9))
+    parts_seen: list[int] = []
+    real = task_arithmetic_kernels.run_parts
+
+    def spy(count: int, *args: object, **kwargs: object) -> None:
+        parts_seen.append(count)
+        real(count, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(task_arithmetic_kernels, "run_parts", spy)
+    parted = {**options, "cpu_share": CpuShare(3), "kernel_threads": 3, "part_elems": 1 << 15, "piece_elems": 5000}
+    for _ in range(2):  # which thread walks which part changes from run to run
+        assert torch.equal(fn(base, tensors, mp, {}, parted, gen().manual_seed(9)), whole)
+    assert set(parts_seen) == ({1} if name.startswith("dare") else {6})  # DARE draws one stream: one part
+
+
+def test_run_parts_uses_borrowed_cores_and_reports_errors() -> None:
+    import threading
+
+    seen: set[int] = set()
+    done: list[int] = []
+
+    def task(ctx: list[int], i: int) -> None:
+        seen.add(threading.get_ident())
+        ctx.append(i)
+        done.append(i)
+
+    share = CpuShare(2)
+    run_parts(40, task, list, share, threads=2)
+    assert sorted(done) == list(range(40))
+    with share.hold(), share.hold():  # no idle core: the caller walks every part itself
+        done.clear()
+        run_parts(10, task, list, share, threads=2)
+        assert sorted(done) == list(range(10))
+
+    def failing(ctx: list[int], i: int) -> None:
+        if i == 3:
+            raise RuntimeError("part 3 failed")
+
+    with pytest.raises(RuntimeError, match="part 3"):
+        run_parts(8, failing, list, share, threads=2)

@@ -43,7 +43,7 @@ from evomerge.dtypes import dtype_name, parse_dtype
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.calibration.rows import CalibrationSet
 from evomerge.merge.formats.recipe_yaml import RECIPE_FILE, recipe_yaml
-from evomerge.merge.kernels.pieces import ranges
+from evomerge.merge.kernels.pieces import CpuShare, ranges
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.resolve import check_recipe, plan_inputs
 from evomerge.merge.plan import MergePlan
@@ -136,6 +136,7 @@ class FileSource:
         info = folder.info(name)
         self.folder = folder
         self.name = name
+        self._rows = rows
         self._shape = torch.Size(read_shape(info, rows))
         self._dtype = info.dtype
         self._device = torch.device(device)
@@ -164,6 +165,10 @@ class FileSource:
             self._buf = torch.empty(m, dtype=self._dtype)
         piece = self.folder.read_range(self.name, start, self._buf[:m])
         return piece if self._device.type == "cpu" else piece.to(self._device)
+
+    def clone(self) -> FileSource:
+        """Another reader of the same tensor, with its own buffer (``pread`` needs no shared file position)."""
+        return FileSource(self.folder, self.name, self._rows, str(self._device))
 
 
 def open_inputs(recipe: Recipe, *, vocab_policy: str = "refuse", where: str = "recipe",
@@ -258,6 +263,10 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
 
     plan = plan.prepare({k: Path(k) for k in plan.keys}, device, calibration=calibration, base_scores=base_scores)
     plan = plan.with_global_trim(inputs.task_vectors(device))
+    share = CpuShare(n_workers) if n_workers > 1 and device == "cpu" else None
+    if share is not None and plan.method.streams:
+        # a large tensor's kernel borrows the cores other workers leave idle (the Llama-3 embedding is one tensor)
+        plan = plan.with_runtime_options(cpu_share=share, kernel_threads=n_workers)
     text = recipe_yaml(recipe)
     metadata = {"format": "pt", "evomerge_version": __version__, "evomerge_recipe": text}
     names = inputs.tensor_names
@@ -294,6 +303,12 @@ def _merge_opened(inputs: DiskInputs, target: Path, t0: float, *, device: str, o
 
     def merge_one(name: str) -> torch.Tensor:
         """Read one tensor's inputs, merge them, cast to the output dtype (runs in a worker thread)."""
+        if share is None:
+            return merge_held(name)
+        with share.hold():
+            return merge_held(name)
+
+    def merge_held(name: str) -> torch.Tensor:
         if plan.method.streams:
             streamed = merge_streaming(name)
             if streamed is not None:

@@ -14,8 +14,10 @@ Pure torch, any device: a piece lives on its source's device; nothing here copie
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -51,6 +53,10 @@ class Source(Protocol):
 
     def read(self, start: int, stop: int) -> Tensor: ...
 
+    def clone(self) -> Source:
+        """An independent reader of the same tensor (its own buffers), for reading from another thread."""
+        ...
+
 
 class TensorSource:
     """A tensor in memory as a :class:`Source`: pieces are views of its flattened storage (no copies)."""
@@ -77,6 +83,9 @@ class TensorSource:
     def read(self, start: int, stop: int) -> Tensor:
         return self._flat[start:stop]
 
+    def clone(self) -> TensorSource:
+        return self  # views only: any thread may read
+
 
 def as_source(x: Tensor | Source) -> Source:
     """A :class:`Source` for a tensor or a source."""
@@ -98,10 +107,13 @@ def memory_budget(options: Mapping[str, Any]) -> int:
     return budget
 
 
-def piece_size(options: Mapping[str, Any], bytes_per_element: int, device: torch.device | str) -> int:
+def piece_size(options: Mapping[str, Any], bytes_per_element: int, device: torch.device | str,
+               fixed_bytes: int = 0) -> int:
     """Elements per piece: ``options['piece_elems']`` if given, else what the budget allows (capped for cache).
 
-    ``bytes_per_element``: what the kernel holds per element of a piece (all its piece buffers together).
+    ``bytes_per_element``: what the kernel holds per element of a piece (all its piece buffers together);
+    ``fixed_bytes``: what it holds whatever the piece size (histograms). Pieces never go below
+    :data:`MIN_PIECE` elements, so a budget under the fixed part is exceeded by that much.
     """
     forced = options.get("piece_elems")
     if forced is not None:
@@ -110,13 +122,153 @@ def piece_size(options: Mapping[str, Any], bytes_per_element: int, device: torch
             raise ValueError(f"piece_elems must be >= 1, got {forced!r}")
         return size
     cap = CPU_PIECE_CAP if torch.device(device).type == "cpu" else DEVICE_PIECE_CAP
-    return max(MIN_PIECE, min(cap, memory_budget(options) // max(1, bytes_per_element)))
+    room = memory_budget(options) - fixed_bytes
+    return max(MIN_PIECE, min(cap, room // max(1, bytes_per_element)))
 
 
 def ranges(n: int, size: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive pieces of ``size`` elements covering ``[0, n)``."""
     for start in range(0, n, max(1, size)):
         yield start, min(n, start + size)
+
+
+# ------------------------------------------------------------------------------- parts on idle cores
+
+PART_ELEMS = 1 << 22  # a tensor is cut into parts of at least this many elements for several threads
+PARTS_PER_THREAD = 4  # more parts than threads, so that cores that free up late still find work
+
+
+class CpuShare:
+    """The cores of a merge, shared by tensor workers and the kernels that can use more than one.
+
+    Each tensor worker :meth:`hold` s a core while it merges; a kernel working through a large tensor in
+    parts :meth:`borrow` s idle cores (never waiting long) to walk other parts, and gives each back after a
+    part, so a worker that needs its core again gets it within one part.
+    """
+
+    def __init__(self, cores: int) -> None:
+        if cores < 1:
+            raise ValueError(f"CpuShare needs at least one core, got {cores}")
+        self.cores = cores
+        self._sem = threading.Semaphore(cores)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        self._sem.acquire()
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+    def borrow(self, timeout: float) -> bool:
+        return self._sem.acquire(timeout=timeout)
+
+    def give_back(self) -> None:
+        self._sem.release()
+
+
+def part_bounds(n: int, threads: int, options: Mapping[str, Any] | None = None,
+                align: int = 1 << 15) -> list[tuple[int, int]]:
+    """Contiguous parts of ``[0, n)`` for ``threads`` threads: one part unless the tensor is large.
+
+    Parts hold at least ``options['part_elems']`` (default :data:`PART_ELEMS`) elements; their boundaries
+    are multiples of ``align`` (the L1 sums' block, :data:`SUM_BLOCK`) so that nothing depends on the cut.
+    """
+    smallest = int((options or {}).get("part_elems", PART_ELEMS))
+    if smallest < 1:
+        raise ValueError(f"part_elems must be >= 1, got {smallest}")
+    count = min(threads * PARTS_PER_THREAD, n // smallest) if threads > 1 else 1
+    if count <= 1:
+        return [(0, n)]
+    step = -(-n // count)
+    step = -(-step // align) * align
+    bounds = [(a, min(n, a + step)) for a in range(0, n, step)]
+    return bounds
+
+
+C = TypeVar("C")
+
+
+def run_parts(count: int, task: Callable[[C, int], None], make_context: Callable[[], C],
+              share: CpuShare | None, threads: int, contexts: list[C] | None = None) -> None:
+    """``task(context, part)`` for every part, in the calling thread and on borrowed idle cores.
+
+    The calling thread (which holds its core) takes parts in order; up to ``threads - 1`` helper threads
+    take parts while they can borrow a core from ``share``. Contexts (per-thread buffers, readers) come from
+    ``contexts`` (a free list the caller may keep from pass to pass) or ``make_context``, one per thread at a
+    time. The first error is raised once every part has stopped.
+    """
+    if contexts is None:
+        contexts = []
+    if count <= 1 or share is None or threads <= 1:
+        ctx = contexts.pop() if contexts else make_context()
+        try:
+            for i in range(count):
+                task(ctx, i)
+        finally:
+            contexts.append(ctx)
+        return
+    lock = threading.Lock()
+    nxt = [0]
+    errors: list[BaseException] = []
+
+    def take() -> int | None:
+        with lock:
+            if errors or nxt[0] >= count:
+                return None
+            nxt[0] += 1
+            return nxt[0] - 1
+
+    def context() -> C:
+        with lock:
+            if contexts:
+                return contexts.pop()
+        return make_context()
+
+    def helper() -> None:
+        ctx: C | None = None
+        try:
+            while True:
+                with lock:
+                    if errors or nxt[0] >= count:
+                        return
+                if not share.borrow(timeout=0.005):
+                    continue
+                try:
+                    i = take()
+                    if i is None:
+                        return
+                    if ctx is None:
+                        ctx = context()
+                    task(ctx, i)
+                finally:
+                    share.give_back()
+        except BaseException as exc:  # reported by the calling thread
+            with lock:
+                errors.append(exc)
+        finally:
+            if ctx is not None:
+                with lock:
+                    contexts.append(ctx)
+
+    helpers = [threading.Thread(target=helper, name="evomerge-part", daemon=True) for _ in range(threads - 1)]
+    for h in helpers:
+        h.start()
+    main_ctx: C | None = None
+    try:
+        main_ctx = context()
+        while (i := take()) is not None:
+            task(main_ctx, i)
+    except BaseException as exc:
+        with lock:
+            errors.append(exc)
+    finally:
+        for h in helpers:
+            h.join()
+        if main_ctx is not None:
+            contexts.append(main_ctx)
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------------------- exact L1 norms

@@ -101,6 +101,7 @@ class OrderStat:
     below: int
     equal: int
     count: int  # keys in the stream
+    part_equal: tuple[int, ...] = ()  # keys equal to ``key`` in each part fed separately, in order
 
     @property
     def above(self) -> int:
@@ -118,14 +119,50 @@ def _levels(bits: int) -> list[tuple[int, int]]:
     return out
 
 
+class RadixCounter:
+    """One part's histograms for a pass of a :class:`RadixSelect` (parts are fed by different threads)."""
+
+    def __init__(self, select: RadixSelect) -> None:
+        self.select = select
+        self.count = 0
+        self.hists: dict[int, Tensor] = {}
+
+    def feed(self, keys: Tensor) -> None:
+        """One piece of this part (1-D integer keys, non-negative)."""
+        sel = self.select
+        if sel.done:
+            raise RuntimeError("RadixSelect: already done")
+        if keys.numel() == 0:
+            return
+        shift, width = sel.levels[sel.level]
+        if sel.level == 0:
+            self.count += keys.numel()
+            digits = keys >> shift if shift else keys
+            self._add(0, torch.bincount(digits.reshape(-1), minlength=1 << width))
+            return
+        high = keys >> shift if shift else keys
+        for prefix in sel.prefixes:
+            v = high - (prefix << width)
+            v.clamp_(-1, 1 << width).add_(1)
+            self._add(prefix, torch.bincount(v.reshape(-1), minlength=(1 << width) + 2)[1:-1])
+
+    def _add(self, prefix: int, hist: Tensor) -> None:
+        acc = self.hists.get(prefix)
+        if acc is None:
+            self.hists[prefix] = hist.to(torch.int64)
+        else:
+            acc.add_(hist)
+
+
 class RadixSelect:
     """Exact keys at given ascending ranks of a stream of non-negative integer keys, in a few passes.
 
-    Call :meth:`feed` with every piece of the stream (any cut, any order within a pass), then
-    :meth:`end_pass`; repeat while not :attr:`done` (``len(levels)`` passes; a pass histograms one 16-bit
-    digit of the keys that share the digits already found). ``ranks``: the ascending ranks wanted, or a
-    function of the stream's length (known after the first pass), e.g. ``lambda n: [n - k]`` for the k-th
-    largest. Memory: one 65,536-bin int64 histogram per distinct prefix (per wanted rank at most).
+    Feed every piece of the stream (any cut, any order within a pass) with :meth:`feed` (or through
+    :meth:`counter` s, one per part fed by its own thread), then :meth:`end_pass`; repeat while not
+    :attr:`done` (:attr:`passes` passes; a pass histograms one 16-bit digit of the keys sharing the digits
+    found so far). ``ranks``: the ascending ranks wanted, or a function of the stream's length (known after
+    the first pass), e.g. ``lambda n: [n - k]`` for the k-th largest. Memory: one 65,536-bin int64 histogram
+    per distinct prefix (at most one per wanted rank) and counter.
     """
 
     def __init__(self, bits: int, ranks: Sequence[int] | Callable[[int], Sequence[int]]) -> None:
@@ -133,11 +170,11 @@ class RadixSelect:
             raise ValueError(f"RadixSelect: bits must be in 1..63, got {bits}")
         self.levels = _levels(bits)
         self._ranks = ranks
-        self._level = 0
+        self.level = 0
         self.count = 0
         self._queries: list[list[int]] = []  # [rank, prefix, below] per wanted rank
-        self._hists: dict[int, Tensor] = {}
-        self._equal: list[int] = []
+        self.prefixes: list[int] = [0]
+        self._default = RadixCounter(self)
         self.results: list[OrderStat] | None = None
 
     @property
@@ -148,48 +185,46 @@ class RadixSelect:
     def passes(self) -> int:
         return len(self.levels)
 
-    def _prefixes(self) -> list[int]:
-        return sorted({q[1] for q in self._queries}) if self._level else [0]
+    @property
+    def hist_bytes(self) -> int:
+        """Bytes a counter's histograms take in one pass (accumulator and one piece's bincount)."""
+        return 2 * 8 * ((1 << self.levels[0][1]) + 2) * max(1, len(self._ranks) if not callable(self._ranks) else 1)
+
+    def counter(self) -> RadixCounter:
+        """A fresh part for this pass (pass them all, in flat order, to :meth:`end_pass`)."""
+        return RadixCounter(self)
 
     def feed(self, keys: Tensor) -> None:
-        """One piece of the stream (1-D integer keys, non-negative)."""
+        """One piece of the stream, into the default part."""
+        self._default.feed(keys)
+
+    def end_pass(self, counters: Sequence[RadixCounter] | None = None) -> None:
+        """Close a pass over ``counters`` (default: what :meth:`feed` got): fix the next digit of every key.
+
+        On the last pass each result also says how many of its equal keys each counter saw
+        (``OrderStat.part_equal``), so that ties can be resolved part by part.
+        """
         if self.done:
             raise RuntimeError("RadixSelect: already done")
-        if keys.numel() == 0:
-            return
-        shift, width = self.levels[self._level]
-        if self._level == 0:
-            self.count += keys.numel()
-            digits = keys >> shift if shift else keys
-            self._add(0, torch.bincount(digits.reshape(-1), minlength=1 << width))
-            return
-        high = keys >> shift if shift else keys
-        for prefix in self._prefixes():
-            v = high - (prefix << width)
-            v.clamp_(-1, 1 << width).add_(1)
-            self._add(prefix, torch.bincount(v.reshape(-1), minlength=(1 << width) + 2)[1:-1])
-
-    def _add(self, prefix: int, hist: Tensor) -> None:
-        acc = self._hists.get(prefix)
-        if acc is None:
-            self._hists[prefix] = hist.to(torch.int64)
-        else:
-            acc.add_(hist)
-
-    def end_pass(self) -> None:
-        """Close a pass: fix the next digit of every wanted key."""
-        if self.done:
-            raise RuntimeError("RadixSelect: already done")
-        shift, width = self.levels[self._level]
-        if self._level == 0:
+        parts = list(counters) if counters is not None else [self._default]
+        shift, width = self.levels[self.level]
+        if self.level == 0:
+            self.count = sum(c.count for c in parts)
             ranks = list(self._ranks(self.count) if callable(self._ranks) else self._ranks)
             for r in ranks:
                 if not 0 <= r < self.count:
                     raise ValueError(f"rank {r} outside a stream of {self.count} keys")
             self._queries = [[int(r), 0, 0] for r in ranks]
-        hists = {p: h.cpu() for p, h in self._hists.items()}
-        last = self._level == len(self.levels) - 1
-        self._equal = []
+        if len(parts) == 1:
+            totals = parts[0].hists
+        else:
+            totals = {}
+            for c in parts:
+                for p, h in c.hists.items():
+                    totals[p] = h.clone() if p not in totals else totals[p].add_(h)
+        hists = {p: h.cpu() for p, h in totals.items()}
+        last = self.level == len(self.levels) - 1
+        results = []
         for q in self._queries:
             rank, prefix, below = q
             hist = hists.get(prefix)
@@ -198,14 +233,16 @@ class RadixSelect:
             cum = hist.cumsum(0)
             digit = int(torch.searchsorted(cum, torch.tensor([rank - below]), right=True))
             q[2] = below + (int(cum[digit - 1]) if digit else 0)
-            q[1] = (prefix << width) | digit
             if last:
-                self._equal.append(int(hist[digit]))
-        self._hists = {}
-        self._level += 1
+                part_equal = tuple(int(c.hists[prefix][digit]) if prefix in c.hists else 0 for c in parts)
+                results.append(OrderStat(rank=rank, key=(prefix << width) | digit, below=q[2],
+                                         equal=int(hist[digit]), count=self.count, part_equal=part_equal))
+            q[1] = (prefix << width) | digit
+        self._default = RadixCounter(self)
+        self.level += 1
+        self.prefixes = sorted({q[1] for q in self._queries})
         if last:
-            self.results = [OrderStat(rank=q[0], key=q[1], below=q[2], equal=e, count=self.count)
-                            for q, e in zip(self._queries, self._equal)]
+            self.results = results
 
 
 def order_stats(values: Tensor | Source, ranks: Sequence[int], *, magnitudes: bool = True,
@@ -253,6 +290,7 @@ class MagnitudeCut:
     beyond: int = 0
     equal: int = 0
     ties: int = 0
+    part_equal: tuple[int, ...] = ()  # entries equal to the threshold in each part of the tensor, in order
 
     @property
     def size(self) -> int:
@@ -261,12 +299,12 @@ class MagnitudeCut:
     @staticmethod
     def top(stat: OrderStat, k: int) -> MagnitudeCut:
         """The k largest, from the order statistic at ascending rank ``n - k``."""
-        return MagnitudeCut("above", stat.key, stat.above, stat.equal, k - stat.above)
+        return MagnitudeCut("above", stat.key, stat.above, stat.equal, k - stat.above, stat.part_equal)
 
     @staticmethod
     def bottom(stat: OrderStat, r: int) -> MagnitudeCut:
         """The r smallest (ties lowest index first), from the order statistic at ascending rank ``r - 1``."""
-        return MagnitudeCut("below", stat.key, stat.below, stat.equal, r - stat.below)
+        return MagnitudeCut("below", stat.key, stat.below, stat.equal, r - stat.below, stat.part_equal)
 
     def threshold(self, dtype: torch.dtype) -> float:
         """The threshold magnitude (in ``dtype``, whose keys the cut was found on)."""
@@ -276,15 +314,13 @@ class MagnitudeCut:
 class CutMask:
     """A cut's membership mask, piece by piece in flat order (it counts the ties it has passed).
 
-    Call with the keys of consecutive pieces (:func:`magnitude_keys`); :meth:`reset` starts over at element 0.
+    Call with the keys of consecutive pieces (:func:`magnitude_keys`) from the start of the tensor, or from
+    the start of ``part`` (the parts the cut's selection was fed in: the ties of earlier parts are known).
     """
 
-    def __init__(self, cut: MagnitudeCut) -> None:
+    def __init__(self, cut: MagnitudeCut, part: int = 0) -> None:
         self.cut = cut
-        self._seen = 0
-
-    def reset(self) -> None:
-        self._seen = 0
+        self._seen = sum(cut.part_equal[:part]) if part else 0
 
     def __call__(self, keys: Tensor) -> Tensor | None:
         """Boolean mask of the piece's members; None when every entry is a member."""
@@ -408,11 +444,13 @@ RESCALES = ("none", "inverse_density", "l1_norm")
 class Sparsifier:
     """One model's sparsification of one tensor, run in pieces and exact over the whole tensor.
 
-    Protocol (pieces in flat order, every pass over the whole tensor): while :attr:`pending`, :meth:`feed`
-    each piece of the task vector then :meth:`end_pass` (selection passes, then one L1 pass for ``l1_norm``);
-    then :meth:`reset` and :meth:`apply_` each piece, in place. ``draws``: uniforms it needs per pass (DARE:
-    one per element), from :attr:`stream` (set by the caller, see
-    :func:`~evomerge.merge.kernels.pieces.model_streams`).
+    Protocol: while :attr:`pending`, one pre-merge pass (selection passes, then one L1 pass for ``l1_norm``):
+    take a :meth:`cursor` per part of the tensor (one part: the whole tensor; several: contiguous parts, in
+    flat order, that threads may walk at once), :meth:`Cursor.feed` each part's pieces in flat order, then
+    :meth:`end_pass` with the cursors in part order. Then the masking pass: fresh cursors,
+    :meth:`Cursor.apply_` on every piece, in place. ``draws``: uniforms it needs per pass (DARE: one per
+    element) from :attr:`stream` (set by the caller, see :func:`~evomerge.merge.kernels.pieces.model_streams`;
+    a sparsifier that draws is walked as one part).
 
     Rescaling follows the whole-tensor definitions: ``inverse_density`` divides by the density, ``l1_norm``
     restores the L1 norm of the unmasked vector (skipped when either norm is below 1e-7; the norms are
@@ -431,76 +469,131 @@ class Sparsifier:
         self.stream: UniformStream | None = None
         self.scale = 1.0
         self._l1_pending = active and rescale == "l1_norm"
-        self._before: BlockSum | None = None
-        self._after: BlockSum | None = None
+        self.select: RadixSelect | None = None
+        self.cuts: list[tuple[MagnitudeCut, bool]] = []  # (cut, negate): the kept set is their intersection
+        self.zero = False  # everything dropped
 
-    # selection: subclasses override
-    def _selecting(self) -> bool:
-        return False
+    @property
+    def selecting(self) -> bool:
+        return self.select is not None and not self.select.done
 
-    def _feed_select(self, delta: Tensor, scratch: Tensor) -> None:
-        raise NotImplementedError
-
-    def _end_select(self) -> None:
-        raise NotImplementedError
-
-    def mask(self, delta: Tensor, scratch: Tensor) -> Tensor | None:
-        """The piece's keep mask (None: keep all); may use ``scratch`` (same size and dtype as ``delta``)."""
-        return None
-
-    def _reset_mask(self) -> None:
-        if self.stream is not None:
-            self.stream.rewind()
-
-    # protocol
     @property
     def pending(self) -> bool:
         """Another pre-merge pass is needed (selection, then the L1 norms)."""
-        return self._selecting() or self._l1_pending
+        return self.selecting or self._l1_pending
 
-    def feed(self, delta: Tensor, scratch: Tensor) -> None:
-        """One piece of the task vector in a pre-merge pass (read only)."""
-        if self._selecting():
-            self._feed_select(delta, scratch)
-            return
-        if self._before is None:
-            self._before, self._after = BlockSum(), BlockSum()
-            self._reset_mask()
-        assert self._after is not None
-        mag = delta.abs()
-        self._before.add(mag)
-        keep = self.mask(delta, scratch)
-        if keep is not None:
-            mag.mul_(keep)
-        self._after.add(mag)
+    def cursor(self, part: int = 0) -> Cursor:
+        """The walker of one part for the coming pass (pre-merge or masking)."""
+        return Cursor(self, part)
 
-    def end_pass(self) -> None:
-        if self._selecting():
-            self._end_select()
+    def end_pass(self, cursors: Sequence[Cursor]) -> None:
+        """Close a pre-merge pass walked by ``cursors`` (in part order)."""
+        if self.selecting:
+            assert self.select is not None
+            self.select.end_pass([c.counter for c in cursors if c.counter is not None])
+            if self.select.done:
+                assert self.select.results is not None
+                self._build(self.select.results)
             return
-        assert self._before is not None and self._after is not None
-        before, after = self._before.total(), self._after.total()
+        before = math.fsum(c.before.total() for c in cursors if c.before is not None)
+        after = math.fsum(c.after.total() for c in cursors if c.after is not None)
         if before >= 1e-7 and after >= 1e-7:
             self.scale = before / after
         self._l1_pending = False
-        self._before = self._after = None
 
-    def reset(self) -> None:
-        """Before the masking pass: start the piece-by-piece state (tie counts, draws) over."""
-        self._reset_mask()
+    def _build(self, stats: list[OrderStat]) -> None:
+        """The cuts from the selected order statistics."""
+
+    def _mask(self, cursor: Cursor, delta: Tensor, scratch: Tensor) -> Tensor | None:
+        """The piece's keep mask (None: keep all); may use ``scratch`` (same size and dtype as ``delta``)."""
+        if self.zero:
+            return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+        if not cursor.masks:
+            return None
+        keys = magnitude_keys(delta, scratch)
+        out: Tensor | None = None
+        for cm, negate in cursor.masks:
+            m = cm(keys)
+            if m is None:
+                if not negate:
+                    continue
+                m = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+            elif negate:
+                m = ~m
+            out = m if out is None else out.logical_and_(m)
+        return out
+
+    # the whole-tensor walk (one part), for in-place use
+    def run_(self, delta: Tensor, options: Mapping[str, Any] | None = None) -> Tensor:
+        """Sparsify a whole tensor in place, in pieces (the tensor is its own source)."""
+        work = delta if delta.is_contiguous() else delta.contiguous()
+        flat = work.view(-1)
+        n = flat.numel()
+        size = piece_size(options or {}, 3 * delta.element_size(), delta.device)
+        scratch = torch.empty(min(size, max(n, 1)), dtype=delta.dtype, device=delta.device)
+        while self.pending:
+            cur = self.cursor()
+            for start, stop in ranges(n, size):
+                cur.feed(flat[start:stop], scratch[: stop - start])
+            self.end_pass([cur])
+        cur = self.cursor()
+        for start, stop in ranges(n, size):
+            cur.apply_(flat[start:stop], scratch[: stop - start])
+        if work is not delta:
+            delta.copy_(work)
+        return delta
+
+
+class Cursor:
+    """One part's walk of a :class:`Sparsifier` for one pass: its histograms, L1 sums, tie counts, draws."""
+
+    def __init__(self, sp: Sparsifier, part: int) -> None:
+        self.sp = sp
+        self.part = part
+        self.counter: RadixCounter | None = None
+        self.before: BlockSum | None = None
+        self.after: BlockSum | None = None
+        self.l1 = False
+        if sp.selecting:
+            assert sp.select is not None
+            self.counter = sp.select.counter()
+        elif sp.pending:
+            self.l1 = True
+            self.before, self.after = BlockSum(), BlockSum()
+        self.masks = [(CutMask(cut, part), negate) for cut, negate in sp.cuts]
+        if sp.stream is not None:
+            if part:
+                raise ValueError("a sparsifier that draws is walked as one part")
+            sp.stream.rewind()
+
+    def feed(self, delta: Tensor, scratch: Tensor) -> None:
+        """One piece of the task vector in a pre-merge pass (read only; ``scratch``: its size and dtype)."""
+        if self.counter is not None:
+            self.counter.feed(magnitude_keys(delta, scratch))
+            return
+        if not self.l1:
+            return
+        assert self.before is not None and self.after is not None
+        mag = delta.abs()
+        self.before.add(mag)
+        keep = self.sp._mask(self, delta, scratch)
+        if keep is not None:
+            mag.mul_(keep)
+        self.after.add(mag)
 
     def apply_(self, delta: Tensor, scratch: Tensor) -> Tensor:
-        """Sparsify one piece in place (masking pass; pieces in flat order)."""
-        if not self.active:
+        """Sparsify one piece in place (masking pass; this part's pieces in flat order)."""
+        sp = self.sp
+        if not sp.active:
             return delta
-        keep = self.mask(delta, scratch)
+        keep = sp._mask(self, delta, scratch)
         if keep is not None:
             delta.mul_(keep)
-        if self.rescale == "inverse_density":
-            if self.density > 0:
-                delta.div_(self.density)
-        elif self.rescale == "l1_norm" and self.scale != 1.0:
-            delta.mul_(self.scale)
+        if sp.rescale == "inverse_density":
+            if sp.density > 0:
+                delta.div_(sp.density)
+        elif sp.rescale == "l1_norm" and sp.scale != 1.0:
+            delta.mul_(sp.scale)
         return delta
 
 
@@ -511,82 +604,26 @@ class Identity(Sparsifier):
         super().__init__(n, "none", 1.0, False)
 
 
-class _CutSparsifier(Sparsifier):
-    """Keep a set of cuts' entries; the cuts' thresholds are found by radix selection in the first passes."""
-
-    def __init__(self, n: int, rescale: str, density: float, active: bool, dtype: torch.dtype) -> None:
-        super().__init__(n, rescale, density, active)
-        self.dtype = dtype
-        self._select: RadixSelect | None = None
-        self._masks: list[tuple[CutMask, bool]] = []  # (mask, negate)
-        self._fixed: Tensor | None = None  # a constant mask value when nothing needs selecting
-        self._zero = False
-
-    def _start(self, ranks: list[int]) -> None:
-        self._select = RadixSelect(key_bits(self.dtype), ranks)
-
-    def _selecting(self) -> bool:
-        return self._select is not None and not self._select.done
-
-    def _feed_select(self, delta: Tensor, scratch: Tensor) -> None:
-        assert self._select is not None
-        self._select.feed(magnitude_keys(delta, scratch))
-
-    def _end_select(self) -> None:
-        assert self._select is not None
-        self._select.end_pass()
-        if self._select.done:
-            assert self._select.results is not None
-            self._build(self._select.results)
-
-    def _build(self, stats: list[OrderStat]) -> None:
-        raise NotImplementedError
-
-    def mask(self, delta: Tensor, scratch: Tensor) -> Tensor | None:
-        if self._zero:
-            return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-        if not self._masks:
-            return None
-        keys = magnitude_keys(delta, scratch)
-        out: Tensor | None = None
-        for cm, negate in self._masks:
-            m = cm(keys)
-            if m is None:
-                if negate:
-                    m = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
-                else:
-                    continue
-            elif negate:
-                m = ~m
-            out = m if out is None else out.logical_and_(m)
-        return out
-
-    def _reset_mask(self) -> None:
-        super()._reset_mask()
-        for cm, _ in self._masks:
-            cm.reset()
-
-
-class TopK(_CutSparsifier):
+class TopK(Sparsifier):
     """TIES trim: keep the top ``keep_count(density, n)`` magnitudes, ties to the lowest flat index."""
 
     def __init__(self, n: int, density: float, rescale: str, dtype: torch.dtype) -> None:
-        super().__init__(n, rescale, density, density < 1, dtype)
+        super().__init__(n, rescale, density, density < 1)
         self.k = keep_count(density, n)
         if not self.active:
             return
         if self.k <= 0:
-            self._zero = True
+            self.zero = True
         elif self.k < n:
-            self._start([n - self.k])
+            self.select = RadixSelect(key_bits(dtype), [n - self.k])
 
     def _build(self, stats: list[OrderStat]) -> None:
         cut = MagnitudeCut.top(stats[0], self.k)
         if cut.key != 0:  # a threshold of 0 keeps every non-zero entry: zeros carry nothing
-            self._masks = [(CutMask(cut), False)]
+            self.cuts = [(cut, False)]
 
 
-class RankWindow(_CutSparsifier):
+class RankWindow(Sparsifier):
     """Model Breadcrumbs: keep ascending magnitude ranks ``[n_bot, n_bot + int(density n))`` (mergekit).
 
     ``n_bot = max(0, n - int(density n) - int(gamma n))``: the ``int(gamma n)`` largest go first (outliers),
@@ -594,7 +631,7 @@ class RankWindow(_CutSparsifier):
     """
 
     def __init__(self, n: int, density: float, gamma: float, rescale: str, dtype: torch.dtype) -> None:
-        super().__init__(n, rescale, density, density < 1, dtype)
+        super().__init__(n, rescale, density, density < 1)
         if not self.active:
             return
         target = int(density * n)
@@ -602,18 +639,18 @@ class RankWindow(_CutSparsifier):
         n_bot = max(0, n - target - n_top)
         self.start, self.stop = max(0, n_bot), min(n, n_bot + target)
         if self.stop <= self.start:
-            self._zero = True
+            self.zero = True
             return
         ranks = ([self.start - 1] if self.start > 0 else []) + ([self.stop - 1] if self.stop < n else [])
         if ranks:
-            self._start(ranks)
+            self.select = RadixSelect(key_bits(dtype), ranks)
 
     def _build(self, stats: list[OrderStat]) -> None:
         it = iter(stats)
         if self.start > 0:
-            self._masks.append((CutMask(MagnitudeCut.bottom(next(it), self.start)), True))
+            self.cuts.append((MagnitudeCut.bottom(next(it), self.start), True))
         if self.stop < self.n:
-            self._masks.append((CutMask(MagnitudeCut.bottom(next(it), self.stop)), False))
+            self.cuts.append((MagnitudeCut.bottom(next(it), self.stop), False))
 
 
 class Threshold(Sparsifier):
@@ -623,7 +660,7 @@ class Threshold(Sparsifier):
         super().__init__(n, rescale, density, threshold > 0)
         self.threshold = threshold
 
-    def mask(self, delta: Tensor, scratch: Tensor) -> Tensor | None:
+    def _mask(self, cursor: Cursor, delta: Tensor, scratch: Tensor) -> Tensor | None:
         return torch.abs(delta, out=scratch) >= self.threshold
 
 
@@ -633,22 +670,17 @@ class RandomDrop(Sparsifier):
     def __init__(self, n: int, density: float, rescale: str) -> None:
         super().__init__(n, rescale, density, density < 1)
         self.draws = n if 0 < density < 1 else 0
-        self._zero = density <= 0
-        if self._zero:
+        self.zero = density <= 0
+        if self.zero:
             self._l1_pending = False  # everything is dropped: no norm to restore
 
-    def mask(self, delta: Tensor, scratch: Tensor) -> Tensor | None:
-        if self._zero:
+    def _mask(self, cursor: Cursor, delta: Tensor, scratch: Tensor) -> Tensor | None:
+        if self.zero:
             return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
         if self.stream is None:
             raise ValueError("DARE needs an explicit seeded torch.Generator (density < 1)")
         u = scratch if scratch.dtype == torch.float32 else torch.empty(delta.numel(), device=delta.device)
         return self.stream.fill(u.view(-1)[: delta.numel()]).lt_(self.density)
-
-    def apply_(self, delta: Tensor, scratch: Tensor) -> Tensor:
-        if self._zero and self.active:
-            return delta.zero_()  # density 0 drops everything; nothing to rescale
-        return super().apply_(delta, scratch)
 
 
 def make_sparsifier(kind: str | None, model: int, n: int, model_params: Mapping[str, float],
@@ -681,25 +713,6 @@ def make_sparsifier(kind: str | None, model: int, n: int, model_params: Mapping[
     raise ValueError(f"unknown sparsification {kind!r}")
 
 
-def sparsify_in_place(delta: Tensor, sparsifier: Sparsifier, options: Mapping[str, Any] | None = None) -> Tensor:
-    """Run a sparsifier over a whole tensor, in pieces, in place (the tensor is its own source)."""
-    work = delta if delta.is_contiguous() else delta.contiguous()
-    flat = work.view(-1)
-    n = flat.numel()
-    size = piece_size(options or {}, 3 * delta.element_size(), delta.device)
-    scratch = torch.empty(min(size, max(n, 1)), dtype=delta.dtype, device=delta.device)
-    while sparsifier.pending:
-        for start, stop in ranges(n, size):
-            sparsifier.feed(flat[start:stop], scratch[: stop - start])
-        sparsifier.end_pass()
-    sparsifier.reset()
-    for start, stop in ranges(n, size):
-        sparsifier.apply_(flat[start:stop], scratch[: stop - start])
-    if work is not delta:
-        delta.copy_(work)
-    return delta
-
-
 # ------------------------------------------------------------------------- in-place API (whole tensors)
 
 
@@ -728,12 +741,12 @@ def rescale_(masked: Tensor, original_l1: Tensor | float | None, rescale: str, d
 
 def magnitude_(delta: Tensor, density: float, rescale: str = "none") -> Tensor:
     """TIES trim in place: keep the top ``keep_count(density)`` magnitudes (mergekit ``magnitude``)."""
-    return sparsify_in_place(delta, TopK(delta.numel(), density, rescale, delta.dtype))
+    return TopK(delta.numel(), density, rescale, delta.dtype).run_(delta)
 
 
 def threshold_(delta: Tensor, threshold: float, rescale: str = "none", density: float = 1.0) -> Tensor:
     """Global-scope TIES trim in place: keep entries with ``|delta| >= threshold`` (see global_trim_thresholds)."""
-    return sparsify_in_place(delta, Threshold(delta.numel(), threshold, density, rescale))
+    return Threshold(delta.numel(), threshold, density, rescale).run_(delta)
 
 
 def magnitude_outliers_(delta: Tensor, density: float, gamma: float, rescale: str = "none") -> Tensor:
@@ -742,7 +755,7 @@ def magnitude_outliers_(delta: Tensor, density: float, gamma: float, rescale: st
     Drop the ``int(gamma*n)`` largest magnitudes (outliers), then the smallest so that ``int(density*n)``
     remain; the outlier cut shrinks when both cannot hold. ``density >= 1`` keeps everything (gamma unused).
     """
-    return sparsify_in_place(delta, RankWindow(delta.numel(), density, gamma, rescale, delta.dtype))
+    return RankWindow(delta.numel(), density, gamma, rescale, delta.dtype).run_(delta)
 
 
 def dare_(delta: Tensor, density: float, generator: torch.Generator | None,
@@ -758,7 +771,7 @@ def dare_(delta: Tensor, density: float, generator: torch.Generator | None,
         if generator is None:
             raise ValueError("DARE needs an explicit seeded torch.Generator (density < 1)")
         sp.stream = UniformStream(generator)
-    sparsify_in_place(delta, sp)
+    sp.run_(delta)
     if sp.stream is not None and generator is not None:
         generator.set_state(sp.stream.state())
     return delta
@@ -812,10 +825,10 @@ def global_trim_thresholds(
                     f = buf[: piece.numel()].copy_(piece)
                     sel.feed(magnitude_keys(f, f))
         first = False
-        for s in sels:
+        for i, s in enumerate(sels):
             if s is not None and not s.done:
-                if s.count == 0:
-                    s.results = []
+                if counts[i] == 0:
+                    sels[i] = None  # no entries: nothing to select (threshold 0.0 below)
                     continue
                 s.end_pass()
     result: list[float] = []

@@ -6,15 +6,24 @@ either summed (task arithmetic family) or combined by the TIES sign election and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from evomerge.merge.kernels.common import Tensor, check_inputs, work_dtype
 from evomerge.merge.kernels.linear import LinearCoefficients
-from evomerge.merge.kernels.pieces import Source, as_source, finish_streams, model_streams, piece_size, ranges
-from evomerge.merge.kernels.sparsify import make_sparsifier
+from evomerge.merge.kernels.pieces import (
+    CpuShare,
+    Source,
+    as_source,
+    finish_streams,
+    model_streams,
+    part_bounds,
+    piece_size,
+    run_parts,
+)
+from evomerge.merge.kernels.sparsify import Cursor, make_sparsifier
 
 
 def elected_sign(
@@ -66,6 +75,32 @@ def _check_out(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, d
     return out
 
 
+class _Context:
+    """One thread's readers and piece buffers for a generalized-task-arithmetic kernel."""
+
+    def __init__(self, bsrc: Source, srcs: Sequence[Source], size: int, dtype: torch.dtype,
+                 device: torch.device, given: bool, with_div: bool) -> None:
+        self.bsrc = bsrc
+        self.srcs = list(srcs)
+        self.given = given
+        self.bbuf = torch.empty(size, dtype=dtype, device=device)
+        self.rows = torch.empty((len(srcs), size), dtype=dtype, device=device)
+        self.scratch = torch.empty(size, dtype=dtype, device=device)
+        self.mix = torch.empty(size, dtype=dtype, device=device)
+        self.div = torch.empty(size, dtype=dtype, device=device) if with_div else None
+
+    def load(self, start: int, stop: int, which: Iterable[int]) -> Tensor:
+        """The base piece (in the compute dtype) and the task-vector pieces of models ``which`` into ``rows``."""
+        m = stop - start
+        b = self.bbuf[:m].copy_(self.bsrc.read(start, stop))
+        for i in which:
+            if self.given:
+                self.rows[i, :m].copy_(self.srcs[i].read(start, stop))
+            else:
+                torch.sub(self.srcs[i].read(start, stop), b, out=self.rows[i, :m])
+        return b
+
+
 def generalized_task_arithmetic(
     base: Tensor | Source | None,
     tensors: Sequence[Tensor | Source],
@@ -99,6 +134,11 @@ def generalized_task_arithmetic(
     a full-size copy; the result does not depend on the piece size (same elementwise operations, exact
     selections, DARE draws in whole-tensor order).
 
+    Cores: with ``options['cpu_share']`` (a :class:`~evomerge.merge.kernels.pieces.CpuShare`) and
+    ``options['kernel_threads'] > 1``, a large tensor is cut into contiguous parts that idle cores walk at
+    once (not with DARE draws, which come in one stream); ties at a threshold are resolved part by part
+    from per-part counts, so the result is the same bits.
+
     The sign election runs without boolean masks, as ``e * sum_t max(e * tau_t, 0)`` with ``e = +-1``.
     """
     if base is None:
@@ -127,7 +167,8 @@ def generalized_task_arithmetic(
     device = bsrc.device
     sparsifiers = [make_sparsifier(sparsify, i, n, model_params[i], options, default_rescale, wd)
                    for i in range(t_count)]
-    if any(sp.draws for sp in sparsifiers) and generator is None:
+    draws = any(sp.draws for sp in sparsifiers)
+    if draws and generator is None:
         raise ValueError("DARE needs an explicit seeded torch.Generator (density < 1)")
     streams = model_streams(generator, [sp.draws for sp in sparsifiers])
     for sp, stream in zip(sparsifiers, streams):
@@ -139,27 +180,36 @@ def generalized_task_arithmetic(
 
     # piece buffers: base, T task vectors, scratch, draws, and the election's few; inputs' read buffers
     held = sum(s.dtype.itemsize for s in (bsrc, *srcs)) + (t_count + 8) * wd.itemsize + 4 * t_count
-    size = min(piece_size(options, held, device), max(n, 1))
-    bbuf = torch.empty(size, dtype=wd, device=device)
-    rows = torch.empty((t_count, size), dtype=wd, device=device)
-    scratch = torch.empty(size, dtype=wd, device=device)
+    share: CpuShare | None = options.get("cpu_share")
+    threads = int(options.get("kernel_threads", 1)) if share is not None else 1
+    parts = [(0, n)] if draws else part_bounds(n, threads, options)
+    hists = len(parts) * sum(sp.select.hist_bytes for sp in sparsifiers if sp.select is not None)
+    size = min(piece_size(options, held * min(threads, len(parts)), device, hists), max(n, 1))
+    need_div = variant == "paper" or normalize
+    contexts: list[_Context] = [_Context(bsrc, srcs, size, wd, device, given, consensus and need_div)]
 
-    def load(start: int, stop: int, which: Iterable[int]) -> Tensor:
-        """The base piece (in wd) and the task-vector pieces of models ``which`` into ``rows``."""
-        m = stop - start
-        b = bbuf[:m].copy_(bsrc.read(start, stop))
-        for i in which:
-            if given:
-                rows[i, :m].copy_(srcs[i].read(start, stop))
-            else:
-                torch.sub(srcs[i].read(start, stop), b, out=rows[i, :m])
-        return b
+    def make_context() -> _Context:
+        return _Context(bsrc.clone(), [s.clone() for s in srcs], size, wd, device, given, consensus and need_div)
 
-    def prepared(m: int) -> list[Tensor]:
+    def walk(task: Callable[[_Context, int, int], None]) -> Callable[[_Context, int], None]:
+        """A part's task: ``task(context, start, stop)`` on each of its pieces, in flat order."""
+        def run(ctx: _Context, j: int) -> None:
+            lo, hi = parts[j]
+            for start in range(lo, hi, size):
+                task(ctx, start, min(hi, start + size))
+        return run
+
+    def run(task: Callable[[_Context, int, int], None]) -> None:
+        run_parts(len(parts), walk(task), make_context, share, threads, contexts)
+
+    def part_of(start: int) -> int:
+        return next(j for j, (lo, hi) in enumerate(parts) if lo <= start < hi)
+
+    def prepared(ctx: _Context, cursors: Sequence[Cursor], m: int) -> list[Tensor]:
         """Sparsified (and, for mergekit's variant, weighted) task vectors of the loaded piece."""
         out_rows = []
-        for i, sp in enumerate(sparsifiers):
-            row = sp.apply_(rows[i, :m], scratch[:m])
+        for i, cur in enumerate(cursors):
+            row = cur.apply_(ctx.rows[i, :m], ctx.scratch[:m])
             if consensus and variant == "mergekit" and weights[i] != 1.0:
                 row.mul_(weights[i])
             out_rows.append(row)
@@ -170,40 +220,46 @@ def generalized_task_arithmetic(
         active = [i for i, sp in enumerate(sparsifiers) if sp.pending]
         if not active:
             break
-        for start, stop in ranges(n, size):
-            load(start, stop, active)
+        cursors = {i: [sparsifiers[i].cursor(j) for j in range(len(parts))] for i in active}
+
+        def feed(ctx: _Context, start: int, stop: int, active: list[int] = active,
+                 cursors: dict[int, list[Cursor]] = cursors) -> None:
+            ctx.load(start, stop, active)
+            j = part_of(start)
             for i in active:
-                sparsifiers[i].feed(rows[i, : stop - start], scratch[: stop - start])
+                cursors[i][j].feed(ctx.rows[i, : stop - start], ctx.scratch[: stop - start])
+
+        run(feed)
         for i in active:
-            sparsifiers[i].end_pass()
+            sparsifiers[i].end_pass(cursors[i])
 
     majority = options.get("majority_sign")
     if consensus and zero_sign == "global_majority" and majority is None:
         # the majority over this tensor needs every elected sign first: one more pass, counting signs exactly
-        for sp in sparsifiers:
-            sp.reset()
-        total = 0
-        for start, stop in ranges(n, size):
-            load(start, stop, range(t_count))
-            e = elected_sign(prepared(stop - start), sign_rule, "global_majority", 0.0)
-            total += int(torch.count_nonzero(e > 0)) - int(torch.count_nonzero(e < 0))
-        majority = float(total)
+        by_part = [[sp.cursor(j) for sp in sparsifiers] for j in range(len(parts))]
+        counts = [0] * len(parts)
 
-    for sp in sparsifiers:
-        sp.reset()
-    need_div = variant == "paper" or normalize
+        def count(ctx: _Context, start: int, stop: int) -> None:
+            ctx.load(start, stop, range(t_count))
+            j = part_of(start)
+            e = elected_sign(prepared(ctx, by_part[j], stop - start), sign_rule, "global_majority", 0.0)
+            counts[j] += int(torch.count_nonzero(e > 0)) - int(torch.count_nonzero(e < 0))
+
+        run(count)
+        majority = float(sum(counts))
+
     divisor = 1.0
     if not consensus and normalize:
         divisor = float(torch.tensor(weights, dtype=wd).sum())
         if abs(divisor) < 1e-8:
             divisor = 1.0
-    mix = torch.empty(size, dtype=wd, device=device)
-    div = torch.empty(size, dtype=wd, device=device) if consensus and need_div else None
-    for start, stop in ranges(n, size):
+    merge_cursors = [[sp.cursor(j) for sp in sparsifiers] for j in range(len(parts))]
+
+    def merge(ctx: _Context, start: int, stop: int) -> None:
         m = stop - start
-        b = load(start, stop, range(t_count))
-        sparse = prepared(m)
-        o = flat_out[start:stop] if direct else scratch[:m]
+        b = ctx.load(start, stop, range(t_count))
+        sparse = prepared(ctx, merge_cursors[part_of(start)], m)
+        o = flat_out[start:stop] if direct else ctx.scratch[:m]
         if not consensus:
             mixed = sparse[0]
             if weights[0] != 1.0:
@@ -217,9 +273,9 @@ def generalized_task_arithmetic(
             torch.add(mixed, b, out=o)
         else:
             e = elected_sign(sparse, sign_rule, zero_sign, majority)
-            mx = mix[:m].zero_()
-            dv = div[:m].zero_() if div is not None else None
-            t = scratch[:m]
+            mx = ctx.mix[:m].zero_()
+            dv = ctx.div[:m].zero_() if ctx.div is not None else None
+            t = ctx.scratch[:m]
             for i in range(t_count):
                 torch.mul(sparse[i], e, out=t).clamp_min_(0)
                 w = weights[i]
@@ -238,13 +294,15 @@ def generalized_task_arithmetic(
                 dv.add_(dv == 0)  # a divisor of 0 counts as 1 (as masked_fill, at a fraction of its cost)
                 mx.div_(dv)
             if not direct:
-                o = rows[0, :m]  # consumed by now
+                o = ctx.rows[0, :m]  # consumed by now
             if lam != 1:
                 torch.add(b, mx, alpha=lam, out=o)
             else:
                 torch.add(b, mx, out=o)
         if not direct:
             flat_out[start:stop].copy_(o)
+
+    run(merge)
     finish_streams(generator, streams)
     if target is not result:
         result.copy_(target)

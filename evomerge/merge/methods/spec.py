@@ -29,7 +29,7 @@ Prepared = Mapping[str, Mapping[str, Any]]
 
 # Options the engines pass to kernels at run time; a recipe may not set them.
 RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign",
-                             "memory_budget", "piece_elems"})
+                             "memory_budget", "piece_elems", "part_elems", "cpu_share", "kernel_threads"})
 
 
 class Need(str, enum.Enum):
