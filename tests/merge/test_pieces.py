@@ -415,3 +415,18 @@ def test_run_parts_uses_borrowed_cores_and_reports_errors() -> None:
 
     with pytest.raises(RuntimeError, match="part 3"):
         run_parts(8, failing, list, share, threads=2)
+
+
+def test_blocked_draws_do_not_depend_on_the_pieces() -> None:
+    """Off CPU draws come in fixed blocks (a counter-based generator's output depends on the launch size);
+    the blocked path, run here on CPU, serves the same draws whatever the pieces."""
+    from evomerge.merge.kernels.pieces import DRAW_BLOCK
+
+    n = DRAW_BLOCK + 12345
+    g = torch.Generator().manual_seed(5)
+    want = torch.cat([torch.rand(DRAW_BLOCK, generator=g), torch.rand(DRAW_BLOCK, generator=g)])[:n]
+    stream = UniformStream(torch.Generator().manual_seed(5), blocks=True)
+    for size in (1000, 65536, n):
+        stream.rewind()
+        got = torch.cat([stream.fill(torch.empty(b - a)) for a, b in ranges(n, size)])
+        assert torch.equal(got, want)

@@ -342,14 +342,15 @@ class UniformStream:
     The draws do not depend on how the stream is cut: on CPU, torch draws one generator output per float32
     element in order, so pieces are drawn directly and equal one whole-tensor ``torch.rand`` (a test checks
     this); on other devices (counter-based generators whose output depends on the launch size) draws are made
-    in fixed blocks of :data:`DRAW_BLOCK` and served from a buffer. :meth:`rewind` replays the stream;
+    in fixed blocks of :data:`DRAW_BLOCK` and served from a buffer (``blocks`` forces either way).
+    :meth:`rewind` replays the stream;
     :meth:`skip` advances it (to reach the stream of a later model without keeping draws).
     """
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, blocks: bool | None = None) -> None:
         self._gen = clone_generator(generator)
         self._start = self._gen.get_state()
-        self._blocked = generator.device.type != "cpu"
+        self._blocked = generator.device.type != "cpu" if blocks is None else blocks
         self._block: Tensor | None = None
         self._used = 0  # draws served from the current block
 
