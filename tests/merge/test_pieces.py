@@ -88,13 +88,13 @@ def test_radix_select_equals_sorting_at_every_rank(dtype: torch.dtype, layout: s
     elif layout == "with_zeros_and_inf":
         x[::5] = 0.0
         x[7] = math.inf
-    x = x.to(dtype)
+    x = (x - 1.5 if layout == "random" else x).to(dtype)  # both signs too
     ordered = torch.sort(x.double()).values
     ranks = [0, 1, 17, n // 3, n // 2, n - n // 5, n - 2, n - 1]
     for size in (n, 641):
         stats = S.order_stats(x, ranks, magnitudes=False, options={"piece_elems": size})
         for r, stat in zip(ranks, stats):
-            value = S.key_value(stat.key, dtype)
+            value = S.key_value(stat.key, dtype, signed=True)
             assert value == ordered[r].item()
             assert stat.below == int((x.double() < value).sum())
             assert stat.equal == int((x.double() == value).sum())
@@ -110,8 +110,14 @@ def test_select_rank_is_exact_on_adversarial_orders() -> None:
             value, n_ge = S.select_rank(x, rank)
             assert value.item() == ordered[rank].item()
             assert n_ge == int((x >= ordered[rank]).sum())
-    with pytest.raises(ValueError, match="non-negative"):
-        S.select_rank(torch.tensor([1.0, -2.0]), 0)
+    signed = torch.tensor([0.5, -2.0, -0.0, 0.0, 3.0, -2.0, -1e-30, 7.0])
+    ordered = torch.sort(signed).values
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = signed.to(dtype)
+        for rank in range(signed.numel()):
+            value, n_ge = S.select_rank(x, rank)
+            assert value.item() == ordered.to(dtype)[rank].item()
+            assert n_ge == int((x >= value).sum())
     with pytest.raises(ValueError, match="outside"):
         S.select_rank(torch.tensor([1.0]), 1)
 
@@ -430,3 +436,12 @@ def test_blocked_draws_do_not_depend_on_the_pieces() -> None:
         stream.rewind()
         got = torch.cat([stream.fill(torch.empty(b - a)) for a, b in ranges(n, size)])
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_magnitude_order_stats_equal_sorting(dtype: torch.dtype) -> None:
+    x = (torch.randn(30011, generator=torch.Generator().manual_seed(8), dtype=torch.float64)).to(dtype)
+    mags = torch.sort(x.double().abs()).values
+    ranks = [0, 100, 15000, 30010]
+    for r, stat in zip(ranks, S.order_stats(x, ranks, options={"piece_elems": 999})):
+        assert S.key_value(stat.key, dtype) == mags[r].item()

@@ -78,10 +78,30 @@ def magnitude_keys(values: Tensor, out: Tensor | None = None) -> Tensor:
     return mag.view(_KEYS[mag.dtype][0])
 
 
-def key_value(key: int, dtype: torch.dtype) -> float:
-    """The float whose key (:func:`magnitude_keys`) is ``key``."""
-    int_dtype = _KEYS[dtype][0]
-    return float(torch.tensor([key], dtype=int_dtype).view(dtype).item())
+def _flip(bits: Tensor) -> Tensor:
+    """Negative floats' bit patterns with their magnitude bits flipped: signed integers ordered like the values."""
+    width = bits.element_size() * 8
+    return bits ^ ((bits >> (width - 1)) & ((1 << (width - 1)) - 1))
+
+
+def signed_keys(values: Tensor) -> Tensor:
+    """Values of any sign as signed integer keys ordered like the values (``-0.0`` counted as ``+0.0``).
+
+    Select over them with ``RadixSelect(signed_key_bits(dtype), ranks, signed=True)``.
+    """
+    canonical = values + 0.0  # -0.0 + 0.0 == +0.0: equal values get equal keys
+    return _flip(canonical.view(_KEYS[values.dtype][0]))
+
+
+def signed_key_bits(dtype: torch.dtype) -> int:
+    """Bits of :func:`signed_keys` of ``dtype`` (its full width)."""
+    return key_bits(dtype) + 1
+
+
+def key_value(key: int, dtype: torch.dtype, signed: bool = False) -> float:
+    """The float whose key (:func:`magnitude_keys`, or :func:`signed_keys` when ``signed``) is ``key``."""
+    bits = torch.tensor([key], dtype=_KEYS[dtype][0])
+    return float((_flip(bits) if signed else bits).view(dtype).item())
 
 
 def value_key(value: float, dtype: torch.dtype) -> int:
@@ -138,6 +158,8 @@ class RadixCounter:
         if sel.level == 0:
             self.count += keys.numel()
             digits = keys >> shift if shift else keys
+            if sel.offset:
+                digits = digits.to(torch.int32) + sel.offset  # signed keys: the top digit from 0
             self._add(0, torch.bincount(digits.reshape(-1), minlength=1 << width))
             return
         high = keys >> shift if shift else keys
@@ -161,14 +183,18 @@ class RadixSelect:
     :meth:`counter` s, one per part fed by its own thread), then :meth:`end_pass`; repeat while not
     :attr:`done` (:attr:`passes` passes; a pass histograms one 16-bit digit of the keys sharing the digits
     found so far). ``ranks``: the ascending ranks wanted, or a function of the stream's length (known after
-    the first pass), e.g. ``lambda n: [n - k]`` for the k-th largest. Memory: one 65,536-bin int64 histogram
-    per distinct prefix (at most one per wanted rank) and counter.
+    the first pass), e.g. ``lambda n: [n - k]`` for the k-th largest. ``signed``: the keys are signed
+    integers of ``bits`` bits (:func:`signed_keys`), else non-negative ones of ``bits`` significant bits
+    (:func:`magnitude_keys`). Memory: one 65,536-bin int64 histogram per distinct prefix (at most one per
+    wanted rank) and counter.
     """
 
-    def __init__(self, bits: int, ranks: Sequence[int] | Callable[[int], Sequence[int]]) -> None:
-        if not 1 <= bits <= 63:
-            raise ValueError(f"RadixSelect: bits must be in 1..63, got {bits}")
+    def __init__(self, bits: int, ranks: Sequence[int] | Callable[[int], Sequence[int]],
+                 signed: bool = False) -> None:
+        if not 1 <= bits <= (64 if signed else 63):
+            raise ValueError(f"RadixSelect: bits must be in 1..63 (64 signed), got {bits}")
         self.levels = _levels(bits)
+        self.offset = 1 << (self.levels[0][1] - 1) if signed else 0
         self._ranks = ranks
         self.level = 0
         self.count = 0
@@ -233,11 +259,12 @@ class RadixSelect:
             cum = hist.cumsum(0)
             digit = int(torch.searchsorted(cum, torch.tensor([rank - below]), right=True))
             q[2] = below + (int(cum[digit - 1]) if digit else 0)
+            value = (prefix << width) + digit - (self.offset if self.level == 0 else 0)
             if last:
                 part_equal = tuple(int(c.hists[prefix][digit]) if prefix in c.hists else 0 for c in parts)
-                results.append(OrderStat(rank=rank, key=(prefix << width) | digit, below=q[2],
+                results.append(OrderStat(rank=rank, key=value, below=q[2],
                                          equal=int(hist[digit]), count=self.count, part_equal=part_equal))
-            q[1] = (prefix << width) | digit
+            q[1] = value
         self._default = RadixCounter(self)
         self.level += 1
         self.prefixes = sorted({q[1] for q in self._queries})
@@ -247,27 +274,26 @@ class RadixSelect:
 
 def order_stats(values: Tensor | Source, ranks: Sequence[int], *, magnitudes: bool = True,
                 options: Mapping[str, Any] | None = None) -> list[OrderStat]:
-    """Exact order statistics of ``|values|`` (``magnitudes``) or of non-negative ``values``, in pieces.
+    """Exact order statistics of ``|values|`` (``magnitudes``) or of the values themselves, in pieces.
 
     ``values``: a tensor or :class:`~evomerge.merge.kernels.pieces.Source`; pieces are sized by
-    ``options['memory_budget']`` / ``options['piece_elems']``. Without ``magnitudes`` the values must be
-    non-negative (their keys are their bit patterns).
+    ``options['memory_budget']`` / ``options['piece_elems']``. The results' keys are :func:`magnitude_keys`
+    (``magnitudes``) or :func:`signed_keys`: read them with :func:`key_value` (``signed=not magnitudes``).
     """
     src = as_source(values)
     n = src.numel()
-    sel = RadixSelect(key_bits(src.dtype), ranks)
     if n == 0:
         raise ValueError("order statistics of an empty tensor")
+    if magnitudes:
+        sel = RadixSelect(key_bits(src.dtype), ranks)
+    else:
+        sel = RadixSelect(signed_key_bits(src.dtype), ranks, signed=True)
     size = piece_size(options or {}, 2 * src.dtype.itemsize, src.device)
     scratch = torch.empty(min(size, n), dtype=src.dtype, device=src.device)
     while not sel.done:
         for start, stop in ranges(n, size):
             piece = src.read(start, stop)
-            if magnitudes:
-                keys = magnitude_keys(piece, scratch[: stop - start])
-            else:
-                keys = piece.view(_KEYS[src.dtype][0])
-            sel.feed(keys)
+            sel.feed(magnitude_keys(piece, scratch[: stop - start]) if magnitudes else signed_keys(piece))
         sel.end_pass()
     assert sel.results is not None
     return sel.results
@@ -382,19 +408,17 @@ def cut_mask(values: Tensor, cut: MagnitudeCut) -> Tensor:
 
 
 def select_rank(values: Tensor, rank: int) -> tuple[Tensor, int]:
-    """Exact value at 0-based ascending ``rank`` of a non-negative tensor, and how many entries are >= it."""
+    """Exact value at 0-based ascending ``rank`` of a tensor, and how many entries are >= it (linear time)."""
     flat = values.reshape(-1)
     n = flat.numel()
     if not 0 <= rank < n:
         raise ValueError(f"rank {rank} outside a tensor of {n} elements")
-    if bool((flat < 0).any()):
-        raise ValueError("select_rank: values must be non-negative (magnitudes)")
-    stat = order_stats(flat, [rank])[0]
-    return torch.tensor(key_value(stat.key, flat.dtype), dtype=flat.dtype), stat.count - stat.below
+    stat = order_stats(flat, [rank], magnitudes=False)[0]
+    return torch.tensor(key_value(stat.key, flat.dtype, signed=True), dtype=flat.dtype), stat.count - stat.below
 
 
 def kth_smallest(values: Tensor, rank: int) -> Tensor:
-    """Exact value at 0-based ascending ``rank`` of a non-negative tensor (0-d tensor)."""
+    """Exact value at 0-based ascending ``rank`` of a tensor (0-d tensor)."""
     return select_rank(values, rank)[0]
 
 
