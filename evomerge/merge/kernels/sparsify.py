@@ -160,7 +160,13 @@ class RadixCounter:
             digits = keys >> shift if shift else keys
             if sel.offset:
                 digits = digits.to(torch.int32) + sel.offset  # signed keys: the top digit from 0
-            self._add(0, torch.bincount(digits.reshape(-1), minlength=1 << width))
+            # the digits a piece holds span a few exponents: count those bins only, add them in place
+            low = int(digits.min())
+            hist = torch.bincount((digits - low).reshape(-1))
+            acc = self.hists.get(0)
+            if acc is None:
+                acc = self.hists[0] = torch.zeros(1 << width, dtype=torch.int64, device=keys.device)
+            acc[low:low + hist.numel()].add_(hist)
             return
         high = keys >> shift if shift else keys
         for prefix in sel.prefixes:
