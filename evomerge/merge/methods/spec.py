@@ -101,9 +101,9 @@ class MergeMethod:
     merge a tensor in pieces that stay in cache. ``streams``: the kernel takes
     :class:`~evomerge.merge.kernels.pieces.Source` inputs (read piece by piece) and an ``out`` keyword (the
     buffer it writes, any float dtype), and holds only piece-sized temporaries within
-    ``options['memory_budget']``: an engine may hand it inputs it never loads whole. ``coefficients``: for linear methods, the per-tensor
-    ``beta * base + sum_t c_t tau_t`` form of the kernel (the resident merger's fused path; kinship's exact
-    forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
+    ``options['memory_budget']``: an engine may hand it inputs it never loads whole.
+    ``coefficients``: for linear methods, the per-tensor ``beta * base + sum_t c_t tau_t`` form of the kernel
+    (the resident merger's fused path; kinship's exact forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
     recipe (a qp recipe that names its own calibration file needs no rows from the caller). ``prepare``: run
     once per recipe before any tensor with a :class:`MethodContext`; it returns per-tensor kernel options.
     ``diagnostics``: what the last prepared merge measured about itself (qp: the residual-energy rho), read
