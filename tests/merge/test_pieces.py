@@ -445,3 +445,33 @@ def test_magnitude_order_stats_equal_sorting(dtype: torch.dtype) -> None:
     ranks = [0, 100, 15000, 30010]
     for r, stat in zip(ranks, S.order_stats(x, ranks, options={"piece_elems": 999})):
         assert S.key_value(stat.key, dtype) == mags[r].item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_kernels_on_cuda_select_the_same_entries_and_stay_within_the_budget() -> None:
+    """The device path (not run on CPU-only machines): the same top-k sets as on CPU, DARE masks that do not
+    depend on the pieces, and temporaries within the budget (no full-size float32 copy of any input)."""
+    dev = torch.device("cuda")
+    base, tensors = _quantized((512, 1024), 3, seed=5, dtype=torch.bfloat16)
+    delta = tensors[0].float() - base.float()
+    on_cpu, on_gpu = delta.clone(), delta.to(dev)
+    S.magnitude_(on_cpu, 0.2)
+    S.magnitude_(on_gpu, 0.2)
+    assert torch.equal(on_gpu.cpu() != 0, on_cpu != 0)
+    mp = [{"weight": 1.0, "density": 0.2}] * 3
+    b, ts = base.to(dev), [t.to(dev) for t in tensors]
+    out = torch.empty(base.shape, dtype=torch.float32, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    budget = 2 * 1024 * 1024
+    ties(b, ts, mp, {}, {"memory_budget": budget}, out=out)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= 2 * budget  # allocator rounding aside
+    torch.testing.assert_close(out.cpu(), ties(base, tensors, mp, {}, {}), rtol=0, atol=1e-6)
+    dare = [{"weight": 1.0, "density": 0.4}] * 3
+    gen = torch.Generator
+    whole = dare_ties(b, ts, dare, {}, {}, gen(device=dev).manual_seed(3))
+    for size in (4096, 100_000):
+        got = dare_ties(b, ts, dare, {}, {"piece_elems": size}, gen(device=dev).manual_seed(3))
+        assert torch.equal(got, whole)
