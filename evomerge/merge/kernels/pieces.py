@@ -92,10 +92,6 @@ def as_source(x: Tensor | Source) -> Source:
     return TensorSource(x) if isinstance(x, Tensor) else x
 
 
-def is_floating(x: Tensor | Source) -> bool:
-    return x.dtype.is_floating_point
-
-
 def memory_budget(options: Mapping[str, Any]) -> int:
     """Bytes of per-tensor temporaries allowed: ``options['memory_budget']`` or 256 MiB."""
     value = options.get("memory_budget")

@@ -1,13 +1,15 @@
 """Sparsification of task vectors, exact and in linear time: top-k, rank windows, thresholds, DARE drops.
 
-Pure torch (no other evomerge import), so kernels stay cheap to call from any engine.
+Pure torch (of evomerge, only :mod:`~evomerge.merge.kernels.pieces`), so kernels stay cheap to call from
+any engine.
 
 **Selection.** Every top-k / percentile / rank step is an exact order statistic found without sorting, in
 pieces: the bit pattern of a non-negative float, read as an integer (a *key*, :func:`magnitude_keys`), orders
 like its value, so a radix select over the keys (:class:`RadixSelect`) finds the key at any rank with one
 histogram pass per 16 bits (two for float32, one for bfloat16/float16, four for float64), each pass a
 ``bincount`` over cache-sized pieces. The answer is exact (the last pass pins the key), and never depends on
-the data's order or on how the tensor is cut into pieces.
+the data's order or on how the tensor is cut into pieces. Values of both signs select the same way over
+:func:`signed_keys` (``select_rank``, ``order_stats(..., magnitudes=False)``).
 
 **Ties.** A selection is a :class:`MagnitudeCut`: the entries strictly beyond a threshold key plus the first
 ``ties`` entries (lowest flat index first) equal to it, so exactly ``k`` entries are kept whatever the
@@ -102,11 +104,6 @@ def key_value(key: int, dtype: torch.dtype, signed: bool = False) -> float:
     """The float whose key (:func:`magnitude_keys`, or :func:`signed_keys` when ``signed``) is ``key``."""
     bits = torch.tensor([key], dtype=_KEYS[dtype][0])
     return float((_flip(bits) if signed else bits).view(dtype).item())
-
-
-def value_key(value: float, dtype: torch.dtype) -> int:
-    """The key of a non-negative float in ``dtype`` (rounded to that dtype first)."""
-    return int(torch.tensor([abs(value)], dtype=dtype).view(_KEYS[dtype][0]).item())
 
 
 # ------------------------------------------------------------------------------------- radix selection
@@ -429,12 +426,12 @@ def kth_smallest(values: Tensor, rank: int) -> Tensor:
 
 
 def topk_mask(mag: Tensor, k: int) -> Tensor:
-    """Boolean mask of exactly the ``k`` largest entries of ``mag`` (ties broken by lowest flat index)."""
+    """Boolean mask of exactly the ``k`` largest entries of ``|mag|`` (ties broken by lowest flat index)."""
     return cut_mask(mag, top_k_cut(mag, k))
 
 
 def rank_window_mask(mag: Tensor, start: int, stop: int) -> Tensor:
-    """Mask of the entries whose ascending rank lies in ``[start, stop)`` (ties ranked by flat index)."""
+    """Mask of the entries whose ascending rank of ``|mag|`` lies in ``[start, stop)`` (ties ranked by index)."""
     n = mag.numel()
     start, stop = max(0, start), min(n, stop)
     if stop <= start:
