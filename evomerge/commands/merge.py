@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-mergekit-yaml", action="store_true",
                         help="also write OUT/mergekit_config.yml (fails before merging if not expressible)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help="temporaries a streaming kernel (TIES, DARE, Breadcrumbs, task arithmetic) may hold per "
+                             "tensor and worker, e.g. 256MB (default 256MiB)")
 
 
 def recipe_inputs(recipe: Recipe) -> list[str]:
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     summary = merge_recipe_to_disk(
         recipe, args.out, device=args.device, dtype=args.dtype, seed=args.seed,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, vocab_policy=args.vocab_policy,
-        progress=not args.no_progress, where=str(args.recipe),
+        progress=not args.no_progress, where=str(args.recipe), memory_budget=args.memory_budget,
     )
     if mk_text is not None:
         write_text_atomic(summary.out_dir / "mergekit_config.yml", mk_text)

@@ -135,3 +135,15 @@ def test_write_mergekit_yaml_refused_before_merging(tmp_path: Path, llamas: list
     assert main(["merge", str(r), str(tmp_path / "o"), "--write-mergekit-yaml", "--no-progress"]) == 2
     assert "trim_scope" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_memory_budget_changes_memory_not_the_model(tmp_path: Path, llamas: list[Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    r = _write(tmp_path / "r.yaml", _ties(llamas))
+    assert main(["merge", str(r), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["merge", str(r), str(tmp_path / "b"), "--no-progress", "--memory-budget", "64KB"]) == 0
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    capsys.readouterr()
+    assert main(["merge", str(r), str(tmp_path / "c"), "--no-progress", "--memory-budget", "lots"]) == 2
+    assert "size" in capsys.readouterr().err and not (tmp_path / "c").exists()

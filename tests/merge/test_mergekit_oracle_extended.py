@@ -19,7 +19,7 @@ import torch
 
 from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.formats.recipe_yaml import parse_recipe
-from evomerge.merge.kernels.task_arithmetic import della, della_linear
+from evomerge.merge.kernels.della import della, della_linear
 
 mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit not installed: oracle cross-check skipped")
 from mergekit.merge import run_merge  # noqa: E402

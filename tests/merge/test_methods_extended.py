@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from evomerge.merge.kernels import pairwise
+from evomerge.merge.kernels.della import della, della_linear
 from evomerge.merge.kernels.magprune import keep_probabilities, magprune_
 from evomerge.merge.kernels.pairwise import arcee_fusion, nearswap, quartiles
 from evomerge.merge.kernels.passthrough import passthrough
 from evomerge.merge.kernels.ram import ram, ramplus_tl
 from evomerge.merge.kernels.sce import sce
 from evomerge.merge.kernels.sphere import karcher, multislerp, nuslerp, nuslerp_pair
-from evomerge.merge.kernels.task_arithmetic import della, della_linear, ties
+from evomerge.merge.kernels.task_arithmetic import ties
 from evomerge.merge.methods.extended import BY_NAME
 from evomerge.merge.methods.registry import REGISTRY
 

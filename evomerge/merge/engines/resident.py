@@ -609,7 +609,7 @@ class ResidentMerger:
                 self._fused_into(name, target, base, rows, list(form.coefficients), float(form.beta))
                 return
             tensors = self._input_deltas(name, rows, base)
-            target.copy_(plan.merge_tensor(name, base, tensors, device=self.device))
+            plan.merge_tensor(name, base, tensors, device=self.device, out=target)  # written in place
 
         self._each_tensor(merge_one)
         if self.device.type == "cuda":  # the kernels run asynchronously: time what they took

@@ -8,13 +8,13 @@ that may vary per layer (search genes); options are constants.
 
 from __future__ import annotations
 
+from evomerge.merge.kernels.della import della, della_linear
 from evomerge.merge.kernels.magprune import RESCALES
 from evomerge.merge.kernels.pairwise import arcee_fusion, nearswap
 from evomerge.merge.kernels.passthrough import passthrough
 from evomerge.merge.kernels.ram import ram, ramplus_tl
 from evomerge.merge.kernels.sce import sce
 from evomerge.merge.kernels.sphere import karcher, multislerp, nuslerp
-from evomerge.merge.kernels.task_arithmetic import della, della_linear
 from evomerge.merge.methods.builtin import (
     _LAMBDA,
     _NORMALIZE_F,

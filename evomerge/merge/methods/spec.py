@@ -28,7 +28,8 @@ Kernel = Callable[..., torch.Tensor]
 Prepared = Mapping[str, Mapping[str, Any]]
 
 # Options the engines pass to kernels at run time; a recipe may not set them.
-RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign", "base_given"})
+RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign", "base_given",
+                             "memory_budget", "piece_elems", "part_elems", "cpu_share", "kernel_threads"})
 
 
 class Need(str, enum.Enum):
@@ -101,9 +102,12 @@ class MergeMethod:
     option ``base_given``, since the resident merger passes a base to every kernel. ``stacks_layers``: the
     method takes ``slices`` (layer stacking, which changes the layer count; each slice is one kernel input).
     ``elementwise``: each output element depends only on the same element of the inputs, so an engine may
-    merge a tensor in pieces that stay in cache. ``coefficients``: for linear methods, the per-tensor
-    ``beta * base + sum_t c_t tau_t`` form of the kernel (the resident merger's fused path; kinship's exact
-    forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
+    merge a tensor in pieces that stay in cache. ``streams``: the kernel takes
+    :class:`~evomerge.merge.kernels.pieces.Source` inputs (read piece by piece) and an ``out`` keyword (the
+    buffer it writes, any float dtype), and holds only piece-sized temporaries within
+    ``options['memory_budget']``: an engine may hand it inputs it never loads whole.
+    ``coefficients``: for linear methods, the per-tensor ``beta * base + sum_t c_t tau_t`` form of the kernel
+    (the resident merger's fused path; kinship's exact forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
     recipe (a qp recipe that names its own calibration file needs no rows from the caller). ``prepare``: run
     once per recipe before any tensor with a :class:`MethodContext`; it returns per-tensor kernel options.
     ``diagnostics``: what the last prepared merge measured about itself (qp: the residual-energy rho), read
@@ -122,6 +126,7 @@ class MergeMethod:
     base_optional: bool = False
     stacks_layers: bool = False
     elementwise: bool = False
+    streams: bool = False
     needs: frozenset[Need] = frozenset()
     coefficients: Callable[[list[dict[str, float]], dict[str, float], Mapping[str, Any]], LinearCoefficients] | None = None
     prepare: Callable[[MethodContext], Prepared] | None = None
