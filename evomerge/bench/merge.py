@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from evomerge.bench.options import add_model_set_arguments
 from evomerge.errors import ConfigError
 
 NAME = "merge"
@@ -43,11 +44,7 @@ _LLAMA3_SMALL = {"vocab": 32000, "hidden": 1024, "inter": 256, "heads": 8, "kv_h
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="where the benchmark models are kept (default $EVOMERGE_CACHE or ~/.cache/evomerge, /bench)")
-    parser.add_argument("--params", default="250M", help="parameters per model (default 250M)")
-    parser.add_argument("--small", action="store_true", help="quick run: ~25M-parameter models, fewer repeats")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every tool (default 2)")
+    add_model_set_arguments(parser, "quick run: ~25M-parameter models, fewer repeats", "CPU threads for every tool (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="resident applies per recipe (default 5; 2 small)")
     parser.add_argument("--runs", type=int, default=1,
                         help="runs per tool and method, best kept (default 1; use 2+ on a shared machine)")

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.atomic import atomic_output_dir
 from evomerge.bench.merge import _parse_count, build_models
+from evomerge.bench.options import add_model_set_arguments
 from evomerge.errors import ConfigError
 from evomerge.merge.engines.disk import peak_rss_bytes
 from evomerge.merge.engines.resident import ResidentMerger
@@ -40,11 +41,7 @@ HELP = "resident merge per memory tier (device, cpu, disk) on ~250M bf16 models:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="where the benchmark models are kept (default $EVOMERGE_CACHE or ~/.cache/evomerge, /bench)")
-    parser.add_argument("--params", default="250M", help="parameters per model (default 250M)")
-    parser.add_argument("--small", action="store_true", help="quick run: ~25M-parameter models")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    add_model_set_arguments(parser, "quick run: ~25M-parameter models", "CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=None, help="applies per recipe (default 3; 2 small)")
     parser.add_argument("--tiers", nargs="+", default=["device", "cpu", "disk"], choices=("device", "cpu", "disk"))
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")

@@ -22,13 +22,12 @@ from typing import Any
 import yaml
 
 from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import timed_search
 from evomerge.bench.workers import demo_space_dict
 from evomerge.executors.ray_executor import RayExecutor
 from evomerge.executors.simulated import simulated_worker
 from evomerge.executors.worker import WorkerSpec
 from evomerge.search.events import EventKind
-from evomerge.search.loop import run_search
-from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 
 NAME = "scheduler"
@@ -73,15 +72,10 @@ def run(args: argparse.Namespace) -> int:
         startup = time.perf_counter() - t0
         print(f"  {workers} actors started in {startup:.1f} s", flush=True)
         try:
-            executor.reset_stats()
-            run_dir = RunDir.create(work / "run", space)
-            t1_wall = time.time()
-            t1 = time.perf_counter()
-            summary = run_search(run_dir, space, executor, progress=False)
-            wall = time.perf_counter() - t1
-            stats = executor.stats()
+            timed = timed_search(work / "run", space, executor)
         finally:
             executor.close()
+        run_dir, summary, wall, t1_wall, stats = timed.run_dir, timed.summary, timed.wall_s, timed.started_at, timed.stats
         with run_dir.archive(readonly=True) as archive:
             records = archive.results("search")
             requeued = len(archive.events(EventKind.REQUEUED))

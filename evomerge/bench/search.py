@@ -32,10 +32,11 @@ import torch
 import yaml
 
 from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import zoo_fitness
+from evomerge.bench.options import add_zoo_arguments
 from evomerge.errors import ConfigError
 from evomerge.executors.base import EvalJob, InProcessExecutor
 from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
-from evomerge.fitness.spec import FitnessSpec
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.search.events import EventKind
@@ -45,7 +46,7 @@ from evomerge.search.population.session import run_population_session
 from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 from evomerge.search.stopping import StopFlag
-from evomerge.zoo.build import SPECIALISTS, ensure_zoo
+from evomerge.zoo.build import SPECIALISTS
 
 NAME = "search"
 HELP = "held-out scores: uniform, TA (λ grid), TIES, per-layer CMA-ES, Top-k greedy, population manager"
@@ -55,10 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=200, help="evaluations per search row and seed (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
     parser.add_argument("--small", action="store_true", help="quick run: budget 30, seed 0 only")
-    parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
-    parser.add_argument("--zoo-seed", type=int, default=0)
-    parser.add_argument("--metric", default="token_acc",
-                        help="built-in metric for every task (exact match of merged demo models is mostly 0)")
+    add_zoo_arguments(parser)
     parser.add_argument("--k", type=int, default=3, help="population top-k (default 3)")
     parser.add_argument("--pair-budget", type=int, default=6, help="evaluations per parent pair (default 6)")
     parser.add_argument("--pair-init", default="kinship",
@@ -104,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
         PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
-    raw = FitnessSpec.from_yaml(zoo / "fitness.yaml")
-    spec = raw.with_metric(args.metric)
+    zoo, spec = zoo_fitness(args.zoo_size, args.zoo_seed, args.metric)
     skills = list(SPECIALISTS)
     originals = {s: str(zoo / s) for s in skills}
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))

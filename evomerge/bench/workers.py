@@ -24,11 +24,10 @@ from typing import Any
 import yaml
 
 from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import timed_search
 from evomerge.executors.base import EvalJob
 from evomerge.executors.ray_executor import RayExecutor
 from evomerge.search.genome import Genome
-from evomerge.search.loop import run_search
-from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 from evomerge.search.workers import worker_spec
 from evomerge.zoo.build import SPECIALISTS, ensure_zoo
@@ -83,12 +82,8 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             executor.submit(EvalJob(-1 - i, recipe))
         while executor.pending():
             executor.poll(timeout=1.0)
-        executor.reset_stats()
-        run = RunDir.create(work / f"run-{workers}", space)
-        t1 = time.perf_counter()
-        summary = run_search(run, space, executor, progress=False)
-        wall = time.perf_counter() - t1
-        stats = executor.stats()
+        timed = timed_search(work / f"run-{workers}", space, executor)
+        summary, wall, stats = timed.summary, timed.wall_s, timed.stats
     finally:
         executor.close()
     threads = {name: w.get("threads") for name, w in stats["workers"].items()}

@@ -45,27 +45,15 @@ def _della(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[s
                                        sparsify=None, consensus=consensus, default_normalize=default_normalize)
 
 
-def della(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def della(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+          params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """DELLA: MAGPRUNE each task vector, then the TIES sign election and disjoint mean (mergekit's della:
     normalize default true)."""
     return _della(base, tensors, model_params, params, options, generator, consensus=True, default_normalize=True)
 
 
-def della_linear(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def della_linear(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+                 params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """MAGPRUNE then task arithmetic (mergekit's della_linear: normalize default false)."""
     return _della(base, tensors, model_params, params, options, generator, consensus=False,
                   default_normalize=False)

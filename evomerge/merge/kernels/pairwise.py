@@ -26,14 +26,8 @@ def _pair(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[st
     return a, b, wd
 
 
-def nearswap(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def nearswap(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+             params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """NearSwap: take the fine-tune where it is near the base. ``w = clamp(t / max(|a - b|, 1e-6), 0, 1)`` per
     entry and ``w b + (1 - w) a`` (a = base, b = the model): entries closer than ``t`` become the model's,
     farther ones move ``t`` towards it."""
@@ -52,14 +46,8 @@ def quartiles(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q1, q2, q3
 
 
-def arcee_fusion(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def arcee_fusion(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+                 params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Arcee Fusion: take the model's change only where it matters most.
 
     Importance ``|b - a| * KL(softmax(b) || softmax(a))`` (softmax and KL per row of the last dimension, 1e-8

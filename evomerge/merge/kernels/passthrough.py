@@ -10,14 +10,8 @@ import torch
 from evomerge.merge.kernels.common import Tensor, check_inputs, full_inputs, work_dtype
 
 
-def passthrough(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def passthrough(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+                params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """``scale * theta`` of the one input (``scale`` per model, default 1: the tensor unchanged)."""
     if len(tensors) != 1:
         raise ValueError(f"passthrough takes exactly 1 tensor, got {len(tensors)}")

@@ -264,14 +264,8 @@ def _stacked_deltas(base: Tensor, tensors: Sequence[Tensor], options: Mapping[st
     return torch.stack([t.to(torch.float64) - b for t in tensors])
 
 
-def qp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def qp(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+       params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Kernel of method ``qp``: solve the per-tensor QP with ``options['qp_grams']`` (tensors without Grams are
     merged by the method's fallback, see :mod:`evomerge.merge.methods.qp`).
 

@@ -41,25 +41,13 @@ def _ram(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str
     return base.to(wd) + merged.reshape(base.shape)
 
 
-def ram(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def ram(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+        params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """RAM: unique active changes whole, shared active changes averaged (see the module docstring)."""
     return _ram(base, tensors, model_params, params, options, plus=False)
 
 
-def ramplus_tl(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def ramplus_tl(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+               params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """RAM+ (tensor-local): RAM with each model's unique changes scaled up by its share of overlap."""
     return _ram(base, tensors, model_params, params, options, plus=True)

@@ -61,14 +61,8 @@ def variance_mask(deltas: Tensor, select_topk: float) -> Tensor | None:
     return topk_mask(var, k)
 
 
-def sce(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def sce(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+        params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Kernel of method ``sce`` (see the module docstring)."""
     if base is None:
         raise ValueError("sce needs a base tensor")

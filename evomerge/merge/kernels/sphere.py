@@ -55,14 +55,8 @@ def nuslerp_pair(t: float, v0: Tensor, v1: Tensor, row_wise: bool = False, flatt
     return out.reshape(shape)
 
 
-def nuslerp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def nuslerp(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+            params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """NuSLERP of two models at ``t = w_1 / (w_0 + w_1)`` (0.5 when the weights sum to ~0, as mergekit).
 
     With a base: ``base + slerp(tau_0, tau_1)``. Options ``nuslerp_flatten`` (default true: one angle for the
@@ -85,14 +79,8 @@ def nuslerp(
     return out
 
 
-def multislerp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def multislerp(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+               params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Multi-SLERP (mergekit): barycentric interpolation of several tensors on the hypersphere.
 
     The directions ``u_t`` are averaged with the weights into ``m`` (normalized), projected onto the tangent
@@ -183,14 +171,8 @@ def karcher_mean(tensors: list[Tensor], alphas: list[float], max_iter: int = 10,
     return scale * mean
 
 
-def karcher(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def karcher(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+            params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Karcher mean of the models (the base, if given, is one of them, as in mergekit).
 
     ``alpha_t = w_t / sum_t w_t`` from the per-model ``weight`` (default equal: mergekit's karcher, which has

@@ -7,7 +7,7 @@ either summed (task arithmetic family) or combined by the TIES sign election and
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -309,105 +309,50 @@ def generalized_task_arithmetic(
     return result
 
 
-def task_arithmetic(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """``base + lambda * sum_t w_t tau_t`` (divided by ``sum w_t`` when ``normalize``, default false)."""
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator, sparsify=None, consensus=False,
-        default_normalize=False, out=out,
-    )
+class FamilyKernel(Protocol):
+    """A generalized-task-arithmetic kernel: the kernel signature plus ``out=`` (it streams)."""
+
+    def __call__(self, base: Tensor | Source | None, tensors: Sequence[Tensor | Source],
+                 model_params: list[dict[str, float]], params: dict[str, float], options: Mapping[str, Any],
+                 generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor: ...
 
 
-def ties(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """TIES: trim each tau_t to its top ``density`` magnitudes, elect signs, disjoint mean, scale by lambda.
+def _member(name: str, doc: str, *, sparsify: str | None, consensus: bool, default_normalize: bool,
+            default_rescale: str = "none") -> FamilyKernel:
+    """One method of the family: generalized task arithmetic with its sparsification and combination."""
+    def kernel(base: Tensor | Source | None, tensors: Sequence[Tensor | Source],
+               model_params: list[dict[str, float]], params: dict[str, float], options: Mapping[str, Any],
+               generator: torch.Generator | None = None, out: Tensor | None = None) -> Tensor:
+        return generalized_task_arithmetic(base, tensors, model_params, params, options, generator,
+                                           sparsify=sparsify, consensus=consensus, default_normalize=default_normalize,
+                                           default_rescale=default_rescale, out=out)
 
-    ``trim_scope: tensor`` trims per tensor (mergekit); ``global`` keeps ``|tau_t| >= options['global_threshold'][t]``
-    computed over the whole model by :func:`evomerge.merge.kernels.sparsify.global_trim_thresholds`
-    (official TIES code). Keep count ``max(1, int(density * n))``, exact top-k, ties by index.
-    """
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator,
-        sparsify="magnitude", consensus=True, default_normalize=True, out=out,
-    )
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = doc
+    return kernel
 
 
-def dare_linear(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE then task arithmetic: drop each delta entry with probability ``1 - density``, rescale, sum."""
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator,
-        sparsify="random", consensus=False, default_normalize=False, default_rescale="inverse_density", out=out,
-    )
-
-
-def dare_ties(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE then TIES sign election and disjoint sum (mergekit's dare_ties; normalize default false)."""
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator,
-        sparsify="random", consensus=True, default_normalize=False, default_rescale="inverse_density", out=out,
-    )
-
-
-def breadcrumbs(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Model Breadcrumbs: drop the ``gamma`` largest and the smallest magnitudes to keep ``density``, then sum."""
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator,
-        sparsify="magnitude_outliers", consensus=False, default_normalize=False, out=out,
-    )
-
-
-def breadcrumbs_ties(
-    base: Tensor | Source | None,
-    tensors: Sequence[Tensor | Source],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """Breadcrumbs sparsification followed by the TIES sign election (mergekit's breadcrumbs_ties)."""
-    return generalized_task_arithmetic(
-        base, tensors, model_params, params, options, generator,
-        sparsify="magnitude_outliers", consensus=True, default_normalize=False, out=out,
-    )
+task_arithmetic = _member(
+    "task_arithmetic", "``base + lambda * sum_t w_t tau_t`` (divided by ``sum w_t`` when ``normalize``, default false).",
+    sparsify=None, consensus=False, default_normalize=False)
+ties = _member(
+    "ties", "TIES: trim each tau_t to its top ``density`` magnitudes, elect signs, disjoint mean, scale by lambda.\n\n"
+    "``trim_scope: tensor`` trims per tensor (mergekit); ``global`` keeps ``|tau_t| >= options['global_threshold'][t]`` "
+    "computed over the whole model by :func:`evomerge.merge.kernels.sparsify.global_trim_thresholds` (official "
+    "TIES code). Keep count ``max(1, int(density * n))``, exact top-k, ties by index.",
+    sparsify="magnitude", consensus=True, default_normalize=True)
+dare_linear = _member(
+    "dare_linear", "DARE then task arithmetic: drop each delta entry with probability ``1 - density``, rescale, sum.",
+    sparsify="random", consensus=False, default_normalize=False, default_rescale="inverse_density")
+dare_ties = _member(
+    "dare_ties", "DARE then TIES sign election and disjoint sum (mergekit's dare_ties; normalize default false).",
+    sparsify="random", consensus=True, default_normalize=False, default_rescale="inverse_density")
+breadcrumbs = _member(
+    "breadcrumbs", "Model Breadcrumbs: drop the ``gamma`` largest and the smallest magnitudes to keep ``density``, "
+    "then sum.", sparsify="magnitude_outliers", consensus=False, default_normalize=False)
+breadcrumbs_ties = _member(
+    "breadcrumbs_ties", "Breadcrumbs sparsification followed by the TIES sign election (mergekit's breadcrumbs_ties).",
+    sparsify="magnitude_outliers", consensus=True, default_normalize=False)
 
 
 def task_arithmetic_coefficients(model_params: list[dict[str, float]], params: dict[str, float],

@@ -9,6 +9,7 @@ seeded from (recipe seed, tensor name) (:func:`tensor_generator`), so every engi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,18 @@ def resolve_options(recipe: Recipe, m: MergeMethod) -> dict[str, OptionValue]:
     return out
 
 
+def _check_per_model(m: MergeMethod, values: Mapping[str, ParamValue], where: str, known: str) -> None:
+    """One model's (or one slice's) own parameters: known, per-model, in range."""
+    for name, value in values.items():
+        at = f"{where}.{name}"
+        spec = m.param(name)
+        if spec is None:
+            raise ConfigError(f"{at}: unknown parameter for method {m.name} (known: {known})")
+        if not spec.per_model:
+            raise ConfigError(f"{at}: {name} is a global parameter of {m.name}; set it under parameters")
+        _check_values(spec, value, at, m.name)
+
+
 def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> MergeMethod:
     """Check a recipe against its method before any work; returns the method.
 
@@ -110,14 +123,7 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
             )
         _check_values(spec, value, f"{where}.parameters.{name}", m.name)
     for i, entry in enumerate(recipe.models):
-        for name, value in entry.parameters.items():
-            at = f"{where}.models[{i}].parameters.{name}"
-            spec = m.param(name)
-            if spec is None:
-                raise ConfigError(f"{at}: unknown parameter for method {m.name} (known: {known_params})")
-            if not spec.per_model:
-                raise ConfigError(f"{at}: {name} is a global parameter of {m.name}; set it under parameters")
-            _check_values(spec, value, at, m.name)
+        _check_per_model(m, entry.parameters, f"{where}.models[{i}].parameters", known_params)
     known_opts = ", ".join(o.name for o in m.options) or "none"
     for name, value in recipe.options.items():
         spec_o = m.option(name)
@@ -128,14 +134,7 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
             )
         spec_o.check(value, f"{where}.options.{name}", m.name)
     for i, sl in enumerate(recipe.slices):
-        for name, value in sl.parameters.items():
-            at = f"{where}.slices[{i}].parameters.{name}"
-            spec = m.param(name)
-            if spec is None:
-                raise ConfigError(f"{at}: unknown parameter for method {m.name} (known: {known_params})")
-            if not spec.per_model:
-                raise ConfigError(f"{at}: {name} is a global parameter of {m.name}; set it under parameters")
-            _check_values(spec, value, at, m.name)
+        _check_per_model(m, sl.parameters, f"{where}.slices[{i}].parameters", known_params)
     opts = resolve_options(recipe, m)
     if opts.get("trim_scope") == "global":
         for i, entry in enumerate(recipe.models):
