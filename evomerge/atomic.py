@@ -3,15 +3,71 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, DiskFullError
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GB``-style sizes for messages."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def mount_point(path: str | os.PathLike[str]) -> Path:
+    """The mount point of the file system holding ``path`` (its nearest existing ancestor)."""
+    p = Path(path).resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def disk_full_error(path: str | os.PathLike[str], needed: int | None, what: str, then: str) -> DiskFullError:
+    """The error for a write of ``what`` under ``path`` that found the disk full: which disk, how much is free,
+    how much is needed, and ``then`` (what to do once space is freed)."""
+    where = mount_point(path)
+    try:
+        usage = shutil.disk_usage(where)
+        free = f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
+    except OSError:
+        free = "free space unknown"
+    need = f" needs about {format_bytes(needed)} more" if needed else " needs more space"
+    return DiskFullError(f"no space left on the disk holding {Path(path)} (file system mounted at {where}, {free}): "
+                         f"writing {what}{need}. {then}")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-space error: ENOSPC/EDQUOT, or SQLite's "database or disk is full"."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == 13 or (code is None and "database or disk is full" in str(exc))  # SQLITE_FULL
+
+
+def raise_if_disk_full(exc: BaseException, path: str | os.PathLike[str], needed: int | None, what: str,
+                       resume: str) -> None:
+    """Raise :func:`disk_full_error` (from a run's write: nothing is lost, ``resume`` continues) if ``exc`` is one."""
+    if isinstance(exc, DiskFullError):
+        raise exc
+    if is_disk_full(exc):
+        raise disk_full_error(path, needed, what, f"Nothing is lost (every archived evaluation is kept): free "
+                              f"some space, then continue with {resume}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -47,6 +103,19 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def refuse_replacing_inputs(target: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]],
+                            what: str = "input") -> None:
+    """Refuse to replace ``target`` when it is, or holds, one of ``inputs`` (replacing it deletes that input)."""
+    out = Path(target).expanduser().resolve()
+    if not out.exists():
+        return
+    for ref in inputs:
+        p = Path(ref).expanduser().resolve()
+        if p == out or out in p.parents:
+            raise ConfigError(f"output folder {out} holds the {what} {ref}: replacing it would delete what it is "
+                              "made from; write the output to another folder")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ table and the modules agree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -31,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                          "tree, kinship, gains)"),
     "merge": ("merge", "merge models from a recipe (evomerge or mergekit YAML) into a new model folder"),
     "methods": ("methods", "list merge methods, their parameters (ranges, defaults) and options"),
+    "plan": ("plan", "the memory plan of a search space per worker: live model, resident store per tier, "
+                     "calibration data, device memory, the tier auto picks and why, merge time per candidate"),
     "kinship": ("kinship", "pairwise model kinship (Pearson, cosine, |cosine|, Euclidean distance of task "
                            "vectors) against a base"),
     "eval": ("eval", "score a model folder on a search space's fitness tasks (or a FitnessSpec file given "
@@ -77,13 +80,31 @@ def _dispatch(argv: Sequence[str] | None) -> tuple[int, bool]:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )
     try:
-        return int(args._run(args) or 0), args._fast_exit
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that went away (`| head`) is a BrokenPipeError here
+        return code, args._fast_exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE, False
     except EvomergeError as exc:
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2, False
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130, False
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured in tests)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,8 +117,9 @@ def entry() -> None:
     small merge's wall time."""
     code, fast = _dispatch(None)
     if fast:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+            sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)

@@ -17,3 +17,7 @@ class ModelError(EvomergeError):
 
 class RunDirError(EvomergeError):
     """A run directory is missing, already exists, was made by another search space, or is corrupt."""
+
+
+class DiskFullError(EvomergeError):
+    """A write failed because the disk is full (or over quota); the message names the disk and the space needed."""

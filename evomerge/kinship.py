@@ -32,6 +32,7 @@ from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import Recipe
+from evomerge.models.adapter import open_weights
 from evomerge.models.folder import ModelFolder
 from evomerge.models.layers import LayerMap
 
@@ -82,10 +83,11 @@ class DictSource:
 SourceLike = str | os.PathLike[str] | TensorSource | Mapping[str, torch.Tensor]
 
 
-def open_source(source: SourceLike, name: str | None = None) -> Any:
-    """A path opens a :class:`ModelFolder`; a mapping becomes a :class:`DictSource`; sources pass through."""
+def open_source(source: SourceLike, name: str | None = None, base: Any = None) -> Any:
+    """A path opens a :class:`ModelFolder`, or a LoRA adapter folder over ``base`` (``BASE+ADAPTER`` too); a
+    mapping becomes a :class:`DictSource`; sources pass through."""
     if isinstance(source, (str, os.PathLike)):
-        return ModelFolder.open(source)
+        return open_weights(source, base=base if isinstance(base, ModelFolder) else None)
     if isinstance(source, Mapping):
         return DictSource(source, name or "<state dict>")
     if isinstance(source, TensorSource):
@@ -291,7 +293,7 @@ def kinship_matrix(
     if not models:
         raise ConfigError("kinship: no models given")
     base_src = open_source(base, "base")
-    sources = [open_source(m, names[i] if names else None) for i, m in enumerate(models)]
+    sources = [open_source(m, names[i] if names else None, base=base_src) for i, m in enumerate(models)]
     labels = list(names) if names is not None else [_label(s) for s in sources]
     if len(labels) != len(sources):
         raise ConfigError(f"kinship: {len(labels)} names for {len(sources)} models")

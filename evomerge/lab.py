@@ -25,6 +25,7 @@ from evomerge.merge.engines.memory import merge_in_memory
 from evomerge.merge.methods.registry import plan_recipe
 from evomerge.merge.recipe import Recipe
 from evomerge.method_data import MethodDataProvider, task_of
+from evomerge.models.adapter import model_ref, resolve_ref
 from evomerge.models.hf import load_causal_lm, load_tokenizer
 from evomerge.models.layers import LayerMap
 from evomerge.paths import resolve_path
@@ -117,8 +118,10 @@ class ZooLab:
     def __init__(self, base: str, models: Mapping[str, str], spec: FitnessSpec, device: str = "cpu",
                  task_of_model: Mapping[str, str] | None = None, splits: tuple[str, ...] = ("search",)) -> None:
         self.base_key = "__base__"
-        self.paths: dict[str, str] = {self.base_key: str(resolve_path(base)),
-                                      **{k: str(resolve_path(v)) for k, v in models.items()}}
+        base_path = str(resolve_path(base))
+        # a LoRA adapter fine-tune is named BASE+ADAPTER, so loading it needs no other context
+        self.paths: dict[str, str] = {self.base_key: base_path,
+                                      **{k: model_ref(resolve_ref(v), base_path) for k, v in models.items()}}
         self.keys = list(models)
         self.spec = spec
         self.device = device

@@ -2,7 +2,7 @@
 
 A scheme names a plugin module with a ``resolve(rest: str) -> Path`` function, imported on first use (the
 way fsspec's ``known_implementations`` maps protocols to classes): ``zoo:`` paths resolve through
-:mod:`evomerge.zoo.build`, which builds the demo zoo on first use. So every layer (search spaces, fitness specs,
+:mod:`evomerge.zoo.scheme`, which builds the demo zoo (and its LoRA adapters, ``zoo:SIZE/lora/SKILL``) on first use. So every layer (search spaces, fitness specs,
 calibration files, recipes, the CLI) resolves paths through this one function without importing the zoo.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from evomerge.errors import ConfigError
 
 # scheme -> module whose ``resolve(rest)`` maps the rest of the path to a local path
-SCHEMES: dict[str, str] = {"zoo": "evomerge.zoo.build"}
+SCHEMES: dict[str, str] = {"zoo": "evomerge.zoo.scheme"}
 
 
 def scheme_of(path: str | os.PathLike[str]) -> str | None:

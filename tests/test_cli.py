@@ -14,7 +14,7 @@ from evomerge.cli import COMMANDS, build_parser, main
 from evomerge.merge.methods.registry import REGISTRY
 
 VERBS = {"run", "resume", "status", "export", "report", "merge", "methods", "kinship", "eval", "mergeability",
-         "qp-diagnose", "zoo", "bench"}
+         "qp-diagnose", "zoo", "bench", "plan"}
 
 
 def test_every_verb_is_in_the_table_and_every_command_module_has_a_verb() -> None:

@@ -111,8 +111,15 @@ def test_no_import_cycle() -> None:
             visit(m)
 
 
+# Modules that must not load torch before their own code runs, so their evomerge imports stay inside functions:
+# `evomerge bench merge` forks its process spawner before torch is imported (a child's peak RSS counts the
+# memory of the process it was forked from, and the benchmark reports each tool's own peak).
+LATE_IMPORTS = {"evomerge.bench.merge"}
+
+
 def test_no_function_local_import_of_evomerge_modules() -> None:
-    local = [f"{m}:{line} imports {t}" for m in MODULES for t, line, nested in imports(m) if nested]
+    local = [f"{m}:{line} imports {t}" for m in MODULES for t, line, nested in imports(m)
+             if nested and m not in LATE_IMPORTS]
     assert not local, "imports of evomerge modules go at the top of the module:\n" + "\n".join(local)
 
 

@@ -18,6 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from evomerge.atomic import write_json_atomic
+from evomerge.fitness.evaluator import Evaluator, set_offline_env
+from evomerge.fitness.spec import FitnessSpec
+from evomerge.zoo.build import MODEL_NAMES, SPECIALISTS, ensure_zoo, lm_eval_task_name
+
 NAME = "eval"
 HELP = "time evomerge's Evaluator vs lm_eval.simple_evaluate per candidate (demo zoo and a ~250M model)"
 
@@ -38,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _big_model(vocab: int, tokenizer: Any, device: str) -> Any:
     """~250M parameters: Llama 20 x 1024 (16 heads, MLP 2816), random weights, the zoo's char vocabulary."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=128,
@@ -66,11 +72,6 @@ def _simple_evaluate(model: Any, tokenizer: Any, task_names: list[str], task_man
 def _bench_setting(label: str, model: Any, states: list[dict[str, Any]], tokenizer: Any, zoo: Path,
                    limit: int | None, device: str, batch_size: int) -> dict[str, Any]:
     import lm_eval.tasks
-    import torch
-
-    from evomerge.fitness.evaluator import Evaluator
-    from evomerge.fitness.spec import FitnessSpec
-    from evomerge.zoo.build import SPECIALISTS, lm_eval_task_name
 
     update = {"limit": limit, "batch_size": batch_size}
     lm_spec = FitnessSpec.from_yaml(zoo / "fitness_lmeval.yaml").model_copy(update=update)
@@ -147,12 +148,6 @@ def _bench_setting(label: str, model: Any, states: list[dict[str, Any]], tokeniz
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.fitness.evaluator import set_offline_env
-    from evomerge.zoo.build import MODEL_NAMES, ensure_zoo
-
     set_offline_env()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,8 +183,6 @@ def run(args: argparse.Namespace) -> int:
                   f"{s['outside_forward_lmeval']:.1%} of its time outside forward passes; built-in fitness "
                   f"{s['speedup_builtin']:.0f}x faster, {s['outside_forward_builtin']:.1%} outside forward")
     if args.json:
-        from evomerge.atomic import write_json_atomic
-
         write_json_atomic(Path(args.json), results)
     print(json.dumps({k: round(v, 3) for k, v in results["zoo"].items() if isinstance(v, float)}))
     return 0

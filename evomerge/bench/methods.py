@@ -16,15 +16,20 @@ import sys
 import time
 from typing import Any
 
+import torch
+
+from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import zoo_fitness
+from evomerge.bench.options import add_zoo_arguments
+from evomerge.lab import ZooLab, correlation, estimate_mergeability
+from evomerge.zoo.build import SPECIALISTS
+
 NAME = "methods"
 HELP = "held-out scores of linear, TA, TIES, DARE-TIES, mergeability_weighted, qp (each basis), apl on the demo zoo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
-    parser.add_argument("--zoo-seed", type=int, default=0)
-    parser.add_argument("--metric", default="token_acc",
-                        help="built-in metric for every task (exact match of merged demo models is mostly 0)")
+    add_zoo_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (DARE/APL masks, mergeability draws)")
     parser.add_argument("--m", type=int, default=1, help="mergeability: other models per trial")
     parser.add_argument("--n", type=int, default=3, help="mergeability: trials per model")
@@ -49,18 +54,9 @@ def _methods() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from evomerge.atomic import write_json_atomic
-    from evomerge.fitness.spec import FitnessSpec
-    from evomerge.lab import ZooLab, correlation, estimate_mergeability
-    from evomerge.zoo.build import SPECIALISTS, ensure_zoo
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
-    raw = FitnessSpec.from_yaml(zoo / "fitness.yaml")
-    spec = raw.with_metric(args.metric)
+    zoo, spec = zoo_fitness(args.zoo_size, args.zoo_seed, args.metric)
     skills = list(SPECIALISTS)
     lab = ZooLab(str(zoo / "base"), {s: str(zoo / s) for s in skills}, spec, args.device,
                  splits=("search", "test"))

@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import timed_search
+from evomerge.bench.workers import demo_space_dict
+from evomerge.executors.ray_executor import RayExecutor
+from evomerge.executors.simulated import simulated_worker
+from evomerge.executors.worker import WorkerSpec
 from evomerge.search.events import EventKind
+from evomerge.search.space import space_from_dict
 
 NAME = "scheduler"
 HELP = "throughput of loop + Ray executor + archive with 32 simulated workers vs the ideal workers/latency"
@@ -43,17 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from evomerge.atomic import write_json_atomic
-    from evomerge.bench.workers import demo_space_dict
-    from evomerge.executors.ray_executor import RayExecutor
-    from evomerge.executors.simulated import simulated_worker
-    from evomerge.executors.worker import WorkerSpec
-    from evomerge.search.loop import run_search
-    from evomerge.search.run import RunDir
-    from evomerge.search.space import space_from_dict
-
     workers, latency = int(args.workers), float(args.latency)
     ideal = workers / latency
     budget = int(args.budget or round(ideal * args.duration))
@@ -74,15 +72,10 @@ def run(args: argparse.Namespace) -> int:
         startup = time.perf_counter() - t0
         print(f"  {workers} actors started in {startup:.1f} s", flush=True)
         try:
-            executor.reset_stats()
-            run_dir = RunDir.create(work / "run", space)
-            t1_wall = time.time()
-            t1 = time.perf_counter()
-            summary = run_search(run_dir, space, executor, progress=False)
-            wall = time.perf_counter() - t1
-            stats = executor.stats()
+            timed = timed_search(work / "run", space, executor)
         finally:
             executor.close()
+        run_dir, summary, wall, t1_wall, stats = timed.run_dir, timed.summary, timed.wall_s, timed.started_at, timed.stats
         with run_dir.archive(readonly=True) as archive:
             records = archive.results("search")
             requeued = len(archive.events(EventKind.REQUEUED))

@@ -27,7 +27,26 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import yaml
+
+from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import zoo_fitness
+from evomerge.bench.options import add_zoo_arguments
+from evomerge.errors import ConfigError
+from evomerge.executors.base import EvalJob, InProcessExecutor
+from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
+from evomerge.merge.params import ParamValue
+from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.search.events import EventKind
+from evomerge.search.optimizer import array_parametrization, build_optimizer
+from evomerge.search.population.pair_search import PairSpace
+from evomerge.search.population.session import run_population_session
+from evomerge.search.run import RunDir
+from evomerge.search.space import space_from_dict
+from evomerge.search.stopping import StopFlag
+from evomerge.zoo.build import SPECIALISTS
 
 NAME = "search"
 HELP = "held-out scores: uniform, TA (λ grid), TIES, per-layer CMA-ES, Top-k greedy, population manager"
@@ -37,10 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=200, help="evaluations per search row and seed (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (default 0 1 2)")
     parser.add_argument("--small", action="store_true", help="quick run: budget 30, seed 0 only")
-    parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
-    parser.add_argument("--zoo-seed", type=int, default=0)
-    parser.add_argument("--metric", default="token_acc",
-                        help="built-in metric for every task (exact match of merged demo models is mostly 0)")
+    add_zoo_arguments(parser)
     parser.add_argument("--k", type=int, default=3, help="population top-k (default 3)")
     parser.add_argument("--pair-budget", type=int, default=6, help="evaluations per parent pair (default 6)")
     parser.add_argument("--pair-init", default="kinship",
@@ -75,29 +91,18 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from evomerge.atomic import write_json_atomic
-    from evomerge.fitness.spec import FitnessSpec
-    from evomerge.zoo.build import SPECIALISTS, ensure_zoo
-
     if args.small:
         args.budget, args.seeds = min(args.budget, 30), args.seeds[:1]
     rows = list(args.rows or ROWS)
     bad = [r for r in rows if r not in ROWS]
     if bad:
-        from evomerge.errors import ConfigError
-
         raise ConfigError(f"--rows: unknown {bad} (known: {', '.join(ROWS)})")
     if {"greedy", "population"} & set(rows):  # a bad pair method fails now, not after the baselines
-        from evomerge.search.population.pair_search import PairSpace
 
         PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    zoo = ensure_zoo(args.zoo_size, args.zoo_seed)
-    raw = FitnessSpec.from_yaml(zoo / "fitness.yaml")
-    spec = raw.with_metric(args.metric)
+    zoo, spec = zoo_fitness(args.zoo_size, args.zoo_seed, args.metric)
     skills = list(SPECIALISTS)
     originals = {s: str(zoo / s) for s in skills}
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))
@@ -149,16 +154,12 @@ class _Lab:
     """One resident worker for all rows: score recipes on the search or the held-out test split."""
 
     def __init__(self, base: str, originals: Mapping[str, str], spec: Any, device: str) -> None:
-        from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
-
         self.base, self.originals, self.spec, self.device = base, dict(originals), spec, device
         self.worker = MergeEvalWorker(WorkerSpec(base=base, models=dict(originals), fitness=spec, device=device,
                                                  splits=("search", "test"), max_extra=4))
         self._ids = 0
 
     def score(self, recipe: Any, split: str, extra: Mapping[str, str] | None = None) -> Any:
-        from evomerge.executors.base import EvalJob
-
         self._ids += 1
         return self.worker.evaluate(EvalJob(self._ids, recipe, split=split, extra_models=dict(extra or {}))).result
 
@@ -180,22 +181,15 @@ class _Lab:
 
 
 def _uniform(skills: Sequence[str]) -> Any:
-    from evomerge.merge.recipe import ModelEntry, Recipe
-
     return Recipe("linear", tuple(ModelEntry(s) for s in skills))
 
 
 def _ta(skills: Sequence[str], lam: float) -> Any:
-    from evomerge.merge.params import ParamValue
-    from evomerge.merge.recipe import ModelEntry, Recipe
-
     return Recipe("task_arithmetic", tuple(ModelEntry(s) for s in skills), base_model="base",
                   parameters={"lambda": ParamValue.constant(lam)})
 
 
 def _ties(skills: Sequence[str]) -> Any:
-    from evomerge.merge.recipe import ModelEntry, Recipe
-
     return Recipe("ties", tuple(ModelEntry(s) for s in skills), base_model="base")
 
 
@@ -216,12 +210,6 @@ def _progress(label: str, budget: int) -> Callable[[int, float], None]:
 
 def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str, Any]:
     """Per-layer task-arithmetic weights of every specialist, one CMA-ES over all of them."""
-    import numpy as np
-
-    from evomerge.merge.params import ParamValue
-    from evomerge.merge.recipe import ModelEntry, Recipe
-    from evomerge.search.optimizer import array_parametrization, build_optimizer
-    from evomerge.search.population.pair_search import PairSpace
 
     layers = lab.worker.merger.layer_map.num_layers
     space = PairSpace()
@@ -272,9 +260,6 @@ def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argpars
 
 def pair_options(items: Sequence[str] | None, method: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings as method options (YAML scalars: true, 0.5, full); None: the bench's defaults."""
-    import yaml
-
-    from evomerge.errors import ConfigError
 
     if items is None:
         return {"sequential": True} if method == "qp" else {}
@@ -290,11 +275,6 @@ def pair_options(items: Sequence[str] | None, method: str) -> dict[str, Any]:
 def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, args: argparse.Namespace, seed: int,
                 explore: bool, run_dir: Path) -> dict[str, Any]:
     """A population row as a run directory driven like `evomerge run` (archive, events, test re-score)."""
-    from evomerge.executors.base import InProcessExecutor
-    from evomerge.search.population.session import run_population_session
-    from evomerge.search.run import RunDir
-    from evomerge.search.space import space_from_dict
-    from evomerge.search.stopping import StopFlag
 
     label = f"{'population' if explore else 'greedy'} seed {seed}"
     zoo_ref = f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"

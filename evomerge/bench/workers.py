@@ -13,12 +13,24 @@ efficiency drops for reasons outside evomerge; the load average before each row 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from evomerge.atomic import write_json_atomic
+from evomerge.bench.harness import timed_search
+from evomerge.executors.base import EvalJob
+from evomerge.executors.ray_executor import RayExecutor
+from evomerge.search.genome import Genome
+from evomerge.search.space import space_from_dict
+from evomerge.search.workers import worker_spec
+from evomerge.zoo.build import SPECIALISTS, ensure_zoo
 
 NAME = "workers"
 HELP = "candidates/minute with 1 and 2 Ray workers on the demo zoo, scaling efficiency, worker idle fraction"
@@ -38,7 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def demo_space_dict(zoo_size: str, *, budget: int, workers: int, optimizer: str = "CMA",
                     executor: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo search space (as in ``search_spaces/demo.yaml``) with the given budget, workers and executor."""
-    from evomerge.zoo.build import SPECIALISTS
 
     return {
         "name": f"bench-{zoo_size}", "seed": 0,
@@ -58,18 +69,6 @@ def demo_space_dict(zoo_size: str, *, budget: int, workers: int, optimizer: str 
 
 
 def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import dataclasses
-
-    import yaml
-
-    from evomerge.executors.base import EvalJob
-    from evomerge.executors.ray_executor import RayExecutor
-    from evomerge.search.genome import Genome
-    from evomerge.search.loop import run_search
-    from evomerge.search.run import RunDir
-    from evomerge.search.space import space_from_dict
-    from evomerge.search.workers import worker_spec
-
     data = demo_space_dict(args.zoo_size, budget=args.budget, workers=workers, optimizer=args.optimizer)
     space = space_from_dict(data, where=f"bench workers ({workers})", text=yaml.safe_dump(data, sort_keys=False))
     spec = dataclasses.replace(worker_spec(space), threads=1)
@@ -83,24 +82,19 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             executor.submit(EvalJob(-1 - i, recipe))
         while executor.pending():
             executor.poll(timeout=1.0)
-        executor.reset_stats()
-        run = RunDir.create(work / f"run-{workers}", space)
-        t1 = time.perf_counter()
-        summary = run_search(run, space, executor, progress=False)
-        wall = time.perf_counter() - t1
-        stats = executor.stats()
+        timed = timed_search(work / f"run-{workers}", space, executor)
+        summary, wall, stats = timed.summary, timed.wall_s, timed.stats
     finally:
         executor.close()
-    return {"workers": workers, "evaluations": summary.evaluations, "wall_s": wall, "startup_s": startup,
+    threads = {name: w.get("threads") for name, w in stats["workers"].items()}
+    return {"workers": workers, "threads": threads, "evaluations": summary.evaluations, "wall_s": wall,
+            "startup_s": startup,
             "per_minute": 60.0 * summary.evaluations / wall, "idle_fraction": stats["idle_fraction"],
             "busy_s": stats["busy_seconds"], "open_s": stats["open_seconds"], "restarts": stats["restarts"],
             "load_before": load, "best": summary.best, "timings": summary.timings.to_dict()}
 
 
 def run(args: argparse.Namespace) -> int:
-    from evomerge.atomic import write_json_atomic
-    from evomerge.zoo.build import ensure_zoo
-
     print(f"evomerge bench workers: {args.zoo_size} zoo, budget {args.budget} candidates per row, "
           f"optimizer {args.optimizer}, Ray workers with 1 CPU and 1 torch thread each", flush=True)
     ensure_zoo(args.zoo_size)
@@ -110,9 +104,10 @@ def run(args: argparse.Namespace) -> int:
         for rep in range(max(1, args.repeats)):  # interleaved, so every count sees the same machine load
             for n in args.workers:
                 r = _row(n, args, work / f"rep{rep}")
+                used = ", ".join(f"{w}={t}" for w, t in r["threads"].items())
                 print(f"  {n} worker(s): {r['evaluations']} candidates in {r['wall_s']:.1f} s -> "
                       f"{r['per_minute']:.1f}/min (startup {r['startup_s']:.1f} s, load before "
-                      f"{r['load_before']:.2f})", flush=True)
+                      f"{r['load_before']:.2f}; torch threads per worker: {used})", flush=True)
                 if n not in best or r["per_minute"] > best[n]["per_minute"]:
                     best[n] = r
         rows = [best[n] for n in args.workers]

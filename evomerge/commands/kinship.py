@@ -9,12 +9,14 @@ from pathlib import Path
 from evomerge.atomic import write_json_atomic
 from evomerge.errors import ConfigError
 from evomerge.kinship import METRICS, format_matrix, iter_pairs, kinship_matrix
+from evomerge.models.adapter import resolve_ref
 from evomerge.paths import resolve_path
 from evomerge.report.plots import kinship_heatmap
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", help="model folders (or zoo:SIZE/NAME paths), at least two")
+    parser.add_argument("models", nargs="+",
+                        help="model folders (or zoo:SIZE/NAME paths) or PEFT LoRA adapter folders, at least two")
     parser.add_argument("--base", required=True, help="the common base model folder the task vectors start from")
     parser.add_argument("--metric", choices=("pcc", "cos", "abs_cos", "ed", "all"), default="pcc",
                         help="pcc (Pearson, default), cos (signed cosine), abs_cos (|cos|, the paper code's), "
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if len(args.models) < 2:
         raise ConfigError("kinship: give at least two models")
-    paths = [resolve_path(m) for m in args.models]
+    paths = [Path(resolve_ref(m)) for m in args.models]  # model folders, LoRA adapters (over --base) or B+A
     base = resolve_path(args.base)
     names = _unique_names(paths)
     metrics = list(METRICS) if args.metric == "all" else [args.metric]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evomerge.atomic import write_text_atomic
+from evomerge.atomic import refuse_replacing_inputs, write_text_atomic
 from evomerge.merge.formats.recipe_yaml import load_recipe_with_form, mergekit_yaml
+from evomerge.merge.recipe import Recipe
 from evomerge.method_data import merge_recipe_to_disk
+from evomerge.paths import resolve_path
 
 FAST_EXIT = True  # the output folder is complete and renamed when run() returns (see evomerge.cli.entry)
 
@@ -26,15 +28,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-mergekit-yaml", action="store_true",
                         help="also write OUT/mergekit_config.yml (fails before merging if not expressible)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--memory-budget", default=None, metavar="SIZE",
+                        help="temporaries a streaming kernel (TIES, DARE, Breadcrumbs, task arithmetic) may hold per "
+                             "tensor and worker, e.g. 256MB (default 256MiB)")
+
+
+def recipe_inputs(recipe: Recipe) -> list[str]:
+    """Every folder or file the recipe reads: its models, base, tokenizer source and option files."""
+    refs = [recipe.base_model, recipe.tokenizer_source, *(m.model for m in recipe.models)]
+    refs += [v for k, v in recipe.options.items() if k in ("calibration", "fitness") and isinstance(v, str)]
+    return [str(resolve_path(r)) for r in refs if r]
 
 
 def run(args: argparse.Namespace) -> int:
     recipe, form = load_recipe_with_form(args.recipe)
     mk_text = mergekit_yaml(recipe) if args.write_mergekit_yaml else None
+    if args.overwrite:
+        refuse_replacing_inputs(args.out, recipe_inputs(recipe), "recipe's input")
     summary = merge_recipe_to_disk(
         recipe, args.out, device=args.device, dtype=args.dtype, seed=args.seed,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, vocab_policy=args.vocab_policy,
-        progress=not args.no_progress, where=str(args.recipe),
+        progress=not args.no_progress, where=str(args.recipe), memory_budget=args.memory_budget,
     )
     if mk_text is not None:
         write_text_atomic(summary.out_dir / "mergekit_config.yml", mk_text)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from evomerge.atomic import write_json_atomic
 from evomerge.errors import ConfigError
+from evomerge.files import read_yaml_mapping
 from evomerge.fitness.spec import FitnessSpec
 from evomerge.lab import ZooLab, estimate_mergeability
 from evomerge.merge.methods.registry import get_method
@@ -64,25 +64,16 @@ def _model_entries(raw: Any, where: str) -> dict[str, str]:
 
 def resolve_inputs(args: argparse.Namespace) -> tuple[str, dict[str, str], Any, dict[str, str]]:
     """(base path, {name: path}, FitnessSpec, {model: task}) from SPACE.yaml and/or the flags."""
-
     base = args.base
     models: dict[str, str] = {}
     spec = None
     space_dir: Path | None = None
     if args.space:
         p = Path(args.space)
-        if not p.is_file():
-            raise ConfigError(f"search space {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping")
+        data = read_yaml_mapping(p, "search space")
         space_dir = p.parent
         if isinstance(data.get("models"), dict) and "base" in data["models"]:
             # an evomerge search space (models: {base, fine_tunes}): validated and resolved like `evomerge run`
-
             space = load_space(p)
             base = base or str(space.base_path)
             if not args.models:

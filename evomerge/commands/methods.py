@@ -18,8 +18,10 @@ def _text(m: MergeMethod) -> str:
     lines = [f"{m.name}: {m.doc}"]
     inputs = f"exactly {m.min_models}" if m.max_models == m.min_models else (
         f"{m.min_models}+" if m.max_models is None else f"{m.min_models}-{m.max_models}")
-    base = "required" if m.needs_base else ("first input if given" if m.base_as_input else "not used")
-    lines.append(f"  models: {inputs}; base model: {base}" + ("; seeded (random)" if m.uses_generator else ""))
+    base = ("required" if m.needs_base else "first input if given" if m.base_as_input
+            else "optional (task vectors against it)" if m.base_optional else "not used")
+    lines.append(f"  models: {inputs}; base model: {base}" + ("; seeded (random)" if m.uses_generator else "")
+                 + ("; stacks layers (slices:)" if m.stacks_layers else ""))
     for p in m.params:
         scope = "per model or global" if p.per_model else "global"
         lines.append(f"  param  {p.name:<12} default {p.default:<6g} range {p.range_text():<12} {scope}: {p.doc}")

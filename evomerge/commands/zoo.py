@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evomerge.zoo.build import build_zoo, ensure_zoo
+from evomerge.zoo.lora import build_lora, ensure_lora
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,17 +17,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="micro: seconds, for tests; demo: a few minutes, for the demo search (default)")
     build.add_argument("--seed", type=int, default=0, help="seed for data, initialization and training")
     build.add_argument("--force", action="store_true", help="replace DIR if it exists (only once complete)")
+    build.add_argument("--lora", action="store_true",
+                       help="also train the skills as LoRA adapters of the base (PEFT) into DIR/lora")
     build.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads for training (default: $EVOMERGE_ZOO_THREADS or 1; one is fastest "
                             "on a shared machine)")
     path = sub.add_parser("path", help="print the cached zoo folder for SIZE/SEED, building it if needed")
     path.add_argument("--size", choices=("micro", "demo"), default="demo")
     path.add_argument("--seed", type=int, default=0)
+    lora = sub.add_parser("lora", help="print the cached zoo's LoRA adapter folder (zoo:SIZE/lora), training it if needed")
+    lora.add_argument("--size", choices=("micro", "demo"), default="demo")
+    lora.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.zoo_command == "build":
         build_zoo(args.dir, size=args.size, seed=args.seed, force=args.force, threads=args.threads)
+        if args.lora:
+            build_lora(args.dir, threads=args.threads)
+        return 0
+    if args.zoo_command == "lora":
+        print(ensure_lora(args.size, args.seed))
         return 0
     print(ensure_zoo(args.size, args.seed))
     return 0

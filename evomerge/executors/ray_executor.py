@@ -92,6 +92,8 @@ class EvalActor:
             out["traceback"] = tb
         else:
             out["device"] = getattr(self.spec, "device", "?")
+            out["threads"] = getattr(self.worker, "threads", None)  # torch threads the worker set
+            out["tier"] = getattr(self.worker, "tier", None)
         return out
 
     def evaluate(self, job: EvalJob) -> tuple[EvalOutcome, float]:
@@ -135,6 +137,7 @@ class _Slot:
     start_failures: int = 0
     lost: int = 0
     pid: int | None = None
+    threads: int | None = None  # torch threads the current actor's worker uses
     history: list[str] = field(default_factory=list)
 
 
@@ -294,6 +297,7 @@ class RayExecutor:
             return False
         slot.start_failures = 0
         slot.pid = info.get("pid")
+        slot.threads = info.get("threads")
         slot.opened = time.perf_counter()
         return True
 
@@ -476,7 +480,7 @@ class RayExecutor:
             open_s = slot.open_seconds + (now - slot.opened if slot.opened is not None else 0.0)
             per[slot.name] = {"jobs": slot.jobs, "busy_seconds": slot.busy_seconds,
                               "idle_seconds": max(0.0, open_s - slot.busy_seconds), "open_seconds": open_s,
-                              "restarts": slot.restarts, "lost": slot.lost, "pid": slot.pid}
+                              "restarts": slot.restarts, "lost": slot.lost, "pid": slot.pid, "threads": slot.threads}
         busy = sum(p["busy_seconds"] for p in per.values())
         opened = sum(p["open_seconds"] for p in per.values())
         return {"workers": per, "busy_seconds": busy, "open_seconds": opened,

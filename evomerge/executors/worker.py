@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from evomerge.fitness.racing import NotRaceable, plan_race, run_race
 from evomerge.fitness.result import EvalResult
 from evomerge.killpoints import kill_point
 from evomerge.merge.engines.resident import ResidentMerger
+from evomerge.merge.engines.tiers import plan_resident
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
 from evomerge.method_data import MethodDataProvider
@@ -42,8 +44,21 @@ class WorkerSpec:
     dtype: str = "float32"
     splits: tuple[str, ...] = ("search",)
     max_extra: int = 4  # materialized merged parents kept resident (population manager)
-    threads: int | None = None  # torch threads in this worker (None: leave torch's default)
+    threads: int | None = None  # torch threads in this worker, from its CPU allotment (None: the CPUs it may use)
+    vocab_policy: str = "refuse"  # models with larger vocabularies: refuse, or slice_to_base (the search space's)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    resident: str = "auto"  # memory tier of the resident store (device | cpu | disk | auto: the plan decides)
+    methods: tuple[str, ...] = ()  # methods candidates may use (the memory plan counts their calibration)
+    pair_models: int | None = None  # inputs of a population pair merge (the plan's calibration count)
+    host_workers: int = 1  # workers sharing this machine's host memory (the plan divides it among them)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; the machine's count where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class MergeEvalWorker:
@@ -54,12 +69,21 @@ class MergeEvalWorker:
     """
 
     def __init__(self, spec: WorkerSpec, name: str = "local") -> None:
-        if spec.threads:
-            torch.set_num_threads(int(spec.threads))
+        # the thread count is always set, from the allotment: an inherited one oversubscribes shared cores
+        self.threads = int(spec.threads or available_cpus())
+        torch.set_num_threads(self.threads)
         self.spec = spec
         self.name = name
+        self.plan = plan_resident(spec.base, {k: str(v) for k, v in spec.models.items()}, device=spec.device,
+                                  dtype=spec.dtype, resident=spec.resident, workers=spec.host_workers,
+                                  methods=spec.methods, pair_models=spec.pair_models,
+                                  eval_batch=int(getattr(spec.fitness, "batch_size", 32) or 32))
+        self.tier = self.plan.require_fit(f"worker {name}: resident")
         self.merger = ResidentMerger(spec.base, {k: str(v) for k, v in spec.models.items()}, device=spec.device,
-                                     dtype=spec.dtype, base_key=BASE_KEY)
+                                     dtype=spec.dtype, base_key=BASE_KEY, vocab_policy=spec.vocab_policy,
+                                     resident=self.tier)
+        if any(c.method == "qp" and c.grams_mode == "layer" for c in self.plan.calibration):
+            self.merger.gram_mode = "layer"  # all layers' Grams do not fit next to the store
         self.model = self.merger.new_model()
         self.evaluator = Evaluator(spec.fitness, str(spec.base), spec.device, splits=spec.splits)
         self.method_data = MethodDataProvider(spec.fitness, spec.base, tokenizer=self.evaluator.tokenizer,
@@ -181,8 +205,6 @@ def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
             pages = int(fh.read().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import logging
 import math
 import os
@@ -79,6 +80,43 @@ def _yaml_task_name(path: Path) -> str:
     if not isinstance(name, str):
         raise ConfigError(f"{path}: a custom lm-eval task YAML needs a 'task: NAME' entry")
     return name
+
+
+def check_sources(spec: FitnessSpec, splits: Sequence[str] = SPLITS) -> None:
+    """Every task's data of ``splits`` exists and reads, without a model or a tokenizer (what a search checks
+    before it creates a run directory, so a broken test split is not found after the whole search): jsonl files
+    have valid rows; lm-eval task YAMLs name a task and every lm-eval task name is one lm-eval knows."""
+    lm_names: list[tuple[TaskSpec, str, str]] = []  # (task, split, lm-eval name)
+    yaml_dirs: list[str] = []
+    need_defaults = False
+    for task in spec.tasks:
+        for split in splits:
+            source = task.source(split)
+            try:
+                if task.kind == "jsonl":
+                    builtin.read_jsonl(_resolve_source(source), limit=spec.task_limit(task))
+                elif task.kind == "lm_eval_yaml":
+                    path = Path(_resolve_source(source)).resolve()
+                    lm_names.append((task, split, _yaml_task_name(path)))
+                    if str(path.parent) not in yaml_dirs:
+                        yaml_dirs.append(str(path.parent))
+                else:
+                    lm_names.append((task, split, source))
+                    need_defaults = True
+            except ConfigError as exc:
+                raise ConfigError(f"fitness task {task.name!r} ({split} split): {exc}") from None
+    if not lm_names:
+        return
+    set_offline_env()
+    import lm_eval.tasks  # noqa: F401  (TaskManager lives here and needs the explicit import)
+    from lm_eval.tasks import TaskManager  # lm-eval only for fitnesses that use it
+
+    known = set(TaskManager(include_path=yaml_dirs or None, include_defaults=need_defaults).all_tasks)
+    for task, split, name in lm_names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"fitness task {task.name!r} ({split} split): lm-eval knows no task {name!r}{hint}")
 
 
 @dataclass

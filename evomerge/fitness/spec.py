@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.files import read_yaml_mapping
 from evomerge.fitness.builtin import BUILTIN_METRICS
 
 Split = Literal["search", "test"]
@@ -168,14 +168,7 @@ class FitnessSpec(BaseModel):
         """Read a spec file: a bare FitnessSpec, or a search space whose ``fitness:`` section is one."""
 
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"fitness spec file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        data = read_yaml_mapping(p, "fitness spec file")
         where = str(p)
         if section is None and "fitness" in data and "tasks" not in data:
             section = "fitness"

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from evomerge.errors import ModelError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.kernels.linear import LinearCoefficients
+from evomerge.merge.kernels.pieces import Source
 from evomerge.merge.kernels.sparsify import global_trim_thresholds
 from evomerge.merge.methods.resolve import (
     check_recipe,
@@ -55,8 +56,11 @@ class MergePlan:
         """Check ``recipe`` against ``method`` (ConfigError naming the field at fault), plan its kernel inputs."""
         check_recipe(recipe, method, where)
         inputs = plan_inputs(recipe, method)
+        options: dict[str, Any] = dict(resolve_options(recipe, method))
+        if method.base_optional:  # engines may pass a base only to rebuild task vectors (the resident merger)
+            options["base_given"] = inputs.base is not None
         return MergePlan(recipe=recipe, method=method, base_key=inputs.base, input_keys=tuple(inputs.models),
-                         layer_map=layer_map, options=dict(resolve_options(recipe, method)))
+                         layer_map=layer_map, options=options)
 
     @property
     def keys(self) -> list[str]:
@@ -74,13 +78,17 @@ class MergePlan:
         return dataclasses.replace(self, runtime={}, prepared=None)
 
     def prepare(self, model_paths: Mapping[str, Any], device: str, *, cache: dict[str, Any] | None = None,
-                calibration: Any = None, base_scores: Mapping[str, float] | None = None) -> MergePlan:
-        """Run the method's ``prepare`` hook once (calibration Grams, importance, base-score weights)."""
+                calibration: Any = None, base_scores: Mapping[str, float] | None = None,
+                grams: str = "all") -> MergePlan:
+        """Run the method's ``prepare`` hook once (calibration Grams, importance, base-score weights);
+        ``grams="layer"``: hold one layer's activation statistics at a time (see :class:`MethodContext`)."""
         if self.method.prepare is None:
             return self
+        if grams not in ("all", "layer"):
+            raise ValueError(f"grams must be 'all' or 'layer', got {grams!r}")
         ctx = MethodContext(plan=self, model_paths=dict(model_paths), device=device,
                             calibration=calibration, base_scores=base_scores,
-                            cache=cache if cache is not None else {})
+                            cache=cache if cache is not None else {}, grams=grams)
         return dataclasses.replace(self, prepared=self.method.prepare(ctx))
 
     @property
@@ -123,25 +131,46 @@ class MergePlan:
 
     def coefficients(self, name: str) -> LinearCoefficients | None:
         """``beta`` and ``c`` of ``beta * base + sum_t c_t tau_t`` for a linear, unprepared method; else None."""
-        if self.method.coefficients is None or self.prepared:
+        if self.method.coefficients is None or self.prepared or self.recipe.slices:
             return None
         model_params, params = self.tensor_args(name)
         return self.method.coefficients(model_params, params, self.kernel_options(name))
 
-    def merge_tensor(self, name: str, base: torch.Tensor | None, tensors: list[torch.Tensor],
+    def merge_tensor(self, name: str, base: torch.Tensor | Source | None, tensors: Sequence[torch.Tensor | Source],
                      extra_options: Mapping[str, Any] | None = None,
-                     device: str | torch.device | None = None) -> torch.Tensor:
+                     device: str | torch.device | None = None,
+                     values: tuple[list[dict[str, float]], dict[str, float]] | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
         """Merge one tensor: the kernel on (base, inputs) with this tensor's values, options and generator.
 
         Integer tensors (buffers) are not merged: the reference input (base, else the first input) is returned.
+        ``values``: the per-model and global values when the caller resolved them itself (a layer stack
+        resolves them per slice, :mod:`evomerge.merge.formats.layer_stack`); a recipe with slices needs them.
+        Inputs may be :class:`~evomerge.merge.kernels.pieces.Source` s (read piece by piece) when the method
+        ``streams``. ``out``: the buffer to write the merged tensor into (the tensor's shape, any float dtype;
+        a streaming kernel writes it piece by piece, others' results are copied in), returned.
         """
+        if values is None and self.recipe.slices:
+            raise ConfigError(f"recipe.slices: tensor {name}: a layer stack changes the model's tensors and is "
+                              "merged by the disk engine only (merge_to_disk, `evomerge merge`)")
         ref = base if base is not None else tensors[0]
-        if not ref.is_floating_point():
-            return ref
-        model_params, params = self.tensor_args(name)
+        pieced = any(not isinstance(t, torch.Tensor) for t in [base, *tensors] if t is not None)
+        if pieced and not self.method.streams:
+            raise ModelError(f"tensor {name}: method {self.method.name} needs whole tensors, got piecewise sources")
+        if not ref.dtype.is_floating_point:
+            if not isinstance(ref, torch.Tensor):
+                raise ModelError(f"tensor {name}: an integer tensor is copied, not merged; pass it whole")
+            return ref if out is None else out.copy_(ref)
+        model_params, params = values if values is not None else self.tensor_args(name)
         gen = self.generator(name, device if device is not None else ref.device)
-        out = self.method.fn(base, tensors, model_params, params, self.kernel_options(name, extra_options), gen)
-        if out.shape != ref.shape:
-            raise ModelError(f"tensor {name}: method {self.method.name} returned shape {tuple(out.shape)} for "
+        options = self.kernel_options(name, extra_options)
+        if self.method.streams:
+            merged = self.method.fn(base, list(tensors), model_params, params, options, gen, out=out)
+        else:
+            merged = self.method.fn(base, list(tensors), model_params, params, options, gen)
+            if out is not None and merged.shape == out.shape:
+                merged = out.copy_(merged)
+        if tuple(merged.shape) != tuple(ref.shape):
+            raise ModelError(f"tensor {name}: method {self.method.name} returned shape {tuple(merged.shape)} for "
                              f"inputs of shape {tuple(ref.shape)}")
-        return out
+        return merged

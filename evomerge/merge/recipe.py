@@ -6,9 +6,10 @@ a name from the search space inside a search), never carried as weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +30,36 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class LayerSlice:
+    """Layers ``[start, end)`` of one model; a recipe's slices are stacked in order (layer stacking).
+
+    ``parameters`` are that source's values (passthrough's ``scale``); per-layer lists are interpolated over
+    the slice's own layers, as mergekit does.
+    """
+
+    model: str
+    start: int
+    end: int
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "layer_range": [self.start, self.end],
+                "parameters": {k: v.to_yaml() for k, v in sorted(self.parameters.items())}}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """What to merge and how.
 
     ``parameters`` are numeric and may vary per layer/tensor (see :mod:`evomerge.merge.params`);
     per-model values in ``ModelEntry.parameters`` take precedence over global ones of the same name.
     ``options`` are constants that select behaviour (``trim_scope``, ``sign_rule``, ``normalize``, ...).
+    ``slices`` (layer stacking, for methods that stack layers): the output's layers are these ranges of the
+    models, in order; ``models`` then lists each sliced model once, without parameters (they are per slice).
     """
 
     method: str
@@ -45,6 +70,7 @@ class Recipe:
     dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
+    slices: tuple[LayerSlice, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -62,6 +88,8 @@ class Recipe:
             out["dtype"] = self.dtype
         if self.tokenizer_source is not None:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.slices:  # only when present, so recipes without slices keep their hashes
+            out["slices"] = [s.to_dict() for s in self.slices]
         return out
 
     @staticmethod
@@ -69,14 +97,18 @@ class Recipe:
         """Parse the evomerge form (structure only; method-level checks live in the registry)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-        known = {"method", "base_model", "models", "parameters", "options", "dtype", "seed", "tokenizer_source"}
+        known = {"method", "base_model", "models", "parameters", "options", "dtype", "seed", "tokenizer_source",
+                 "slices"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
         method = data.get("method")
         if not isinstance(method, str) or not method:
             raise ConfigError(f"{where}.method: missing or not a string")
+        slices = _parse_slices(data.get("slices"), where)
         raw_models = data.get("models")
+        if raw_models is None and slices:  # each sliced model once (the registry checks a given list)
+            raw_models = list(dict.fromkeys(s.model for s in slices))
         if not isinstance(raw_models, list) or not raw_models:
             raise ConfigError(f"{where}.models: expected a non-empty list of models")
         models = []
@@ -111,12 +143,22 @@ class Recipe:
             dtype=data.get("dtype"),
             seed=seed,
             tokenizer_source=data.get("tokenizer_source"),
+            slices=slices,
         )
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON form: identical recipes hash identically (the archive's dedup key)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=repr)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def map_models(self, ref: Callable[[str], str]) -> Recipe:
+        """The recipe with every model reference (base, models, slices) replaced by ``ref(reference)``."""
+        return dataclasses.replace(
+            self,
+            base_model=ref(self.base_model) if self.base_model is not None else None,
+            models=tuple(ModelEntry(ref(m.model), dict(m.parameters)) for m in self.models),
+            slices=tuple(dataclasses.replace(s, model=ref(s.model)) for s in self.slices),
+        )
 
     def model_keys(self) -> list[str]:
         keys = [m.model for m in self.models]
@@ -129,3 +171,33 @@ def _parse_params(raw: Any, where: str) -> dict[str, ParamValue]:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of parameter names to values")
     return {str(k): ParamValue.parse(v, f"{where}.{k}") for k, v in raw.items()}
+
+
+def _parse_slices(raw: Any, where: str) -> tuple[LayerSlice, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}.slices: expected a non-empty list of {{model, layer_range: [START, END]}}")
+    out = []
+    for i, item in enumerate(raw):
+        at = f"{where}.slices[{i}]"
+        if not isinstance(item, Mapping) or not isinstance(item.get("model"), str) or not item["model"]:
+            raise ConfigError(f"{at}: expected {{model: PATH, layer_range: [START, END]}}, got {item!r}")
+        extra = set(item) - {"model", "layer_range", "parameters"}
+        if extra:
+            raise ConfigError(f"{at}: unknown keys {sorted(extra)}")
+        start, end = parse_layer_range(item.get("layer_range"), f"{at}.layer_range")
+        out.append(LayerSlice(item["model"], start, end,
+                              _parse_params(item.get("parameters") or {}, f"{at}.parameters")))
+    return tuple(out)
+
+
+def parse_layer_range(rng: Any, where: str) -> tuple[int, int]:
+    """``[START, END]`` as two integers with ``0 <= START < END`` (ConfigError naming ``where`` otherwise)."""
+    if (not isinstance(rng, (list, tuple)) or len(rng) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng)):
+        raise ConfigError(f"{where}: expected [START, END] integers, got {rng!r}")
+    start, end = int(rng[0]), int(rng[1])
+    if start < 0 or end <= start:
+        raise ConfigError(f"{where}: {[start, end]} is empty or negative (need 0 <= START < END)")
+    return start, end

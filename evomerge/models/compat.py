@@ -21,6 +21,9 @@ from evomerge.models.folder import ModelFolder
 from evomerge.models.layers import LayerMap
 
 VOCAB_POLICIES = ("refuse", "slice_to_base")
+# how to turn slice_to_base on, as the hint of a vocabulary refusal words it
+VOCAB_FLAG_HINT = "--vocab-policy slice_to_base (evomerge merge, evomerge kinship)"
+VOCAB_FIELD_HINT = "`vocab_policy: slice_to_base` in the search space"
 # Non-parameter buffers that some checkpoints store and others do not (recomputed by transformers).
 _IGNORABLE = re.compile(r"(?:rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 _POSITIONAL = re.compile(r"(?:^|\.)wpe\.|position")
@@ -76,8 +79,12 @@ def check_compatible(
     base: ModelFolder | None,
     models: Sequence[ModelFolder],
     vocab_policy: str = "refuse",
+    vocab_hint: str = VOCAB_FLAG_HINT,
 ) -> CompatReport:
-    """Check architectures, layer counts, tensor sets, shapes and vocabularies; raise one ModelError listing all."""
+    """Check architectures, layer counts, tensor sets, shapes and vocabularies; raise one ModelError listing all.
+
+    ``vocab_hint`` names how the caller's user turns ``slice_to_base`` on (the CLI flag by default; a search space
+    passes :data:`VOCAB_FIELD_HINT`)."""
     if vocab_policy not in VOCAB_POLICIES:
         raise ConfigError(f"vocab_policy: unknown value {vocab_policy!r}; expected one of {', '.join(VOCAB_POLICIES)}")
     if base is None and not models:
@@ -194,8 +201,8 @@ def check_compatible(
         problems.extend(vocab_problems)
         problems.append(
             "vocabulary sizes differ: merging rows that mean different tokens is refused by default; with "
-            "vocab_policy 'slice_to_base' (--vocab-policy slice_to_base) every model's embedding and head rows "
-            "are cut to the base vocabulary, if the tokenizers agree on those first tokens"
+            f"{vocab_hint} every model's embedding and head rows are cut to the base vocabulary, if the tokenizers "
+            "agree on those first tokens"
         )
     if problems:
         listed = problems[:_MAX_LISTED]

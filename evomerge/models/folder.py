@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -65,6 +66,7 @@ class _Shard:
         self.path = path
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
+        self._map: mmap.mmap | None = None
         try:
             self.fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -183,6 +185,25 @@ class _Shard:
                 flat[begin + j : begin + min(count, j + _CONVERT_ELEMS)].copy_(src[j : j + _CONVERT_ELEMS])
         return out
 
+    def mapped(self, info: TensorInfo, rows: int | None = None) -> torch.Tensor:
+        """A zero-copy CPU view of one tensor (or its first ``rows`` rows) over a private memory map of the file.
+
+        The pages stay in the page cache, shared with every process mapping the file; the view must only be
+        read. A tensor whose offset is not aligned to its element size is read with ``pread`` instead.
+        """
+        if self.fd is None:
+            raise ModelError(f"safetensors file {self.path} was closed")
+        shape = read_shape(info, rows)
+        count = math.prod(shape)
+        size = info.dtype.itemsize
+        if count == 0 or info.start % size:
+            return self.read(info, rows)
+        if self._map is None:
+            # ACCESS_COPY: a writable private mapping, so torch can wrap it without a read-only warning;
+            # nothing is ever written, so every page stays shared with the page cache
+            self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.start).view(shape)
+
     def _pread(self, view: memoryview, offset: int, name: str) -> None:
         assert self.fd is not None
         done, nbytes = 0, len(view)
@@ -196,6 +217,10 @@ class _Shard:
             done += got
 
     def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # views still alive keep the map until they are dropped
+                self._map.close()
+            self._map = None
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
@@ -475,6 +500,12 @@ class ModelFolder:
             tensor = tensor.to(dtype)
         return tensor
 
+    def mapped(self, name: str, rows: int | None = None) -> torch.Tensor:
+        """One tensor as a read-only CPU view of the memory-mapped file (no copy; the page cache holds it), in
+        its stored dtype; the resident merger's ``disk`` tier reads through this."""
+        info = self.info(name)
+        return self._shard_of[info.file].mapped(info, rows)
+
     def read_range(self, name: str, begin: int, out: torch.Tensor) -> torch.Tensor:
         """A piece of one tensor: flattened elements ``begin .. begin + out.numel()`` into ``out`` (contiguous
         CPU, the stored dtype), for engines that merge large tensors piece by piece in cache."""
@@ -529,3 +560,68 @@ def open_model(path: str | os.PathLike[str] | ModelFolder) -> ModelFolder:
     """Accept a folder or a path (convenience for callers that take either)."""
     return path if isinstance(path, ModelFolder) else ModelFolder.open(path)
 
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """A model folder's config and its tensors' dtypes and shapes, read from the headers alone.
+
+    For planning (``evomerge plan``): it needs no tensor data, so it also reads a config-only stand-in whose
+    safetensors files hold headers and no weights; nothing here validates the data sections.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+    def nbytes(self, name: str, dtype: torch.dtype | None = None) -> int:
+        stored, shape = self.tensors[name]
+        return math.prod(shape) * (dtype or stored).itemsize
+
+    def total_bytes(self, dtype: torch.dtype | None = None) -> int:
+        return sum(self.nbytes(n, dtype) for n in self.tensors)
+
+
+def header_tensors(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` from one safetensors file's header (the data section is not read)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ModelError(f"corrupt safetensors file {path}: too short for a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER:
+                raise ModelError(f"corrupt safetensors file {path}: header length {n} exceeds the format's limit")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise ModelError(f"cannot read safetensors file {path}: {exc.strerror}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"corrupt safetensors file {path}: header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"corrupt safetensors file {path}: header is not a JSON object")
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        code = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if code not in SAFETENSORS_CODES or not (isinstance(shape, list) and all(isinstance(d, int) for d in shape)):
+            raise ModelError(f"corrupt safetensors file {path}: tensor {name!r} has dtype {code!r}, shape {shape!r}")
+        out[name] = (SAFETENSORS_CODES[code], tuple(shape))
+    return out
+
+
+def read_layout(path: str | os.PathLike[str]) -> FolderLayout:
+    """The :class:`FolderLayout` of a model folder (config.json and the safetensors headers only)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} does not exist")
+    config = _read_json(folder / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise ModelError(f"model config {folder / 'config.json'} is not a JSON object")
+    files, _ = ModelFolder._weight_files(folder)
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for f in files:
+        tensors.update(header_tensors(f))
+    return FolderLayout(folder.resolve(), config, tensors)

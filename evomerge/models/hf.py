@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from evomerge.dtypes import parse_dtype
 from evomerge.errors import ModelError
+from evomerge.models.adapter import AdapterFolder, is_adapter_folder, open_weights, split_ref
 from evomerge.models.folder import ModelFolder
 from evomerge.paths import resolve_path
 
@@ -54,11 +55,36 @@ def check_loadable(path: str | os.PathLike[str]) -> None:
 
 
 def load_causal_lm(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-                   dtype: str | torch.dtype = torch.float32) -> torch.nn.Module:
-    """A causal LM from a local folder (safetensors, no remote code), in ``dtype`` on ``device``, in eval mode."""
-    p = resolve_path(path)
-    check_loadable(p)
+                   dtype: str | torch.dtype = torch.float32, base: str | os.PathLike[str] | None = None) -> torch.nn.Module:
+    """A causal LM from a local folder (safetensors, no remote code), in ``dtype`` on ``device``, in eval mode.
+
+    A LoRA adapter folder (or ``BASE+ADAPTER``) loads as its base with the adapter's task vectors added, in
+    ``dtype`` (what PEFT's ``merge_and_unload`` gives); ``base`` is its base when the reference names none.
+    """
     dtype = parse_dtype(dtype, "dtype") or torch.float32
+    explicit, model_part = split_ref(path)
+    if explicit is not None or is_adapter_folder(resolve_path(model_part)):
+        with open_weights(path, base=base) as source:
+            assert isinstance(source, AdapterFolder)
+            model = _load_folder(source.base_path, dtype)
+            _add_adapter(model, source, dtype)
+        return model.to(device).eval()
+    return _load_folder(resolve_path(path), dtype).to(device).eval()
+
+
+def _add_adapter(model: torch.nn.Module, source: AdapterFolder, dtype: torch.dtype) -> None:
+    """Write the adapted tensors (base + task vector, computed in float32) into a loaded base model."""
+    names = [n for n in source.tensor_names if source.delta_kind(n) != "zero"]
+    mapping = checkpoint_names(model, names)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in names:
+            target = state[mapping[name]]
+            target.copy_(source.get(name, dtype=dtype))
+
+
+def _load_folder(p: Any, dtype: torch.dtype) -> torch.nn.Module:
+    check_loadable(p)
     # a search loads merged parents many times: no "Loading weights" bar each time (restored afterwards)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -70,7 +96,7 @@ def load_causal_lm(path: str | os.PathLike[str], device: str | torch.device = "c
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    return model.to(device).eval()
+    return model
 
 
 def _saved_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

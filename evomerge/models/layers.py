@@ -115,6 +115,7 @@ _GENERIC = FamilySpec(
 )
 
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+LAYER_COUNT_KEYS = _LAYER_COUNT_KEYS  # config keys that may hold the layer count, in the order they are read
 
 
 def _num_layers(config: Mapping[str, Any]) -> int | None:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.atomic import disk_full_error, is_disk_full
 from evomerge.errors import RunDirError
 from evomerge.fitness.items import ItemScores
 from evomerge.killpoints import kill_point
@@ -213,6 +214,8 @@ class Archive:
             self._features()
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if is_disk_full(exc):  # SQLITE_FULL is a DatabaseError too: not a corrupt archive
+                raise self._disk_full() from None
             raise RunDirError(f"{self.path}: the archive is corrupt or not an evomerge archive ({exc}); "
                               "nothing was changed. Restore it from a backup or start a new run") from None
 
@@ -266,10 +269,19 @@ class Archive:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if is_disk_full(exc):  # the row is not archived; the caller's checkpoint still holds its job
+                raise self._disk_full() from None
             raise
-        self._db.execute("COMMIT")
+
+    def _disk_full(self) -> Exception:
+        return disk_full_error(self.path, 1 << 20, f"the archive {self.path.name}",
+                               "Nothing is lost (every archived evaluation is kept; the one being written is "
+                               f"evaluated again): free some space, then continue with `evomerge resume "
+                               f"{self.path.parent}`")
 
     def close(self) -> None:
         self._db.close()

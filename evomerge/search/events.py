@@ -22,13 +22,15 @@ class EventKind(str, Enum):
     REQUEUED = "requeued"  # {candidate, attempt, worker, error, split}: a lost job submitted again
     # the plain loop (search/loop.py)
     REPLAYED = "replayed"  # {ids}: archived results told on resume (killed between archive and tell)
+    CHECKPOINT_IGNORED = "checkpoint_ignored"  # {reason, evaluations}: no usable checkpoint; rebuilt from the archive
     # the population manager (search/population/manager.py, session.py)
     POPULATION_START = "population_start"  # {starting, k, metric, budget, explore, pair_budget}
     MEMBER = "member"  # {key, generation, parents, candidate_id, score, reason}: an original scored
     GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival]}
-    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations}
+    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations, ok}
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
     STOP = "stop"  # {generation, reason, evaluations}
+    EXCLUDED = "excluded"  # {generation, keys, reason}: failed members taken out of pairing
 
     def __str__(self) -> str:
         return self.value
@@ -36,4 +38,5 @@ class EventKind(str, Enum):
 
 # the population manager's decisions, replayed on resume
 MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
-                                         EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP)
+                                         EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP,
+                                         EventKind.EXCLUDED)

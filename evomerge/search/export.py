@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.atomic import atomic_output_dir
+from evomerge.atomic import atomic_output_dir, disk_full_error, is_disk_full, refuse_replacing_inputs
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.fitness.evaluator import Evaluator
 from evomerge.fitness.result import EvalResult, TaskScore
@@ -80,12 +80,8 @@ def recipe_with_paths(recipe: Recipe, paths: Mapping[str, str]) -> Recipe:
     missing = [k for k in recipe.model_keys() if k not in paths]
     if missing:
         raise RunDirError(f"recipe models {missing} are not models of this run (known: {sorted(paths)})")
-    return dataclasses.replace(
-        recipe,
-        base_model=paths[recipe.base_model] if recipe.base_model is not None else None,
-        models=tuple(ModelEntry(paths[m.model], dict(m.parameters)) for m in recipe.models),
-        tokenizer_source=paths.get(recipe.tokenizer_source or "", recipe.tokenizer_source),
-    )
+    return dataclasses.replace(recipe.map_models(lambda key: paths[key]),
+                               tokenizer_source=paths.get(recipe.tokenizer_source or "", recipe.tokenizer_source))
 
 
 def merged_ancestors(archive: Archive, rec: CandidateRecord, originals: Mapping[str, str]
@@ -196,11 +192,40 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         test = archive.rescore(rec.id, "test")
         lineage = archive.lineage(rec.id)
         ancestors = merged_ancestors(archive, rec, paths)
+        vocab_policy = str((archive.get_meta("space", {}) or {}).get("vocab_policy", "refuse"))
+    if overwrite:
+        refuse_replacing_inputs(target, paths.values(), "run's input model")
     recipe = Recipe.from_dict(rec.recipe, where=f"candidate {rec.id} recipe")
     data = _ExportData(run, [*ancestors, ("output", recipe)], paths)
     ancestors = [(k, data.with_scores(r)) for k, r in ancestors]
     recipe = data.with_scores(recipe)
     calibration_file = target.resolve() / CALIBRATION_FILE
+    try:
+        mk_text = _write_export(run, rec, test, refs, lineage, paths, ancestors, recipe, data, target,
+                                calibration_file, overwrite=overwrite, device=device, dtype=dtype,
+                                max_shard_size=max_shard_size, progress=progress, vocab_policy=vocab_policy)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(target.parent, _output_bytes(paths, len(ancestors)), f"the export {target}",
+                              "Nothing was written (the run and any earlier export are untouched): free some "
+                              "space, or export to another disk") from None
+    return ExportSummary(target, rec.id, rec.aggregate, test.aggregate if test else None, mk_text is not None,
+                         time.perf_counter() - t0)
+
+
+def _output_bytes(paths: Mapping[str, str], ancestors: int) -> int:
+    """About what an export writes: one model the size of the base's weights, and one per merged ancestor."""
+    base = Path(paths.get(BASE_KEY, ""))
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors")) if base.is_dir() else 0
+    return size * (1 + ancestors)
+
+
+def _write_export(run: RunDir, rec: CandidateRecord, test: Any, refs: Mapping[str, str], lineage: Mapping[str, Any],
+                  paths: Mapping[str, str], ancestors: list[tuple[str, Recipe]], recipe: Recipe, data: _ExportData,
+                  target: Path, calibration_file: Path, *, overwrite: bool, device: str, dtype: str | None,
+                  max_shard_size: str, progress: bool, vocab_policy: str = "refuse") -> str | None:
+    """Merge and write the export folder atomically; returns the mergekit config written (None: not expressible)."""
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         # merged parents (population members) first, oldest first, into a scratch folder next to the output
         scratch = tmp.parent / f".{target.name}.parents-{os.getpid()}"
@@ -210,12 +235,13 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                 folder = scratch / key
                 merge_to_disk(recipe_with_paths(parent, all_paths), folder, device=device, dtype=dtype,
                               max_shard_size=max_shard_size, overwrite=True, progress=progress,
-                              where=f"member {key}", calibration=data.calibration(parent, all_paths))
+                              where=f"member {key}", calibration=data.calibration(parent, all_paths),
+                              vocab_policy=vocab_policy)
                 all_paths[key] = str(folder)
             resolved = recipe_with_paths(recipe, all_paths)
             merge_to_disk(resolved, tmp, device=device, dtype=dtype, max_shard_size=max_shard_size,
                           overwrite=True, progress=progress, where=f"candidate {rec.id}",
-                          calibration=data.calibration(recipe, all_paths))
+                          calibration=data.calibration(recipe, all_paths), vocab_policy=vocab_policy)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if ancestors:  # the recipe names folders that are gone: keep it as lineage, not as a re-runnable file
@@ -266,8 +292,7 @@ def export_candidate(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike
                                      "step's folder after its member:")
         (tmp / "README.md").write_text(model_card(run, rec, test, refs, lineage, text, mk_text, mk_reason, how),
                                        encoding="utf-8")
-    return ExportSummary(target, rec.id, rec.aggregate, test.aggregate if test else None, mk_text is not None,
-                         time.perf_counter() - t0)
+    return mk_text
 
 
 def _lineage_lines(node: Mapping[str, Any], refs: Mapping[str, str], depth: int = 0) -> list[str]:

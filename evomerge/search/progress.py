@@ -86,3 +86,5 @@ class SearchSummary:
     stop_reason: str
     session: int
     timings: Timings
+    final: bool = True  # the search is over (a stopping rule), not paused (a signal, a session's wall time)
+    failed_out: bool = False  # stopped by stopping.max_consecutive_failures

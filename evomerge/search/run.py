@@ -3,9 +3,12 @@
 Layout::
 
     space.yaml        the search space as given (the snapshot a resume is checked against)
+    overrides.json    fields safe to change that the command line or a resume changed (``--budget``,
+                      ``--workers``, ``resume --space``): the run's space is space.yaml with these applied
     run.json          name, creation time, space path, seeds, versions, command line
     archive.sqlite    every evaluation and event (append-only; see :mod:`evomerge.search.archive`)
-    checkpoint.pkl    optimizer state + in-flight candidates, replaced atomically after each tell batch
+    checkpoint.json   the optimizer's calls (replayed on resume) + in-flight candidates, replaced atomically
+                      after each tell batch; JSON only, so a run directory never runs code
     log.txt           what the search printed, appended by every session
     .lock             held (flock) by the one process running the search
 
@@ -19,21 +22,21 @@ import contextlib
 import fcntl
 import json
 import os
-import pickle
 import platform
 import shutil
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.atomic import _fsync_dir, write_json_atomic
+from evomerge.atomic import _fsync_dir, disk_full_error, is_disk_full, raise_if_disk_full, write_json_atomic
 from evomerge.errors import RunDirError
 from evomerge.killpoints import kill_point
+from evomerge.models.fingerprint import fingerprint_models
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
 from evomerge.search.archive import Archive
 
@@ -42,9 +45,16 @@ if TYPE_CHECKING:  # a run directory is read without the search space's machiner
 
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
-CHECKPOINT_FILE = "checkpoint.pkl"
+CHECKPOINT_FILE = "checkpoint.json"
+LEGACY_CHECKPOINT_FILE = "checkpoint.pkl"  # older evomerge: a pickle, never read
+CHECKPOINT_FORMAT = 2
+OVERRIDES_FILE = "overrides.json"
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
+
+
+class CorruptCheckpoint(RunDirError):
+    """The checkpoint is not readable as this evomerge's JSON checkpoint (truncated, foreign, another format)."""
 
 
 def versions() -> dict[str, str]:
@@ -92,18 +102,41 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------- create / open
 
+    def overrides(self) -> dict[str, Any]:
+        """Safe fields (dotted paths) that differ from space.yaml: what ``run``/``resume`` were asked for."""
+        p = self.path / OVERRIDES_FILE
+        if not p.is_file():
+            return {}
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{p}: cannot be read ({exc})") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{p}: expected a mapping of field paths to values")
+        return data
+
+    def save_overrides(self, overrides: Mapping[str, Any]) -> None:
+        try:
+            write_json_atomic(self.path / OVERRIDES_FILE, dict(overrides))
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, 4096, OVERRIDES_FILE, self._resume_hint())
+            raise
+
     @staticmethod
-    def create(path: str | os.PathLike[str], space: Space, argv: list[str] | None = None) -> RunDir:
-        """Make a new run directory for ``space``; an existing one is refused (``evomerge resume`` continues it)."""
+    def create(path: str | os.PathLike[str], space: Space, argv: list[str] | None = None,
+               overrides: Mapping[str, Any] | None = None) -> RunDir:
+        """Make a new run directory for ``space``; an existing one is refused (``evomerge resume`` continues it).
+
+        ``overrides``: the safe fields the command line changed (kept in overrides.json). The input models are
+        fingerprinted (archive meta ``fingerprints``) so a resume notices a changed model."""
         target = Path(path)
-        if target.exists():
-            raise RunDirError(f"run directory {target} already exists; continue it with `evomerge resume {target}` "
-                              "or choose another --name")
+        RunDir.check_new(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
             os.chmod(tmp, 0o755)
             (tmp / SPACE_FILE).write_text(space.text, encoding="utf-8")
+            write_json_atomic(tmp / OVERRIDES_FILE, dict(overrides or {}))
             info = {
                 "name": target.name,
                 "created_at": time.time(),
@@ -122,12 +155,24 @@ class RunDir:
                 archive.set_meta("model_refs", dict(space.model_refs))
                 archive.set_meta("space", space.comparable())
                 archive.set_meta("seed", space.seed)
+                archive.set_meta("fingerprints", fingerprint_models(space.model_paths()))
             os.replace(tmp, target)
             _fsync_dir(target.parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(exc):
+                raise disk_full_error(target.parent, 1 << 20, f"the new run directory {target}",
+                                      "Nothing was created: free some space and run again") from None
             raise
         return RunDir(target)
+
+    @staticmethod
+    def check_new(path: str | os.PathLike[str]) -> None:
+        """Refuse a run directory that exists already (``evomerge resume`` continues it)."""
+        target = Path(path)
+        if target.exists():
+            raise RunDirError(f"run directory {target} already exists; continue it with `evomerge resume {target}` "
+                              "or choose another --name")
 
     @staticmethod
     def open(path: str | os.PathLike[str]) -> RunDir:
@@ -170,9 +215,15 @@ class RunDir:
     # ------------------------------------------------------------------------------------- checkpoint
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Replace the checkpoint atomically (temporary file, fsync, rename)."""
-        data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.path)
+        """Replace the checkpoint (JSON: plain numbers and strings, nothing that can run code) atomically:
+        temporary file, fsync, rename. A full disk is a :class:`~evomerge.errors.DiskFullError`; the previous
+        checkpoint is kept."""
+        data = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=self.path)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, len(data), "the optimizer checkpoint", self._resume_hint())
+            raise
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -180,23 +231,49 @@ class RunDir:
                 os.fsync(fh.fileno())
             kill_point("checkpoint_write")
             os.replace(tmp, self.checkpoint_path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise_if_disk_full(exc, self.path, len(data), "the optimizer checkpoint", self._resume_hint())
             raise
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint's data (None: there is none). Never unpickles: an old ``checkpoint.pkl`` is not read.
+
+        A checkpoint that is not valid JSON of this format raises :class:`CorruptCheckpoint` (the caller moves it
+        aside with :meth:`set_checkpoint_aside` and rebuilds the optimizer from the archive)."""
         if not self.checkpoint_path.is_file():
             return None
         try:
-            with open(self.checkpoint_path, "rb") as fh:
-                state = pickle.load(fh)  # noqa: S301 - our own file, written by this run
-        except Exception as exc:  # noqa: BLE001
-            raise RunDirError(f"{self.checkpoint_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
-                              "nothing was changed") from None
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise RunDirError(f"{self.checkpoint_path}: not an evomerge checkpoint")
+            state = json.loads(self.checkpoint_path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CorruptCheckpoint(f"{self.checkpoint_path}: unreadable checkpoint ({type(exc).__name__}: "
+                                    f"{exc})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            got = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise CorruptCheckpoint(f"{self.checkpoint_path}: not an evomerge checkpoint of format "
+                                    f"{CHECKPOINT_FORMAT} (format {got!r})")
         return state
+
+    def set_checkpoint_aside(self) -> Path:
+        """Rename an unusable checkpoint out of the way (kept for inspection); returns its new path."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path / f"{CHECKPOINT_FILE}.unusable-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path / f"{CHECKPOINT_FILE}.unusable-{stamp}-{n}"
+        os.replace(self.checkpoint_path, aside)
+        return aside
+
+    @property
+    def legacy_checkpoint_path(self) -> Path:
+        """Where evomerge before format 2 pickled its optimizer (never read: unpickling can run code)."""
+        return self.path / LEGACY_CHECKPOINT_FILE
+
+    def _resume_hint(self) -> str:
+        return f"`evomerge resume {self.path}`"
 
     def clean_temporaries(self) -> None:
         """Remove temporary files an interrupted checkpoint write left behind."""
@@ -207,5 +284,10 @@ class RunDir:
     # ------------------------------------------------------------------------------------- log
 
     def log(self, message: str) -> None:
-        with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+        try:
+            with open(self.path / LOG_FILE, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, len(line), LOG_FILE, self._resume_hint())
+            raise

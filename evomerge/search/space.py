@@ -16,7 +16,9 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     workers: 1
     device: cpu
     dtype: float32
-    stopping: {wall_time: 2h, no_improvement: 40, target: 0.9}
+    vocab_policy: refuse            # or slice_to_base: larger vocabularies cut to the base's rows
+    resident: auto                  # device | cpu | disk | auto (the store's memory tier; see `evomerge plan`)
+    stopping: {wall_time: 2h, no_improvement: 40, target: 0.9, max_consecutive_failures: 10}
     population: {...}               # passed through untouched (population manager)
     racing: {stages: [0.0625, 0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32}  # or false; default: on where safe
 
@@ -44,17 +46,18 @@ from evomerge.fitness.spec import FitnessSpec, packaged_spec
 from evomerge.merge.methods.registry import get_method, validate_recipe
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
-from evomerge.models.compat import check_compatible
-from evomerge.models.folder import ModelFolder
+from evomerge.models.adapter import open_weights
+from evomerge.models.compat import VOCAB_FIELD_HINT, check_compatible
 from evomerge.models.layers import KINDS, LayerMap
 from evomerge.paths import resolve_path, scheme_of
 from evomerge.search.optimizer import optimizer_class
 
 # dotted field paths that may differ between the snapshot and a resumed space
 SAFE_ON_RESUME: tuple[str, ...] = ("optimizer.budget", "workers", "stopping", "progress_interval", "name",
-                                   "executor", "test_top")
+                                   "executor", "test_top", "resident")
 DEFAULT_KINDS: tuple[str, ...] = ("attention", "mlp")
 GRANULARITIES: tuple[str, ...] = ("per_layer", "layer_groups", "tensor_kind", "per_model")
+DEFAULT_MAX_CONSECUTIVE_FAILURES = 10
 
 
 # ------------------------------------------------------------------------------------------- raw schema
@@ -81,6 +84,8 @@ class StoppingSection(BaseModel):
     wall_time: float | str | None = None
     no_improvement: int | None = Field(default=None, gt=0)
     target: float | None = None
+    # failed evaluations in a row that stop the search (a NaN model, a timeout every candidate hits); null: never
+    max_consecutive_failures: int | None = Field(default=DEFAULT_MAX_CONSECUTIVE_FAILURES, gt=0)
 
     @field_validator("wall_time")
     @classmethod
@@ -123,10 +128,15 @@ class SpaceModel(BaseModel):
     workers: int = Field(default=1, gt=0)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # where each worker keeps base + task vectors: device, (pinned) cpu memory, memory-mapped files, or what fits
+    # (merges are bit-identical in every tier; `evomerge plan` shows the numbers)
+    resident: Literal["device", "cpu", "disk", "auto"] = "auto"
     stopping: StoppingSection = Field(default_factory=StoppingSection)
     progress_interval: float = Field(default=5.0, ge=0)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     test_top: int = Field(default=3, ge=0)  # best candidates re-scored on the held-out test split at the end
+    # models with a larger vocabulary than the base: refuse, or cut their embedding/head rows to the base's
+    vocab_policy: Literal["refuse", "slice_to_base"] = "refuse"
     population: dict[str, Any] | None = None  # owned by the population manager; passed through untouched
     racing: bool | dict[str, Any] | None = None  # None: on where safe (see racing_config)
 
@@ -347,7 +357,7 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
     racing_config(raw.racing, fitness, raw.seed, where)
 
     # layers
-    num_layers = _num_layers(resolved, refs, where, check_models)
+    num_layers = _num_layers(resolved, refs, where, check_models, raw.vocab_policy)
     granularity = _parse_granularity(raw.granularity, num_layers, where)
 
     # methods
@@ -391,13 +401,16 @@ def _resolve_model(ref: str, root: Path, where: str, check: bool) -> Path:
     if check:
         if not p.is_dir():
             raise ModelError(f"{where}: model folder {p} does not exist")
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder)")
+        if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+            raise ModelError(f"{where}: {p} has no config.json (not a Hugging Face model folder) and no "
+                             "adapter_config.json (not a PEFT adapter folder)")
     return p.resolve() if p.exists() else p
 
 
-def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool) -> int:
+def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, check: bool,
+                vocab_policy: str = "refuse") -> int:
     """Layer count of the base; with ``check``, every model is opened and checked for compatibility."""
+
     if not check:
         cfg_file = paths[BASE_KEY] / "config.json"
         if cfg_file.is_file():
@@ -406,13 +419,14 @@ def _num_layers(paths: Mapping[str, Path], refs: Mapping[str, str], where: str, 
     folders = {}
     try:
         for key, p in paths.items():
-            try:
-                folders[key] = ModelFolder.open(p)
+            try:  # the base first (refs list it first): a LoRA adapter fine-tune is read over it
+                folders[key] = open_weights(p, base=folders.get(BASE_KEY) if key != BASE_KEY else None)
             except ModelError as exc:
                 field_ = "models.base" if key == BASE_KEY else f"models.fine_tunes.{key}"
                 raise ModelError(f"{where}: {field_}: {exc}") from None
         try:
-            check_compatible(folders[BASE_KEY], [f for k, f in folders.items() if k != BASE_KEY])
+            check_compatible(folders[BASE_KEY], [f for k, f in folders.items() if k != BASE_KEY],
+                             vocab_policy=vocab_policy, vocab_hint=VOCAB_FIELD_HINT)
         except ModelError as exc:
             raise ModelError(f"{where}: models: incompatible models: {exc}") from None
         return LayerMap.from_config(folders[BASE_KEY].config).num_layers
@@ -451,7 +465,6 @@ def _parse_granularity(value: str | Mapping[str, Any], num_layers: int, where: s
 
 
 def _parse_method(name: str, spec: Mapping[str, Any], fine_tunes: list[str], where: str) -> MethodSpace:
-
     at = f"{where}: methods.{name}"
     try:
         method = get_method(name)

@@ -19,6 +19,7 @@ from evomerge.search.events import EventKind
 from evomerge.search.population.status import population_status_lines
 from evomerge.search.progress import format_duration
 from evomerge.search.run import LOCK_FILE, RunDir
+from evomerge.search.run_state import run_state
 
 TIME_PARTS = ("evaluation", "merging", "optimizer", "checkpoint", "archive", "setup")
 
@@ -74,13 +75,10 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
         records = archive.results("search")
         counts = archive.counts()
         starts = archive.events(EventKind.SESSION_START)
-        ends = archive.events(EventKind.SESSION_END)
-        budget = int(starts[-1]["data"].get("budget", 0)) if starts else 0
         holder = _running(run)
-        state = f"running ({holder})" if holder else (
-            f"stopped: {ends[-1]['data'].get('reason')}" if ends and len(ends) >= len(starts) else
-            "interrupted (continue with `evomerge resume`)" if starts else "not started")
-        lines = [f"run {run.name}: {state}",
+        now = run_state(run, archive, running=holder is not None)
+        budget = now.budget
+        lines = [f"run {run.name}: {now.text(run, holder)}",
                  f"  evaluations {counts['evaluations']}/{budget} ({counts['failed']} failed), "
                  f"sessions {len(starts)}, seed {info.get('seed')}"]
         lines += _rate_lines(records, budget, starts)
@@ -187,3 +185,20 @@ def summary_text(run_dir: str | os.PathLike[str]) -> str:
             lines.append(f"evaluation took {100 * t.get('evaluation', 0.0) / t['wall']:.1f}% of the wall time "
                          f"({t['wall']:.1f}s)")
     return "\n".join(lines)
+
+
+def failure_text(run_dir: str | os.PathLike[str], stop_reason: str | None = None) -> str | None:
+    """What went wrong when a search has nothing to export: it stopped for failures in a row (``stop_reason``),
+    or no evaluation succeeded. None when the search has a successful candidate and did not fail out."""
+    run = RunDir.open(Path(run_dir))
+    with run.archive(readonly=True) as archive:
+        counts = archive.counts()
+        failed = [r for r in archive.results("search") if not r.ok]
+    if stop_reason is None and (counts["ok"] or not counts["evaluations"]):
+        return None
+    last = (failed[-1].error or "no error text").strip().splitlines()[0][:300] if failed else ""
+    what = (f"the search stopped: {stop_reason}" if stop_reason is not None
+            else f"none of the {counts['evaluations']} evaluations succeeded")
+    return (f"evomerge: {what} (last error: {last}). Something systematic is wrong (a model with NaN weights, "
+            f"an executor.eval_timeout every candidate hits, a broken task): see {run.path / 'log.txt'}. "
+            "Nothing worth exporting; after a fix `evomerge resume` counts the failures afresh")

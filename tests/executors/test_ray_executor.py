@@ -365,3 +365,24 @@ def test_driver_killed_with_ray_workers_resumes_and_requeues_in_flight_candidate
     assert all(r.ok for r in records)
     assert len(sessions) == 2 and sessions[1]["data"]["resubmitted"]  # in flight at the kill, submitted again
     assert {r.worker for r in records} <= {"w0", "w1"}
+
+
+def test_workers_set_their_threads_from_their_allotment(micro: dict[str, Any]) -> None:
+    """Never inherited: a Ray worker of 1 CPU runs 1 torch thread; an in-process worker the CPUs it may use."""
+    import dataclasses
+
+    import torch
+
+    from evomerge.executors.worker import available_cpus
+
+    spec = dataclasses.replace(micro["spec"], threads=None)
+    with RayExecutor(spec, 1, cpus_per_worker=1) as executor:
+        assert executor.stats()["workers"]["w0"]["threads"] == 1
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(1, available_cpus() + 3))  # something else than the allotment
+        worker = MergeEvalWorker(spec)
+        assert worker.threads == available_cpus() == torch.get_num_threads()
+        assert worker.tier == "device" and worker.plan.choice == "device"
+    finally:
+        torch.set_num_threads(before)

@@ -88,8 +88,12 @@ BAD = {
     "corrupt": (lambda ll, tmp: _ties(ll, models=[{"model": str(_corrupt_copy(ll[1], tmp / "bad"))}]),
                 "corrupt safetensors"),
     "unknown key": (lambda ll, tmp: _ties(ll, wat=1), "unknown keys"),
-    "mergekit della": (lambda ll, tmp: {"merge_method": "della", "base_model": str(ll[0]),
-                                        "models": [{"model": str(ll[1])}]}, "della"),
+    "mergekit unknown method": (lambda ll, tmp: {"merge_method": "della_ties", "base_model": str(ll[0]),
+                                                 "models": [{"model": str(ll[1])}]}, "no evomerge equivalent"),
+    "mergekit unknown parameter": (lambda ll, tmp: {"merge_method": "sce", "base_model": str(ll[0]),
+                                                    "models": [{"model": str(ll[1])}, {"model": str(ll[2])}],
+                                                    "parameters": {"topk": 0.5}},
+                                   "parameters.topk: unknown parameter for method sce"),
 }
 
 
@@ -131,3 +135,15 @@ def test_write_mergekit_yaml_refused_before_merging(tmp_path: Path, llamas: list
     assert main(["merge", str(r), str(tmp_path / "o"), "--write-mergekit-yaml", "--no-progress"]) == 2
     assert "trim_scope" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_memory_budget_changes_memory_not_the_model(tmp_path: Path, llamas: list[Path],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    r = _write(tmp_path / "r.yaml", _ties(llamas))
+    assert main(["merge", str(r), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["merge", str(r), str(tmp_path / "b"), "--no-progress", "--memory-budget", "64KB"]) == 0
+    a, b = load_state(tmp_path / "a"), load_state(tmp_path / "b")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    capsys.readouterr()
+    assert main(["merge", str(r), str(tmp_path / "c"), "--no-progress", "--memory-budget", "lots"]) == 2
+    assert "size" in capsys.readouterr().err and not (tmp_path / "c").exists()

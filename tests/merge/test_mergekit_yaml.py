@@ -82,7 +82,7 @@ def test_dare_rescale_follows_mergekit_default() -> None:
     with pytest.raises(ConfigError, match="inverse_density"):
         to_mergekit(ev)
     mk = to_mergekit(Recipe("dare_ties", (ModelEntry("a"),), base_model="base", options={"rescale": "l1_norm"}))
-    assert mk["parameters"] == {"rescale": True}
+    assert mk["parameters"] == {"rescale": True, "density": 0.5}  # evomerge's default density, written out
 
 
 def test_single_slice_equals_models_form() -> None:
@@ -100,12 +100,15 @@ def test_single_slice_equals_models_form() -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"merge_method": "della"}, "no evomerge equivalent"),
+        ({"merge_method": "della_ties"}, "no evomerge equivalent"),
         ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
                      {"sources": [{"model": "a", "layer_range": [2, 3]}]}], "models": None}, "2 slices"),
         ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 3]}, {"model": "b", "layer_range": [1, 3]}]}],
+          "models": None}, r"\[1, 3\] gives 2 layers but sources\[0\] gives 3"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [1, 3]}, {"model": "b", "layer_range": [1, 3]}]}],
           "models": None}, "same full layer range"),
-        ({"models": [{"model": "a+lora/x"}]}, "LoRA"),
+        ({"slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}], "models": None}, "empty or negative"),
+        ({"models": [{"model": "a+lora/x+lora/y"}]}, "BASE\\+ADAPTER"),
         ({"tokenizer_source": "union"}, "union"),
         ({"parameters": {"normalize": [True, False]}}, "one constant"),
         ({"models": [{"model": "a", "parameters": {"normalize": True}}]}, "switch"),
@@ -119,6 +122,12 @@ def test_refuses_what_evomerge_cannot_express(change: dict, message: str) -> Non
     raw = {k: v for k, v in raw.items() if v is not None}
     with pytest.raises(ConfigError, match=message):
         from_mergekit(raw)
+
+
+def test_lora_references_are_read() -> None:
+    """mergekit's MODEL+LORA is evomerge's BASE+ADAPTER reference (the merge reads the adapter over MODEL)."""
+    recipe = from_mergekit({"merge_method": "ties", "base_model": "base", "models": [{"model": "base+lora/x"}]})
+    assert recipe.models[0].model == "base+lora/x"
 
 
 def test_to_mergekit_refuses_evomerge_only_features() -> None:

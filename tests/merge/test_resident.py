@@ -57,6 +57,21 @@ CASES = [
     ("model_stock", ("a", "b"), True, {}, {}, {"filter_wise": True}),
     ("mergeability_weighted", KEYS, True, {"a": {"base_score": 0.2}, "b": {"base_score": 0.5},
                                            "c": {"base_score": 0.9}}, {"tau": 0.3}, {}),
+    ("della", KEYS, True, {"a": {"density": [0.3, 0.8], "epsilon": 0.1}, "b": {"weight": 0.5}, "c": {}},
+     {"lambda": 1.2}, {}),
+    ("della_linear", KEYS, True, {"a": {"density": 0.4}, "b": {"density": 0.6}, "c": {}}, {},
+     {"rescale": "l1_norm"}),
+    ("sce", KEYS, True, {}, {"select_topk": [0.2, 0.9]}, {}),
+    ("nuslerp", ("a", "b"), True, {"a": {"weight": 1.0}, "b": {"weight": [0.2, 0.8]}}, {}, {}),
+    ("nuslerp", ("b", "c"), False, {"b": {"weight": 0.3}}, {}, {"nuslerp_flatten": False}),
+    ("multislerp", KEYS, False, {"a": {"weight": [0.2, 1.0]}, "b": {"weight": 0.5}}, {}, {}),
+    ("multislerp", KEYS, True, {"c": {"weight": 2.0}}, {}, {}),
+    ("karcher", ("a", "b"), True, {"a": {"weight": [1.0, 3.0]}}, {}, {"max_iter": 5}),
+    ("nearswap", ("a",), True, {}, {"t": [{"filter": "mlp", "value": [0.001, 0.01]}, {"value": 0.005}]}, {}),
+    ("arcee_fusion", ("c",), True, {}, {}, {}),
+    ("ram", KEYS, True, {}, {"epsilon": [0.002, 0.01]}, {}),
+    ("ramplus_tl", KEYS, True, {}, {"epsilon": 0.004, "r": [0.2, 0.8], "alpha": 0.5}, {}),
+    ("passthrough", ("b",), False, {"b": {"scale": [{"filter": "self_attn", "value": [0.5, 1.5]}]}}, {}, {}),
 ]
 
 

@@ -88,7 +88,7 @@ def test_export_refuses_existing_output_and_unknown_candidate_and_leaves_nothing
 
 def test_status_shows_progress_leaderboard_and_time(finished_run: Path) -> None:
     text = status_text(finished_run)
-    assert "evaluations 5/5 (0 failed)" in text and "stopped: budget of 5 evaluations reached" in text
+    assert "evaluations 5/5 (0 failed)" in text and "finished: budget of 5 evaluations used" in text
     assert "leaderboard" in text and "wall time" in text and "evaluation" in text
 
 

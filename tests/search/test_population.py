@@ -310,3 +310,55 @@ def test_seed_set_restricts_generation_one() -> None:
     g1 = _events(backend, "generation_plan")[0]["plans"]
     assert [(p["a"], p["b"]) for p in g1] == [("m1", "m3")]
     assert math.isfinite(backend.children["g1:m1+m3"].score)
+
+
+class FailingBackend(FakeBackend):
+    """Some originals fail their evaluation; so does the child of one chosen pair."""
+
+    def __init__(self, *args: Any, failed: set[str], failing_pair: tuple[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed, self.failing_pair = failed, failing_pair
+
+    def originals(self) -> list[Member]:
+        return [Member(k, -1.0 if k in self.failed else self.scores[k], ok=k not in self.failed)
+                for k in self.scores]
+
+    def run_pair(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
+        out = super().run_pair(plan, generation, budget)
+        if out.child is not None and plan.key == self.failing_pair:
+            child = Member(out.child.key, -1.0, generation, out.child.parents, out.child.candidate_id, ok=False)
+            self.children[child.key] = child
+            return PairResult(child, out.evaluations)
+        return out
+
+
+def test_failed_members_are_excluded_from_pairing_and_said_so() -> None:
+    """A failed original (a NaN fine-tune) is never paired; a failed child neither; both are events."""
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3, "m4": 0.2}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=2, revive_after=1,
+                           max_generations=5)
+    backend = FailingBackend(_vectors(5), scores, _gain_fn, failed={"m3"}, failing_pair=("m0", "m1"))
+    backend.fail_after = 4
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        PopulationManager(backend, cfg, budget=500).run()
+    backend.fail_after = None
+    PopulationManager(backend, cfg, budget=500).run()  # resumed: the exclusion is said once
+    planned = [p for e in _events(backend, "generation_plan") for p in e["plans"]]
+    assert planned and all("m3" not in (p["a"], p["b"]) for p in planned)
+    assert all("m3" not in (a, b) for a, b, _, _ in backend.pairs_run)
+    failed_child = backend.children["g1:m0+m1"]
+    assert not failed_child.ok
+    assert all(failed_child.key not in (p["a"], p["b"]) for p in planned)
+    excluded = _events(backend, "excluded")
+    assert [(e["generation"], e["keys"]) for e in excluded] == [(0, ["m3"]), (1, ["g1:m0+m1"])]
+    assert "failed its evaluation" in excluded[0]["reason"]
+    done = {e["child"]: e for e in _events(backend, "pair_done")}
+    assert done["g1:m0+m1"]["ok"] is False and done["g1:m0+m2"]["ok"] is True
+
+
+def test_fewer_than_two_scored_originals_stop_with_the_reason() -> None:
+    backend = FailingBackend(_vectors(3), {"m0": 0.5, "m1": 0.4, "m2": 0.3}, _gain_fn, failed={"m1", "m2"})
+    out = PopulationManager(backend, PopulationConfig(k=2), budget=50).run()
+    assert out.stop_reason.startswith("fewer than two starting models scored (failed: m1, m2)")
+    assert not backend.pairs_run and out.best.key == "m0"

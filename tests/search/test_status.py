@@ -46,7 +46,7 @@ def test_status_of_a_population_and_a_plain_run_imports_no_heavy_library(tmp_pat
                            log=lambda m: None, progress=False)
     text, imported = _status(run.path)
     assert imported == [], imported
-    assert "run pop: stopped: budget" in text and "evaluations 12/12 (0 failed)" in text
+    assert "run pop: finished: budget of 12 evaluations used" in text and "evaluations 12/12 (0 failed)" in text
     assert "population: k=3" in text and "top-3:" in text and "re-queued after a lost worker: 1 time(s)" in text
 
     plain = space_from_dict(micro_space(optimizer={"name": "CMA", "budget": 4}, test_top=0))

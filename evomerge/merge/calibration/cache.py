@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from evomerge.models.adapter import resolve_ref
 from evomerge.models.hf import load_causal_lm
 from evomerge.paths import resolve_path
 
@@ -37,9 +38,10 @@ def lru_get(cache: dict[str, Any], section: str, key: Any, make: Callable[[], An
 
 
 def cached_state(cache: dict[str, Any], path: str | os.PathLike[str]) -> StateDict:
-    """Load a model's state once per ``cache`` (the prepare context's cross-recipe cache; bounded LRU)."""
-    resolved = resolve_path(path)
-    return lru_get(cache, "states", str(resolved), lambda: model_state(load_causal_lm(resolved)))
+    """Load a model's state once per ``cache`` (the prepare context's cross-recipe cache; bounded LRU); a
+    ``BASE+ADAPTER`` reference loads the adapted base."""
+    resolved = resolve_ref(path)
+    return lru_get(cache, "states", resolved, lambda: model_state(load_causal_lm(resolved)))
 
 
 def probe_model(cache: dict[str, Any], base_path: str | os.PathLike[str]) -> torch.nn.Module:

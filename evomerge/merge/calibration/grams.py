@@ -4,6 +4,12 @@
 are visited in forward order, grouped by shared input (q/k/v, gate/up); each group's Grams are collected on a
 model whose earlier groups are ALREADY MERGED, then the group is merged (the plan's own per-tensor step) and
 written in. Non-linear tensors are merged first by the method's fallback.
+
+When memory allows only one layer's Grams per model (the memory plan's ``grams: layer``), the same results come
+from collecting one layer at a time, merging it and dropping its Grams: :func:`sequential_grams` with
+``keep="merged"`` (the merged weights are the probe's), and :func:`layerwise_merged` for the non-sequential
+mode (a truncated forward pass per layer and model through :func:`torch.func.functional_call`, so no model is
+copied into the probe).
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ def collect_grams(
     names: Sequence[str] | None = None,
     normalize: str = "mean",
     stop_after: bool = False,
+    params: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Input Gram ``X^T X`` (float64, (in, in)) of each hooked ``nn.Linear`` over every token of ``batches``.
 
     ``normalize``: ``mean`` divides by the token count (each task weighs the same), ``sum`` keeps the sum.
     ``stop_after``: abort each forward pass once every hooked module has fired (sequential mode).
+    ``params``: run the model with these weights (a state dict, used in place) instead of its own.
     Modules sharing one input tensor (q/k/v) share one accumulated Gram object.
     """
     if normalize not in ("mean", "sum"):
@@ -87,7 +95,11 @@ def collect_grams(
                 fired.clear()
                 last_input.clear()
                 with contextlib.suppress(_StopForward):
-                    model(input_ids=batch.to(device))
+                    if params is None:
+                        model(input_ids=batch.to(device))
+                    else:
+                        torch.func.functional_call(model, dict(params), (), {"input_ids": batch.to(device)},
+                                                   strict=False)
     finally:
         for h in handles:
             h.remove()
@@ -140,6 +152,12 @@ def _forward_groups(model: torch.nn.Module, batch: Tensor) -> list[list[str]]:
     return groups
 
 
+def gram_bytes(grams: Mapping[str, Tensor]) -> int:
+    """Bytes of a set of Grams (shared Gram objects counted once)."""
+    seen = {id(g): g for g in grams.values()}
+    return sum(g.numel() * g.element_size() for g in seen.values())
+
+
 def sequential_grams(
     plan: MergePlan,
     states: Mapping[str, StateDict],
@@ -147,14 +165,22 @@ def sequential_grams(
     model: torch.nn.Module,
     normalize: str = "mean",
     progress: bool = False,
-) -> dict[str, list[Tensor]]:
+    keep: str = "grams",
+    extra: Mapping[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Grams per linear weight and kernel input, collected with the earlier groups already merged (qp sequential).
 
     ``batches[t]``: calibration token batches of the t-th kernel input. Each group is merged by the plan's
     per-tensor step with its Grams (``qp_grams``), exactly as the engine will merge it, so the engine's result
     equals the model the later groups were calibrated on. ``model``: a loaded copy of the base architecture to
     work in (reset to the base weights first; a search reuses one instead of loading the base per candidate).
+    ``keep="merged"``: return each linear's merged weight (a view of ``model``'s, valid until the model is used
+    again) instead of its Grams, which are dropped group by group; ``extra``: more kernel options for those
+    merges (the qp report). ``stats["peak_gram_bytes"]``: the most Gram bytes held at once.
     """
+    if keep not in ("grams", "merged"):
+        raise ValueError(f"keep must be 'grams' or 'merged', got {keep!r}")
     assert plan.base_key is not None
     plan = plan.for_full_tensors()
     base_state = states[plan.base_key]
@@ -165,17 +191,69 @@ def sequential_grams(
     model.load_state_dict(merge_in_memory(plan, states, non_linear), strict=False)
     groups = _forward_groups(model, batches[0][0])
     params = dict(model.named_parameters())
-    out: dict[str, list[Tensor]] = {}
+    out: dict[str, Any] = {}
+    held = peak = 0
     for gi, group in enumerate(groups):
         per_model = [collect_grams(model, batches[t], group, normalize, stop_after=True)
                      for t in range(len(plan.input_keys))]
+        now = sum(gram_bytes(pm) for pm in per_model)
+        held = held + now if keep == "grams" else now
+        peak = max(peak, held)
         for name in group:
             grams = [pm[name] for pm in per_model]
-            out[name] = grams
             w = plan.merge_tensor(name, base_state[name], [states[k][name] for k in plan.input_keys],
-                                  extra_options={"qp_grams": grams})
+                                  extra_options={"qp_grams": grams, **({"qp_tensor": name, **extra} if extra else {})})
             with torch.no_grad():
                 params[name].copy_(w.to(params[name].dtype))
+            out[name] = grams if keep == "grams" else params[name].detach()
+        del per_model
         if progress:
             print(f"[qp] sequential group {gi + 1}/{len(groups)}: {', '.join(group)}", flush=True)
+    if stats is not None:
+        stats["peak_gram_bytes"] = peak
+    return out
+
+
+def layerwise_merged(
+    plan: MergePlan,
+    states: Mapping[str, StateDict],
+    batches: Sequence[Sequence[Tensor]],
+    model: torch.nn.Module,
+    activations: str = "finetuned",
+    normalize: str = "mean",
+    extra: Mapping[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+) -> dict[str, Tensor]:
+    """The non-sequential qp merge of every linear weight, one layer at a time: each model's Grams of one layer
+    (a forward pass stopped after that layer, with the model's own weights, or the base's for
+    ``activations="base"``), that layer merged by the plan's per-tensor step, its Grams dropped. The Grams equal
+    those of one full pass (same inputs at each layer), so the merge equals the all-layers one."""
+    assert plan.base_key is not None
+    plan = plan.for_full_tensors()
+    base_state = states[plan.base_key]
+    groups = _forward_groups(model, batches[0][0])
+    layers: list[list[str]] = []
+    last: object = object()
+    for group in groups:  # consecutive groups of one layer are collected together
+        layer = plan.layer_map.layer_of(group[0])
+        if layers and layer == last and layer is not None:
+            layers[-1].extend(group)
+        else:
+            layers.append(list(group))
+        last = layer
+    out: dict[str, Tensor] = {}
+    peak = 0
+    for names in layers:
+        per_model = []
+        for t, k in enumerate(plan.input_keys):
+            weights = base_state if activations == "base" else states[k]
+            per_model.append(collect_grams(model, batches[t], names, normalize, stop_after=True, params=weights))
+        peak = max(peak, sum(gram_bytes(pm) for pm in per_model))
+        for name in names:
+            grams = [pm[name] for pm in per_model]
+            out[name] = plan.merge_tensor(name, base_state[name], [states[k][name] for k in plan.input_keys],
+                                          extra_options={"qp_grams": grams, "qp_tensor": name, **(extra or {})})
+        del per_model
+    if stats is not None:
+        stats["peak_gram_bytes"] = peak
     return out

@@ -17,9 +17,11 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.files import read_yaml
+from evomerge.merge.formats.layer_stack import check_slice_ranges, config_layer_counts
 from evomerge.merge.formats.mergekit import from_mergekit, is_mergekit_config, slice_layer_range, to_mergekit
 from evomerge.merge.methods.registry import validate_recipe
-from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.merge.recipe import Recipe
+from evomerge.models.adapter import join_ref, split_ref
 from evomerge.models.layers import LayerMap
 from evomerge.paths import resolve_path, scheme_of
 
@@ -27,7 +29,11 @@ RECIPE_FILE = "evomerge_recipe.yaml"  # the recipe written next to a merged mode
 
 
 def resolve_model_path(ref: str, folder: Path | None) -> str:
-    """Scheme paths (``zoo:``) resolved, ``~`` expanded, relative paths against ``folder``."""
+    """Scheme paths (``zoo:``) resolved, ``~`` expanded, relative paths against ``folder``; each side of a
+    ``BASE+ADAPTER`` reference (mergekit's LoRA syntax) likewise."""
+    base, model = split_ref(ref)
+    if base is not None:
+        return join_ref(resolve_model_path(base, folder), resolve_model_path(model, folder))
     if scheme_of(ref) is not None:
         return str(resolve_path(ref))
     p = Path(ref).expanduser()
@@ -38,13 +44,11 @@ def resolve_model_path(ref: str, folder: Path | None) -> str:
 
 def resolve_paths(recipe: Recipe, folder: Path | None) -> Recipe:
     """The recipe with every model reference resolved (see :func:`resolve_model_path`)."""
-    def r(ref: str | None) -> str | None:
-        return None if ref is None else resolve_model_path(ref, folder)
+    def r(ref: str) -> str:
+        return resolve_model_path(ref, folder)
 
-    models = tuple(ModelEntry(str(r(m.model)), m.parameters) for m in recipe.models)
-    return dataclasses.replace(
-        recipe, models=models, base_model=r(recipe.base_model), tokenizer_source=r(recipe.tokenizer_source)
-    )
+    tok = recipe.tokenizer_source
+    return dataclasses.replace(recipe.map_models(r), tokenizer_source=r(tok) if tok is not None else None)
 
 
 def parse_recipe(data: Any, where: str, folder: Path | None = None, validate: bool = True) -> tuple[Recipe, str]:
@@ -61,6 +65,8 @@ def parse_recipe(data: Any, where: str, folder: Path | None = None, validate: bo
     recipe = resolve_paths(recipe, folder)
     if validate:
         validate_recipe(recipe, where)
+        if recipe.slices:  # a stack's ranges against the models' layer counts, before any work
+            check_slice_ranges(recipe, config_layer_counts(recipe), where)
     if form == "mergekit":
         _check_slice_range(data, recipe, where)
     return recipe, form
@@ -71,11 +77,10 @@ def _check_slice_range(data: dict[str, Any], recipe: Recipe, where: str) -> None
     rng = slice_layer_range(data)
     if rng is None:
         return
-    ref = recipe.base_model or recipe.models[0].model
+    ref = recipe.base_model or split_ref(recipe.models[0].model)[0] or recipe.models[0].model
     cfg_path = Path(ref) / "config.json"
     if not cfg_path.is_file():
         return  # the model check reports the missing folder with its own message
-
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -17,5 +17,16 @@ Common options, read by every kernel:
 
 Kernels never modify their inputs and return a new tensor in the compute dtype; the caller casts.
 Semantics follow mergekit 0.1.5 unless an option says otherwise (see each docstring).
+
+Streaming kernels (the generalized task arithmetic family: task arithmetic, TIES, DARE, Breadcrumbs; their
+registry entries say ``streams``) also take :class:`~evomerge.merge.kernels.pieces.Source` inputs read piece
+by piece and an ``out=`` buffer they write (any float dtype), and hold only piece-sized temporaries:
+- ``memory_budget``: bytes those temporaries may take (default 256 MiB; CPU pieces stay cache-sized);
+- ``piece_elems`` / ``part_elems``: force the piece / smallest part size (tests, tuning); results never
+  depend on them;
+- ``cpu_share`` / ``kernel_threads``: a :class:`~evomerge.merge.kernels.pieces.CpuShare` and a thread count
+  with which a large tensor's parts are walked on idle cores.
+Selection primitives for new methods (top-k, percentiles, rank windows, per-row ranks) are in
+:mod:`evomerge.merge.kernels.sparsify`.
 """
 

@@ -118,14 +118,8 @@ def merge_weights(imps: Sequence[Tensor], temperature: float) -> Tensor:
     return torch.softmax(logits, dim=0)
 
 
-def apl(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def apl(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+        params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Kernel of method ``apl`` (see the module docstring); without importance every row counts equally."""
     if base is None:
         raise ValueError("apl needs a base tensor")

@@ -24,14 +24,8 @@ class LinearCoefficients:
     coefficients: tuple[float, ...]
 
 
-def linear(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def linear(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+           params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Model soup: ``sum_t w_t theta_t``, divided by ``sum_t w_t`` when ``normalize`` (default true, as mergekit)."""
     check_inputs(base, tensors, model_params)
     wd = work_dtype(tensors[0], options)

@@ -33,14 +33,8 @@ def base_score_weights(scores: Sequence[float], tau: float) -> Tensor:
     return torch.softmax((1.0 - s) / tau, dim=0)
 
 
-def mergeability_weighted(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def mergeability_weighted(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+                          params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """``base + sum_t softmax((1 - base_score_t)/tau)_t * tau_t``; base scores per model or from ``prepare``."""
     if base is None:
         raise ValueError("mergeability_weighted needs a base tensor")

@@ -10,14 +10,8 @@ import torch
 from evomerge.merge.kernels.common import Tensor, check_inputs, stacked_deltas, work_dtype
 
 
-def model_stock(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def model_stock(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+                params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Model Stock (mergekit's formula): ``t = N cos / (1 + (N-1) cos)``, ``theta = t * mean_t theta_t + (1-t) * base``.
 
     ``cos`` is the mean pairwise cosine of the task vectors (norm products clamped at 1e-6), over the whole

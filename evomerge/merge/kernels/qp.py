@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from evomerge.merge.kernels.common import Tensor, work_dtype
+from evomerge.merge.kernels.sparsify import topk_mask
 
 BASES: tuple[str, ...] = ("task", "masked", "full", "diagonal")
 MASKS: tuple[str, ...] = ("magnitude", "ties", "dare")
@@ -125,9 +126,8 @@ def basis_masks(
             k = max(1, int(d * n)) if d > 0 else 0
             if k >= n:
                 masks[i].fill_(True)
-            elif k > 0:
-                idx = flat.abs().topk(k).indices
-                masks[i].view(-1)[idx] = True
+            elif k > 0:  # exact top-k in linear time, ties to the lowest index (as TIES)
+                masks[i].view(-1).copy_(topk_mask(flat.abs(), k))
     if kind == "ties":
         trimmed = taus * masks
         elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0).to(taus.dtype)
@@ -264,14 +264,8 @@ def _stacked_deltas(base: Tensor, tensors: Sequence[Tensor], options: Mapping[st
     return torch.stack([t.to(torch.float64) - b for t in tensors])
 
 
-def qp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def qp(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+       params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Kernel of method ``qp``: solve the per-tensor QP with ``options['qp_grams']`` (tensors without Grams are
     merged by the method's fallback, see :mod:`evomerge.merge.methods.qp`).
 

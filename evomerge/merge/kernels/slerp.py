@@ -13,14 +13,8 @@ from evomerge.merge.kernels.common import Tensor, check_inputs, full_inputs, wor
 SLERP_DOT_THRESHOLD = 0.9995
 
 
-def slerp(
-    base: Tensor | None,
-    tensors: list[Tensor],
-    model_params: list[dict[str, float]],
-    params: dict[str, float],
-    options: Mapping[str, Any],
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def slerp(base: Tensor | None, tensors: list[Tensor], model_params: list[dict[str, float]],
+          params: dict[str, float], options: Mapping[str, Any], generator: torch.Generator | None = None) -> Tensor:
     """Spherical interpolation from ``tensors[0]`` (t = 0) to ``tensors[1]`` (t = 1) over the whole tensor.
 
     As mergekit: ``d = <v0/|v0|, v1/|v1|>`` (a norm below 1e-8 counts as 1), linear interpolation when

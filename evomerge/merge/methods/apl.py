@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from evomerge.errors import ConfigError
 from evomerge.merge.calibration.cache import cached_state, probe_model
 from evomerge.merge.calibration.importance import importance
 from evomerge.merge.kernels.apl import ESTIMATORS, GRAD_POINTS, LEVELS, ImportanceStats, apl
-from evomerge.merge.methods.qp import calibration_of
+from evomerge.merge.methods.qp import calibration_inputs
 from evomerge.merge.methods.spec import MergeMethod, MethodContext, Need, OptionSpec, ParamSpec, Prepared
 
 
@@ -22,15 +21,13 @@ def prepare_apl(ctx: MethodContext) -> Prepared:
     plan = ctx.plan
     opts = plan.options
     paths = ctx.model_paths
-    if plan.base_key is None or plan.base_key not in paths:
-        raise ConfigError(f"apl: no path for the base model {plan.base_key!r}")
-    calib = calibration_of(ctx)
+    calib, base_path = calibration_inputs(ctx)
     level = str(opts.get("level", "row"))
     estimator = str(opts.get("estimator", "gradient"))
     grad_point = str(opts.get("grad_point", "midpoint"))
     n_ex = int(opts.get("examples", 16))
-    base_state = cached_state(ctx.cache, paths[plan.base_key])
-    probe = probe_model(ctx.cache, paths[plan.base_key])
+    base_state = cached_state(ctx.cache, base_path)
+    probe = probe_model(ctx.cache, base_path)
     shapes = {n: t.shape for n, t in base_state.items()}
     imps, stats = [], []
     for k in plan.input_keys:

@@ -60,7 +60,7 @@ METHODS: tuple[MergeMethod, ...] = (
     ),
     MergeMethod(
         "task_arithmetic", task_arithmetic, (_WEIGHT, _LAMBDA), (_NORMALIZE_F,), needs_base=True,
-        elementwise=True, coefficients=task_arithmetic_coefficients,
+        elementwise=True, streams=True, coefficients=task_arithmetic_coefficients,
         doc="base + lambda * sum_t w_t (theta_t - base)",
     ),
     MergeMethod(
@@ -72,32 +72,32 @@ METHODS: tuple[MergeMethod, ...] = (
                        "top-k per tensor (mergekit) or over the whole model (official TIES; needs a prepass)"),
             _SIGN_RULE, _ZERO_SIGN, _VARIANT, _rescale("none"),
         ),
-        needs_base=True,
+        needs_base=True, streams=True,
         doc="TIES: trim to top-density magnitudes, elect signs, disjoint mean",
     ),
     MergeMethod(
         "dare_linear", dare_linear,
         (_WEIGHT, _density(0.5, "keep probability of each delta entry (1 - DARE's drop rate p)"), _LAMBDA),
         (_NORMALIZE_F, _rescale("inverse_density")),
-        needs_base=True, needs=frozenset({Need.GENERATOR}),
+        needs_base=True, needs=frozenset({Need.GENERATOR}), streams=True,
         doc="DARE random drop and rescale, then task arithmetic",
     ),
     MergeMethod(
         "dare_ties", dare_ties,
         (_WEIGHT, _density(0.5, "keep probability of each delta entry (1 - DARE's drop rate p)"), _LAMBDA),
         (_NORMALIZE_F, _rescale("inverse_density"), _SIGN_RULE, _ZERO_SIGN, _VARIANT),
-        needs_base=True, needs=frozenset({Need.GENERATOR}),
+        needs_base=True, needs=frozenset({Need.GENERATOR}), streams=True,
         doc="DARE random drop and rescale, then TIES sign election",
     ),
     MergeMethod(
         "breadcrumbs", breadcrumbs, (_WEIGHT, _BC_DENSITY, _GAMMA, _LAMBDA), (_NORMALIZE_F, _rescale("none")),
-        needs_base=True,
+        needs_base=True, streams=True,
         doc="Model Breadcrumbs: drop outliers and small deltas, then task arithmetic",
     ),
     MergeMethod(
         "breadcrumbs_ties", breadcrumbs_ties, (_WEIGHT, _BC_DENSITY, _GAMMA, _LAMBDA),
         (_NORMALIZE_F, _rescale("none"), _SIGN_RULE, _ZERO_SIGN, _VARIANT),
-        needs_base=True,
+        needs_base=True, streams=True,
         doc="Model Breadcrumbs sparsification, then TIES sign election",
     ),
     MergeMethod(

@@ -14,7 +14,7 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge.calibration.cache import cached_state, lru_get, probe_model
-from evomerge.merge.calibration.grams import collect_grams, sequential_grams
+from evomerge.merge.calibration.grams import collect_grams, gram_bytes, layerwise_merged, sequential_grams
 from evomerge.merge.calibration.rows import CalibrationSet
 from evomerge.merge.kernels.qp import BASES, FALLBACKS, MASKS, QPReport, qp
 from evomerge.merge.methods.builtin import BY_NAME
@@ -31,7 +31,11 @@ def qp_or_fallback(
     options: Mapping[str, Any],
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The QP solve where the tensor has Grams (a 2-D linear weight), else the plain ``fallback`` method."""
+    """The QP solve where the tensor has Grams (a 2-D linear weight), else the plain ``fallback`` method; a weight
+    the prepare hook already merged layer by layer (``qp_merged``, when memory held one layer's Grams) as is."""
+    merged = options.get("qp_merged")
+    if merged is not None:
+        return merged if base is None else merged.to(base.device)
     if options.get("qp_grams") is not None and base is not None and base.dim() == 2:
         return qp(base, tensors, model_params, params, options, generator)
     report = options.get("qp_report")
@@ -47,13 +51,19 @@ def qp_or_fallback(
     return method.fn(base, tensors, mp, fp, passthrough, generator)
 
 
-def calibration_of(ctx: MethodContext) -> CalibrationSet:
-    """The caller's task rows (a search passes its fitness data; ``evomerge merge`` reads options.calibration)."""
+def calibration_inputs(ctx: MethodContext) -> tuple[CalibrationSet, str]:
+    """(the caller's task rows, the base model's folder) of a data-aware method's recipe.
+
+    A search passes its fitness data; ``evomerge merge`` reads ``options.calibration``.
+    """
+    plan = ctx.plan
+    if plan.base_key is None or plan.base_key not in ctx.model_paths:
+        raise ConfigError(f"{plan.method.name}: no path for the base model {plan.base_key!r}")
     if ctx.calibration is None:
         raise ConfigError(f"method {ctx.plan.method.name} needs calibration rows for "
                           f"{list(ctx.plan.input_keys)}: set options.calibration to a fitness spec or a mapping of "
                           "model keys to jsonl files (a search passes its fitness data)")
-    return ctx.calibration
+    return ctx.calibration, str(ctx.model_paths[plan.base_key])
 
 
 def prepare_qp(ctx: MethodContext) -> Prepared:
@@ -62,16 +72,30 @@ def prepare_qp(ctx: MethodContext) -> Prepared:
     plan = ctx.plan
     opts = plan.options
     paths = ctx.model_paths
-    if plan.base_key is None or plan.base_key not in paths:
-        raise ConfigError(f"qp: no path for the base model {plan.base_key!r}")
-    calib = calibration_of(ctx)
+    calib, base_path = calibration_inputs(ctx)
     tokens = int(opts.get("calibration_tokens", 512))
     normalize = str(opts.get("gram_normalize", "mean"))
     batches = [calib.token_batches(k, tokens) for k in plan.input_keys]
     states = {k: cached_state(ctx.cache, paths[k]) for k in plan.keys}
-    probe = probe_model(ctx.cache, paths[plan.base_key])
-    if bool(opts.get("sequential", False)):
-        grams = sequential_grams(plan, states, batches, probe, normalize)
+    probe = probe_model(ctx.cache, base_path)
+    report = QPReport()
+    ctx.cache["qp_report"] = report
+    stats: dict[str, int] = {}
+    sequential = bool(opts.get("sequential", False))
+    if ctx.grams == "layer":  # one layer's Grams per model at a time: merge each layer here, drop its Grams
+        extra = {"qp_report": report}
+        if sequential:
+            merged = sequential_grams(plan, states, batches, probe, normalize, keep="merged", extra=extra, stats=stats)
+        else:
+            merged = layerwise_merged(plan, states, batches, probe, str(opts.get("activations", "finetuned")),
+                                      normalize, extra=extra, stats=stats)
+        ctx.cache["qp_gram_peak_bytes"] = stats.get("peak_gram_bytes", 0)
+        out_l: dict[str, dict[str, Any]] = {"*": {"qp_report": report}}
+        for name in states[plan.base_key]:
+            out_l[name] = {"qp_tensor": name, **({"qp_merged": merged[name]} if name in merged else {})}
+        return out_l
+    if sequential:
+        grams = sequential_grams(plan, states, batches, probe, normalize, stats=stats)
     else:
         activations = str(opts.get("activations", "finetuned"))
         gk = (activations, normalize, tokens, calib.content_hash(plan.input_keys),
@@ -86,8 +110,8 @@ def prepare_qp(ctx: MethodContext) -> Prepared:
             return {n: [pm[n] for pm in per_model] for n in per_model[0]}
 
         grams = lru_get(ctx.cache, "qp_grams", gk, collect)
-    report = QPReport()
-    ctx.cache["qp_report"] = report
+        stats["peak_gram_bytes"] = gram_bytes({f"{n}.{i}": g for n, gs in grams.items() for i, g in enumerate(gs)})
+    ctx.cache["qp_gram_peak_bytes"] = stats.get("peak_gram_bytes", 0)
     out: dict[str, dict[str, Any]] = {"*": {"qp_report": report}}
     for name in states[plan.base_key]:
         entry: dict[str, Any] = {"qp_tensor": name}

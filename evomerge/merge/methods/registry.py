@@ -7,14 +7,14 @@ entry what it needs; nothing else registers methods.
 
 from __future__ import annotations
 
-from evomerge.merge.methods import apl, builtin, mergeability, qp
+from evomerge.merge.methods import apl, builtin, extended, mergeability, qp
 from evomerge.merge.methods.resolve import check_recipe
 from evomerge.merge.methods.spec import MergeMethod, Registry
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import Recipe
 from evomerge.models.layers import LayerMap
 
-METHODS: tuple[MergeMethod, ...] = (*builtin.METHODS, qp.METHOD, apl.METHOD, mergeability.METHOD)
+METHODS: tuple[MergeMethod, ...] = (*builtin.METHODS, *extended.METHODS, qp.METHOD, apl.METHOD, mergeability.METHOD)
 
 REGISTRY = Registry(METHODS)
 

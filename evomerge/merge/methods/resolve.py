@@ -9,6 +9,7 @@ seeded from (recipe seed, tensor name) (:func:`tensor_generator`), so every engi
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,16 @@ class InputPlan:
 
 
 def plan_inputs(recipe: Recipe, m: MergeMethod) -> InputPlan:
-    """The kernel's inputs for this recipe (no validation)."""
-    if m.needs_base:
+    """The kernel's inputs for this recipe (no validation).
+
+    A recipe with ``slices`` has each sliced model as an input (one of them per output tensor, see
+    :mod:`evomerge.merge.formats.layer_stack`).
+    """
+    if recipe.slices:
+        keys = tuple(dict.fromkeys(sl.model for sl in recipe.slices))
+        pos = {e.model: i for i, e in enumerate(recipe.models)}
+        return InputPlan(None, keys, tuple(pos.get(k) for k in keys))
+    if m.needs_base or (m.base_optional and recipe.base_model is not None):
         keep = [(i, e.model) for i, e in enumerate(recipe.models) if e.model != recipe.base_model]
         return InputPlan(recipe.base_model, tuple(k for _, k in keep), tuple(i for i, _ in keep))
     if m.base_as_input and recipe.base_model is not None:
@@ -68,6 +77,18 @@ def resolve_options(recipe: Recipe, m: MergeMethod) -> dict[str, OptionValue]:
     return out
 
 
+def _check_per_model(m: MergeMethod, values: Mapping[str, ParamValue], where: str, known: str) -> None:
+    """One model's (or one slice's) own parameters: known, per-model, in range."""
+    for name, value in values.items():
+        at = f"{where}.{name}"
+        spec = m.param(name)
+        if spec is None:
+            raise ConfigError(f"{at}: unknown parameter for method {m.name} (known: {known})")
+        if not spec.per_model:
+            raise ConfigError(f"{at}: {name} is a global parameter of {m.name}; set it under parameters")
+        _check_values(spec, value, at, m.name)
+
+
 def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> MergeMethod:
     """Check a recipe against its method before any work; returns the method.
 
@@ -77,7 +98,9 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
     if m.needs_base and not recipe.base_model:
         raise ConfigError(f"{where}.base_model: method {m.name} needs a base model")
     plan = plan_inputs(recipe, m)
-    n = len(plan.models)
+    n = 1 if recipe.slices else len(plan.models)  # a stack merges one slice (one input) per output tensor
+    if recipe.slices:
+        _check_slices(recipe, m, where)
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         if m.max_models == m.min_models:
             want = f"exactly {m.min_models}"
@@ -85,7 +108,9 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
             want = f"at least {m.min_models}"
         else:
             want = f"{m.min_models} to {m.max_models}"
-        what = "models besides the base" if m.needs_base else "input models"
+        what = "models besides the base" if m.needs_base or plan.base is not None else "input models"
+        if recipe.slices:
+            raise ConfigError(f"{where}.slices: method {m.name} needs {want} {what} per tensor; a slice is one")
         raise ConfigError(f"{where}.models: method {m.name} needs {want} {what}, got {n} ({list(plan.models)})")
     if len(set(plan.models)) != len(plan.models):
         raise ConfigError(f"{where}.models: a model is listed twice ({list(plan.models)})")
@@ -98,14 +123,7 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
             )
         _check_values(spec, value, f"{where}.parameters.{name}", m.name)
     for i, entry in enumerate(recipe.models):
-        for name, value in entry.parameters.items():
-            at = f"{where}.models[{i}].parameters.{name}"
-            spec = m.param(name)
-            if spec is None:
-                raise ConfigError(f"{at}: unknown parameter for method {m.name} (known: {known_params})")
-            if not spec.per_model:
-                raise ConfigError(f"{at}: {name} is a global parameter of {m.name}; set it under parameters")
-            _check_values(spec, value, at, m.name)
+        _check_per_model(m, entry.parameters, f"{where}.models[{i}].parameters", known_params)
     known_opts = ", ".join(o.name for o in m.options) or "none"
     for name, value in recipe.options.items():
         spec_o = m.option(name)
@@ -115,6 +133,8 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
                 f"{where}.options.{name}: unknown option for method {m.name}{extra} (known: {known_opts})"
             )
         spec_o.check(value, f"{where}.options.{name}", m.name)
+    for i, sl in enumerate(recipe.slices):
+        _check_per_model(m, sl.parameters, f"{where}.slices[{i}].parameters", known_params)
     opts = resolve_options(recipe, m)
     if opts.get("trim_scope") == "global":
         for i, entry in enumerate(recipe.models):
@@ -125,6 +145,23 @@ def check_recipe(recipe: Recipe, m: MergeMethod, where: str = "recipe") -> Merge
                     f"per model, got {dv.to_yaml()!r}"
                 )
     return m
+
+
+def _check_slices(recipe: Recipe, m: MergeMethod, where: str) -> None:
+    """Structure of a layer stack (ranges against the models' layer counts: formats.layer_stack)."""
+    if not m.stacks_layers:
+        raise ConfigError(f"{where}.slices: method {m.name} does not stack layers (only methods that do, such as "
+                          "passthrough, take slices); merge whole models with models:")
+    sliced = list(dict.fromkeys(sl.model for sl in recipe.slices))
+    if [e.model for e in recipe.models] != sliced or any(e.parameters for e in recipe.models):
+        raise ConfigError(
+            f"{where}.models: with slices, models lists each sliced model once, in order of first use, without "
+            f"parameters (set them per slice): expected {sliced}, got {[e.model for e in recipe.models]}"
+        )
+    for i, sl in enumerate(recipe.slices):
+        if sl.start < 0 or sl.end <= sl.start:
+            raise ConfigError(f"{where}.slices[{i}].layer_range: {[sl.start, sl.end]} is empty or negative "
+                              "(need 0 <= START < END)")
 
 
 # ---------------------------------------------------------------------------------------- per-tensor values

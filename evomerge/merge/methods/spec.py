@@ -28,7 +28,8 @@ Kernel = Callable[..., torch.Tensor]
 Prepared = Mapping[str, Mapping[str, Any]]
 
 # Options the engines pass to kernels at run time; a recipe may not set them.
-RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign"})
+RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign", "base_given",
+                             "memory_budget", "piece_elems", "part_elems", "cpu_share", "kernel_threads"})
 
 
 class Need(str, enum.Enum):
@@ -96,10 +97,17 @@ class MergeMethod:
 
     ``min_models``/``max_models`` count the kernel's ``tensors`` (non-base inputs for methods that need a
     base). ``base_as_input``: a recipe's ``base_model`` becomes the first input (slerp, as mergekit).
+    ``base_optional``: a recipe's ``base_model``, when given, is the kernel's base (not an input) and the
+    kernel merges task vectors against it (nuslerp, multislerp); plans tell the kernel through the runtime
+    option ``base_given``, since the resident merger passes a base to every kernel. ``stacks_layers``: the
+    method takes ``slices`` (layer stacking, which changes the layer count; each slice is one kernel input).
     ``elementwise``: each output element depends only on the same element of the inputs, so an engine may
-    merge a tensor in pieces that stay in cache. ``coefficients``: for linear methods, the per-tensor
-    ``beta * base + sum_t c_t tau_t`` form of the kernel (the resident merger's fused path; kinship's exact
-    forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
+    merge a tensor in pieces that stay in cache. ``streams``: the kernel takes
+    :class:`~evomerge.merge.kernels.pieces.Source` inputs (read piece by piece) and an ``out`` keyword (the
+    buffer it writes, any float dtype), and holds only piece-sized temporaries within
+    ``options['memory_budget']``: an engine may hand it inputs it never loads whole.
+    ``coefficients``: for linear methods, the per-tensor ``beta * base + sum_t c_t tau_t`` form of the kernel
+    (the resident merger's fused path; kinship's exact forms of merged models). ``needs``: what the caller must provide; ``needs_of(recipe)`` narrows it for one
     recipe (a qp recipe that names its own calibration file needs no rows from the caller). ``prepare``: run
     once per recipe before any tensor with a :class:`MethodContext`; it returns per-tensor kernel options.
     ``diagnostics``: what the last prepared merge measured about itself (qp: the residual-energy rho), read
@@ -115,7 +123,10 @@ class MergeMethod:
     max_models: int | None = None
     doc: str = ""
     base_as_input: bool = False
+    base_optional: bool = False
+    stacks_layers: bool = False
     elementwise: bool = False
+    streams: bool = False
     needs: frozenset[Need] = frozenset()
     coefficients: Callable[[list[dict[str, float]], dict[str, float], Mapping[str, Any]], LinearCoefficients] | None = None
     prepare: Callable[[MethodContext], Prepared] | None = None
@@ -126,6 +137,8 @@ class MergeMethod:
         names = [p.name for p in self.params] + [o.name for o in self.options]
         if len(set(names)) != len(names):
             raise ValueError(f"method {self.name}: duplicate parameter/option names {names}")
+        if sum((self.needs_base, self.base_as_input, self.base_optional)) > 1:
+            raise ValueError(f"method {self.name}: needs_base, base_as_input and base_optional exclude each other")
         data_needs = self.needs - {Need.GENERATOR}
         if data_needs and self.prepare is None:
             raise ValueError(f"method {self.name}: needs {sorted(n.value for n in data_needs)} but has no prepare hook")
@@ -159,6 +172,8 @@ class MergeMethod:
             "doc": self.doc,
             "needs_base": self.needs_base,
             "base_as_input": self.base_as_input,
+            "base_optional": self.base_optional,
+            "stacks_layers": self.stacks_layers,
             "min_models": self.min_models,
             "max_models": self.max_models,
             "uses_generator": self.uses_generator,
@@ -186,7 +201,8 @@ class MethodContext:
     :class:`~evomerge.merge.calibration.rows.CalibrationSet` (None: the method reads its ``calibration``
     option). ``base_scores``: model key -> the base model's score on that model's task. ``cache``: kept by the
     caller across recipes (e.g. by a resident merger) so that recipe-independent work (Grams, importance) is
-    done once.
+    done once. ``grams``: ``"all"`` (activation statistics of every layer may be held at once, and cached) or
+    ``"layer"`` (memory allows one layer's per model: collect a layer, merge it, drop it; the memory plan says).
     """
 
     plan: MergePlan
@@ -195,6 +211,7 @@ class MethodContext:
     calibration: Any = None
     base_scores: Mapping[str, float] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    grams: str = "all"
 
     @property
     def recipe(self) -> Recipe:

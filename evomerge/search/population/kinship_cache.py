@@ -26,8 +26,9 @@ class KinshipCache:
     """Kinship of members of ``members`` in any metric (see the module docstring for the order of lookups)."""
 
     def __init__(self, archive: Archive, base: str, originals: Mapping[str, str], members: MemberStore,
-                 folders: ParentFolders) -> None:
+                 folders: ParentFolders, vocab_policy: str = "refuse") -> None:
         self.archive, self.base, self.originals = archive, base, dict(originals)
+        self.vocab_policy = vocab_policy
         self.members, self.folders = members, folders
         self._memo: dict[tuple[str, str, str], float] = {}
         self._gram: Any = None
@@ -46,7 +47,8 @@ class KinshipCache:
         if fa is not None and fb is not None:
             value = float(self._gram.value(fa, fb, metric))
         else:
-            value = float(direct_kinship(self.folders.path(a), self.folders.path(b), self.base, metric))
+            value = float(direct_kinship(self.folders.path(a), self.folders.path(b), self.base, metric,
+                                         vocab_policy=self.vocab_policy))
         self._memo[memo] = value
         if math.isfinite(value):  # NaN (a zero task vector) is not cached: the table holds numbers only
             self.archive.put_kinship(a, b, metric, value)
@@ -56,7 +58,8 @@ class KinshipCache:
         if self._gram is not None:
             return
         keys = list(self.originals)
-        km = kinship_matrix([self.originals[k] for k in keys], self.base, names=keys, keep_tensors=True)
+        km = kinship_matrix([self.originals[k] for k in keys], self.base, names=keys, keep_tensors=True,
+                            vocab_policy=self.vocab_policy)
         self._gram = km.gram()
         with ModelFolder.open(self.base) as folder:
             self._layer_map = LayerMap.from_config(folder.config)

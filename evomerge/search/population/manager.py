@@ -142,7 +142,16 @@ class PopulationManager:
         if not any(e["kind"] == EventKind.POPULATION_START for e in events):
             self._event(EventKind.POPULATION_START, starting=starting, k=self.cfg.k, metric=self.cfg.metric,
                         budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget)
+        failed = [s for s in starting if not self.members[s].ok]
+        if failed:  # a failed original is no parent: it would only make failed children
+            if not any(e["kind"] == EventKind.EXCLUDED and e.get("payload", e).get("generation") == 0
+                       for e in events):
+                self._exclude(0, failed, "the original failed its evaluation")
+            starting = [s for s in starting if s not in failed]
         st = self._replay(events)
+        if len(starting) < 2 and st.generation == 0:
+            return self._finish(0, f"fewer than two starting models scored (failed: {', '.join(failed)}); "
+                                   "nothing to merge")
         if st.stopped is not None and not (st.stopped.startswith("budget") and self._budget_left() > 0):
             return self._outcome(st.generation, st.stopped)
         if st.stopped is not None:  # a budget stop, and the budget was raised on resume: go on
@@ -234,8 +243,17 @@ class PopulationManager:
             self.members[result.child.key] = result.child
             self._event(EventKind.PAIR_DONE, generation=generation, a=plan.a, b=plan.b, reason=plan.reason,
                         child=result.child.key, score=result.child.score, candidate_id=result.child.candidate_id,
-                        evaluations=result.evaluations)
+                        evaluations=result.evaluations, ok=result.child.ok)
+            if not result.child.ok:
+                self._exclude(generation, [result.child.key], f"every evaluation of the merge of {plan.a} and "
+                                                              f"{plan.b} failed")
         return None
+
+    def _exclude(self, generation: int, keys: Sequence[str], reason: str) -> None:
+        """Say that failed members take no further part in pairing (they are never in the top-k, never an
+        exploration partner, never revived)."""
+        self._event(EventKind.EXCLUDED, generation=generation, keys=list(keys), reason=reason)
+        self._log(f"excluded from pairing: {', '.join(keys)} ({reason})")
 
     def _stop_reason(self, generation: int, top: Sequence[Member], prev_top: list[str] | None) -> str | None:
         keys = [m.key for m in top]
@@ -286,7 +304,8 @@ class PopulationManager:
 
     def _outcome(self, generation: int, reason: str) -> PopulationOutcome:
         top = self._top()
-        return PopulationOutcome(best=top[0], top=top, generations=generation, stop_reason=reason,
+        ranked = rank(list(self.members.values()))
+        return PopulationOutcome(best=top[0] if top else ranked[0], top=top, generations=generation, stop_reason=reason,
                                  evaluations=self.backend.evaluations(), members=rank(list(self.members.values())),
                                  history=list(self.history))
 
@@ -305,7 +324,7 @@ class PopulationManager:
             elif kind == EventKind.PAIR_DONE:
                 self.merged.add(pair_key(p["a"], p["b"]))
                 child = Member(str(p["child"]), float(p["score"]), int(p["generation"]),
-                               (str(p["a"]), str(p["b"])), p.get("candidate_id"))
+                               (str(p["a"]), str(p["b"])), p.get("candidate_id"), bool(p.get("ok", True)))
                 self.members[child.key] = child
             elif kind == EventKind.GENERATION_END:
                 g = int(p["generation"])

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from evomerge.atomic import raise_if_disk_full
 from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
 from evomerge.method_data import MethodData, MethodDataProvider
@@ -24,8 +25,9 @@ class ParentCache:
     """Merged parents materialized on disk under ``root`` on demand; least recently used evicted beyond
     ``max_bytes`` (never the ones needed now). A recipe is deterministic, so an evicted parent is rebuilt."""
 
-    def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int, vocab_policy: str = "refuse") -> None:
         self.root = Path(root)
+        self.vocab_policy = vocab_policy
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._used: OrderedDict[str, int] = OrderedDict()
@@ -55,8 +57,14 @@ class ParentCache:
             recipe, base_model=path_of(recipe.base_model) if recipe.base_model else None,
             models=tuple(ModelEntry(path_of(m.model), m.parameters) for m in recipe.models), dtype="float32")
         data = data_of(recipe, {m.model: path_of(m.model) for m in recipe.models}) if data_of else MethodData()
-        merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=data.calibration,
-                      base_scores=data.base_scores)
+        try:
+            merge_to_disk(concrete, target, overwrite=True, progress=False, calibration=data.calibration,
+                          base_scores=data.base_scores, vocab_policy=self.vocab_policy)
+        except OSError as exc:  # a full disk: named, and the run resumes once space is freed
+            base = Path(concrete.base_model or concrete.models[0].model)
+            raise_if_disk_full(exc, self.root, sum(f.stat().st_size for f in base.glob("*.safetensors")),
+                               f"the merged parent {key}", f"`evomerge resume {self.root.parent}`")
+            raise
         self.materialized += 1
         self._used[key] = _dir_bytes(target)
         self._evict(set(keep) | {key})

@@ -48,13 +48,17 @@ from evomerge.search.population.rules import PairPlan, PopulationConfig
 from evomerge.search.progress import ProgressLine, SearchSummary, Timings
 from evomerge.search.run import RunDir
 from evomerge.search.space import Space
-from evomerge.search.stopping import StopFlag
+from evomerge.search.stopping import StopFlag, resume_failure_streak, stopping_rules
 
 PARENTS_DIR = "parents"
 
 
 class _Stopped(Exception):
     """The session stops (Ctrl-C/SIGTERM, wall time) without a ``stop`` event: a resume continues the run."""
+
+
+class _FailedOut(_Stopped):
+    """Too many evaluations failed in a row (``stopping.max_consecutive_failures``); a resume may go on."""
 
 
 def population_config(space: Space) -> tuple[PopulationConfig, PairSpace]:
@@ -95,15 +99,17 @@ class RunPopulation:
         originals = {k: str(v) for k, v in space.models.items()}
         self.members = MemberStore(originals, [str(t.name) for t in space.fitness.tasks])
         self.folders = ParentFolders(base, originals, self.members, ParentCache(run.path / PARENTS_DIR,
-                                                                                cfg.cache_disk_bytes),
+                                                                                cfg.cache_disk_bytes,
+                                                                                space.raw.vocab_policy),
                                      MethodDataProvider(space.fitness, base))
-        self.kin = KinshipCache(archive, base, originals, self.members, self.folders)
+        self.kin = KinshipCache(archive, base, originals, self.members, self.folders, space.raw.vocab_policy)
         records = archive.results("search")
         self.dispatch = Dispatcher(archive, executor, penalty=space.penalty,
                                    max_retries=space.raw.executor.max_retries, session=session,
                                    settings={"mode": "population", "seed": space.seed}, records=records,
                                    timings=timings, t_start=t_start, bar=bar, say=self.say, shown=self.evaluations,
                                    racing=racing, race_against=self._race_bar)
+        self.rules = stopping_rules(space)
         self.pairs = PairSearch(pair, self.dispatch, timings, self._new_id, self._check_stop,
                                 where=f"{space.where}: population.pair.optimizer")
         self.next_id = archive.max_id() + 1
@@ -138,6 +144,9 @@ class RunPopulation:
             raise _Stopped(self.stop.reason or "stopped")
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise _Stopped(f"wall_time of {self.space.raw.stopping.wall_time:.0f}s reached (this session)")
+        failed = self.rules.failure_reason(self.dispatch.progress)
+        if failed is not None:
+            raise _FailedOut(failed)
 
     # ------------------------------------------------------------------------------------ protocol
 
@@ -269,23 +278,26 @@ def run_population_session(run: RunDir, space: Space, executor: Executor, *, sto
         backend = RunPopulation(run, archive, space, executor, cfg, pair, stop=stop, session=session,
                                 timings=timings, t_start=t_start, bar=bar, log=log, deadline=deadline,
                                 racing=space.racing if racing is None else racing)
+        resume_failure_streak(archive, backend.dispatch.progress, backend.say)
         archive.add_event(EventKind.SESSION_START, {"session": session, "budget": space.budget, "mode": "population",
-                                                    "workers": executor.capacity, "evaluations": backend.evaluations(),
-                                                    "resubmitted": []})
+                                                    "workers": space.raw.workers, "capacity": executor.capacity,
+                                                    "test_top": space.raw.test_top,
+                                                    "evaluations": backend.evaluations(), "resubmitted": []})
         if session > 1:
             backend.say(f"session {session}: resuming the population run ({backend.evaluations()} evaluations)")
-        stopped = False
+        stopped = failed_out = False
         try:
             outcome = PopulationManager(backend, cfg, space.budget, log=backend.say).run()
             reason = outcome.stop_reason
         except _Stopped as exc:
-            reason, stopped = str(exc), True
-        if not stopped and not stop.is_set() and space.raw.test_top > 0:
+            reason, stopped, failed_out = str(exc), True, isinstance(exc, _FailedOut)
+        final = not stopped and not stop.is_set()
+        if final and space.raw.test_top > 0:
             backend.rescore(space.raw.test_top)
         backend.dispatch.timing_event(EventKind.SESSION_END, reason=reason, evaluations=backend.evaluations(),
-                                      mode="population")
+                                      mode="population", final=final, failures=failed_out)
         backend.say(f"session {session} ended: {reason}")
         best = backend.best
         bar.update(backend.evaluations(), best[0] if best else None, best[1] if best else None, force=True)
         return SearchSummary(backend.evaluations(), backend.dispatch.progress.failed, best[1] if best else None,
-                             best[0] if best else None, reason, session, timings)
+                             best[0] if best else None, reason, session, timings, final, failed_out)
