@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.spaces import micro_space, write_space
 
 import evomerge.commands as commands
 from evomerge.cli import COMMANDS, build_parser, main
@@ -51,16 +52,9 @@ def test_a_bad_input_exits_2_with_the_message(tmp_path: Path, capsys: pytest.Cap
     assert "nope" in capsys.readouterr().err
 
 
-def test_analysis_commands_read_evomerge_search_spaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_analysis_commands_read_evomerge_search_spaces(micro_zoo: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """`qp-diagnose` takes the same SPACE.yaml as `evomerge run` (models: {base, fine_tunes}, inline fitness)."""
-    import sys
-
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
-    sys.path.insert(0, str(Path(__file__).parent / "search"))
-    from _spaces import micro_space, write_space
-
     space = write_space(tmp_path / "s.yaml", micro_space())
     assert main(["qp-diagnose", str(space), "--basis", "full"]) == 0
     out = capsys.readouterr().out
@@ -68,7 +62,7 @@ def test_analysis_commands_read_evomerge_search_spaces(tmp_path: Path, capsys: p
     assert 0.0 <= rho <= 1.0
 
 
-def test_merge_in_a_subprocess_exits_fast_with_complete_output(tmp_path: Path) -> None:
+def test_merge_in_a_subprocess_exits_fast_with_complete_output(micro_zoo: Path, tmp_path: Path) -> None:
     # `evomerge merge` ends with os._exit (no interpreter teardown): its output and summary line must be complete
     # and its exit code kept, for success and for a bad input
     import json
@@ -77,9 +71,7 @@ def test_merge_in_a_subprocess_exits_fast_with_complete_output(tmp_path: Path) -
 
     import yaml
 
-    from evomerge.zoo.build import ensure_zoo
-
-    zoo = ensure_zoo("micro")
+    zoo = micro_zoo
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"method": "linear", "models": [{"model": str(zoo / "add")},
                                                                      {"model": str(zoo / "rev")}]}))

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import save_model, tiny_config
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.kinship import (
@@ -100,23 +101,15 @@ def test_relatedness_orders_distance_the_other_way() -> None:
 
 
 def _save_llama(path: Path, state: dict[str, torch.Tensor] | None, config: object) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config)
-    if state is not None:
-        model.load_state_dict(state)
-    model.save_pretrained(path)
+    model = save_model(path, config, state)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """A tiny Llama base and three fine-tunes: two related (shared direction), one independent."""
-    from transformers import LlamaConfig
-
     root = tmp_path_factory.mktemp("kin_models")
-    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = tiny_config("llama", vocab=48, layers=3, tied=False)
     torch.manual_seed(1)
     base = _save_llama(root / "base", None, cfg)
     gen = torch.Generator().manual_seed(7)

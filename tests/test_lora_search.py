@@ -117,13 +117,12 @@ def test_mergeability_of_adapters_equals_merged_models(micro_lora: dict) -> None
 
 
 @pytest.mark.slow
-def test_lora_build_is_deterministic(tmp_path: Path) -> None:
+def test_lora_build_is_deterministic(micro_zoo: Path, tmp_path: Path) -> None:
     import shutil
 
-    from evomerge.zoo.build import ensure_zoo
     from evomerge.zoo.lora import build_lora
 
-    zoo = ensure_zoo("micro")
+    zoo = micro_zoo
     built = []
     for i in range(2):
         copy = tmp_path / f"zoo{i}"

@@ -16,8 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.processes import wait_for_hook
+from helpers.waiting import hook_text, wait_until
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # every test here runs on a local Ray instance
 
 from evomerge.errors import ConfigError, EvomergeError  # noqa: E402
 from evomerge.executors.base import EvalJob, EvalOutcome, Executor, InProcessExecutor  # noqa: E402
@@ -40,11 +43,11 @@ def local_ray() -> Any:
 
 
 @pytest.fixture(scope="module")
-def micro() -> dict[str, Any]:
+def micro(micro_zoo: Path) -> dict[str, Any]:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.zoo.build import SPECIALISTS, micro_zoo_dir
+    from evomerge.zoo.build import SPECIALISTS
 
-    root = micro_zoo_dir()
+    root = micro_zoo
     raw = FitnessSpec.from_yaml(root / "fitness.yaml")
     fitness = FitnessSpec.from_dict({**raw.model_dump(exclude_none=True), "limit": 16, "tasks": [
         {**t.model_dump(exclude_none=True), "metric": "token_acc", "direction": None} for t in raw.tasks]})
@@ -88,18 +91,15 @@ def _hook_env(tmp_path: Path, nth: int) -> dict[str, str]:
 
 def _wait_for(path: Path, timeout: float = 60.0, executor: Executor | None = None,
               outcomes: list[EvalOutcome] | None = None) -> str:
-    """The marker's text once the hook wrote it (polling ``executor`` meanwhile, so its workers get jobs)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        if executor is not None:
-            got = executor.poll(timeout=0.05)
-            if outcomes is not None:
-                outcomes += got
-        else:
-            time.sleep(0.05)
-    time.sleep(0.05)
-    return path.read_text()
+    """The marker's line once the hook wrote it (polling ``executor`` meanwhile, so its workers get jobs)."""
+
+    def poll() -> None:
+        got = executor.poll(timeout=0.05)  # type: ignore[union-attr]
+        if outcomes is not None:
+            outcomes.extend(got)
+
+    return wait_until(lambda: hook_text(path), timeout, what=f"the hook {path.name}", interval=0.05,
+                      between=poll if executor is not None else None)
 
 
 def test_two_workers_score_like_in_process_and_spread_the_work(micro: dict[str, Any],
@@ -325,7 +325,6 @@ def test_search_survives_a_sigkilled_worker_and_archives_every_candidate_once(tm
     assert again.settings["attempt"] == 1
 
 
-@pytest.mark.slow
 def test_driver_killed_with_ray_workers_resumes_and_requeues_in_flight_candidates(tmp_path: Path) -> None:
     """SIGKILL the driver of a 2-worker Ray search; `evomerge resume` re-submits what was in flight."""
     import subprocess
@@ -345,14 +344,7 @@ def test_driver_killed_with_ray_workers_resumes_and_requeues_in_flight_candidate
     # the driver stops after archiving its 3rd candidate (workers never reach this point)
     proc = cli("run", str(space), "--runs-dir", str(runs), "--name", "k",
                EVOMERGE_TEST_HOOK="after_record@3", EVOMERGE_TEST_HOOK_FILE=str(marker))
-    deadline = time.monotonic() + 150
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read().decode()[-2000:])  # type: ignore[union-attr]
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("hook never reached")
-        time.sleep(0.05)
+    wait_for_hook(proc, marker, timeout=150)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     final = cli("resume", str(runs / "k"))

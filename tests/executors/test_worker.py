@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+from helpers.spaces import micro_space
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "search"))
-from _spaces import micro_space  # noqa: E402
-
-from evomerge.executors.base import EvalJob  # noqa: E402
-from evomerge.executors.worker import MergeEvalWorker  # noqa: E402
-from evomerge.search.genome import Genome  # noqa: E402
-from evomerge.search.space import space_from_dict  # noqa: E402
+from evomerge.executors.base import EvalJob
+from evomerge.executors.worker import MergeEvalWorker
+from evomerge.search.genome import Genome
+from evomerge.search.space import space_from_dict
 from evomerge.search.workers import worker_spec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+pytestmark = pytest.mark.usefixtures("micro_zoo")  # the spaces name zoo:micro paths
 
 
 @pytest.mark.parametrize(("method", "genes"), [

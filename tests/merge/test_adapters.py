@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import build_llamas, build_loras, load_state
+from helpers.tiny_models import build_llamas, build_loras, load_state, save_tiny
 from test_resident import CASES, KEYS, _recipe
 
 from evomerge.errors import ConfigError, ModelError
@@ -26,9 +26,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def loras(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def loras(tiny_llamas: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("loras")
-    base = build_llamas(root, 1)[0]
+    base = tiny_llamas[0]
     adapters, merged = build_loras(root, base)
     names = list(adapters)
     return {"base": base, "adapters": [adapters[n] for n in names], "merged": [merged[n] for n in names],
@@ -226,11 +226,8 @@ def test_refusals(loras: dict, tmp_path: Path) -> None:
 
 def test_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     import peft
-    import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=24, n_layer=2, n_head=2)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    save_tiny("gpt2", tmp_path / "base", vocab=50, n_embd=24)
     adapters, merged = build_loras(tmp_path, tmp_path / "base", {"g": {
         "r": 3, "lora_alpha": 5, "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}})
     with open_weights(adapters["g"], base=tmp_path / "base") as src:

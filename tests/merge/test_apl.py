@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,11 +29,9 @@ NAMES = ["add", "rev", "sort", "enc"]
 
 
 @pytest.fixture(scope="module")
-def micro() -> dict:
+def micro(micro_zoo: Path) -> dict:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.zoo.build import micro_zoo_dir
-
-    z = micro_zoo_dir()
+    z = micro_zoo
     cache: dict = {}
     probe = load_causal_lm(z / "base")
     lm = LayerMap.from_config(probe.config.to_dict())

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import build_llamas, load_state
+from helpers.tiny_models import build_llamas, load_state
 
 from evomerge.cli import main
 
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return build_llamas(tmp_path_factory.mktemp("cli"), 2)
+def llamas(tiny_llamas: list[Path]) -> list[Path]:
+    """The session's base and first two fine-tunes (read only)."""
+    return tiny_llamas[:3]
 
 
 def _write(path: Path, data: dict) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import build_llamas, load_state
+from helpers.tiny_models import build_llamas, load_state
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.merge.engines.disk import merge_to_disk
@@ -16,8 +16,9 @@ from evomerge.merge.recipe import ModelEntry, Recipe
 
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return build_llamas(tmp_path_factory.mktemp("engine"), 3)
+def llamas(tiny_llamas: list[Path]) -> list[Path]:
+    """The session's base and three fine-tunes (read only)."""
+    return tiny_llamas
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _fixtures import build_llamas, load_state
+from helpers.tiny_models import load_state
 
 from evomerge.cli import main
 from evomerge.errors import ConfigError
@@ -23,8 +23,9 @@ from evomerge.models.layers import LayerMap
 
 
 @pytest.fixture(scope="module")
-def llamas(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return build_llamas(tmp_path_factory.mktemp("stack"), 2)
+def llamas(tiny_llamas: list[Path]) -> list[Path]:
+    """The session's base and first two fine-tunes (read only)."""
+    return tiny_llamas[:3]
 
 
 def _stack(a: Path, b: Path) -> Recipe:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,11 +67,9 @@ def test_registry_entry() -> None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> ZooLab:
+def lab(micro_zoo: Path) -> ZooLab:
     from evomerge.fitness.spec import FitnessSpec
-    from evomerge.zoo.build import micro_zoo_dir
-
-    z = micro_zoo_dir()
+    z = micro_zoo
     spec = FitnessSpec.from_dict({"tasks": [{"name": n, "jsonl": {"search": str(z / "data" / n / "search.jsonl"),
                                                                   "test": str(z / "data" / n / "test.jsonl")},
                                              "metric": "token_acc"} for n in NAMES]})

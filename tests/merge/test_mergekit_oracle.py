@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import load_state
 
 from evomerge.merge.methods.registry import validate_recipe
 from evomerge.merge.methods.resolve import plan_inputs, resolve_tensor_params, tensor_generator
@@ -16,7 +17,6 @@ from evomerge.merge.recipe import Recipe
 mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit not installed: oracle cross-check skipped")
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 NUM_LAYERS = 3
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -34,15 +34,6 @@ def kind_of(name: str) -> str:
     return "mlp" if ".mlp." in name else "other"
 T_ATTN = [0.0, 0.5, 0.3, 0.7, 1.0]
 T_MLP = [1.0, 0.7, 0.3, 0.5, 0.0]
-
-
-def _read(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open has no __iter__
-                out[k] = h.get_tensor(k)
-    return out
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -97,11 +88,11 @@ def test_every_tensor_matches_mergekit(case_name: str, tiny_llamas: list[Path], 
         mergekit_config.MergeConfiguration.model_validate(conf), str(out),
         options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True),
     )
-    expected = _read(out)
+    expected = load_state(out)
     recipe = _evomerge_recipe(conf)
     method = validate_recipe(recipe)
     plan = plan_inputs(recipe, method)
-    inputs = {str(p): _read(p) for p in tiny_llamas}
+    inputs = {str(p): load_state(p) for p in tiny_llamas}
     assert expected, "mergekit wrote no tensors"
     for name, want in expected.items():
         per_model, glob = resolve_tensor_params(recipe, method, name, layer_of(name), NUM_LAYERS, kind_of(name))

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.tiny_models import load_state
 
 from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.formats.recipe_yaml import parse_recipe
@@ -25,18 +26,8 @@ mergekit_config = pytest.importorskip("mergekit.config", reason="mergekit not in
 from mergekit.merge import run_merge  # noqa: E402
 from mergekit.merge_methods.api import merge_tensors  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 NUM_LAYERS = 3
-
-
-def _read(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open has no __iter__
-                out[k] = h.get_tensor(k)
-    return out
 
 
 def _models(paths: list[Path], idx: list[int], params: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -122,14 +113,14 @@ def test_every_tensor_matches_mergekit(name: str, tiny_llamas: list[Path], tmp_p
     mk_out = tmp_path / "mergekit_out"
     run_merge(mergekit_config.MergeConfiguration.model_validate(conf), str(mk_out),
               options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
-    expected = _read(mk_out)
+    expected = load_state(mk_out)
     assert expected, "mergekit wrote no tensors"
     recipe, _ = parse_recipe(conf, name)
     ev_out = tmp_path / "evomerge_out"
     merge_to_disk(recipe, ev_out, dtype="float32", progress=False, workers=1)
-    got = _read(ev_out)
+    got = load_state(ev_out)
     assert sorted(got) == sorted(expected)
-    base = _read(tiny_llamas[0])
+    base = load_state(tiny_llamas[0])
     moved = 0
     for tensor_name, want in expected.items():
         torch.testing.assert_close(got[tensor_name], want.float(), rtol=0, atol=1e-5,
@@ -149,7 +140,7 @@ def test_every_tensor_matches_mergekit(name: str, tiny_llamas: list[Path], tmp_p
 def test_della_random_drops_match_mergekit_draw_for_draw(method: str, rescale: bool, tiny_llamas: list[Path]) -> None:
     """mergekit draws its MAGPRUNE masks from torch's global generator; seeded like evomerge's per-tensor
     generator, the two give the same masks, so the random path is checked exactly too."""
-    states = [_read(p) for p in tiny_llamas]
+    states = [load_state(p) for p in tiny_llamas]
     weights, densities, epsilons = [0.6, 1.0, 0.8], [0.5, 0.3, 0.7], [0.1, 0.2, 0.25]
     kernel = della if method == "della" else della_linear
     mp = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
+from helpers.tiny_models import seeded_tensors
 
 from evomerge.merge.kernels import sparsify as S
 from evomerge.merge.kernels.linear import linear
@@ -99,8 +99,8 @@ def _naive_ties(
 @pytest.mark.parametrize("variant", ["mergekit", "paper"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
-def test_ties_matches_a_naive_reference(make_tensors: Callable, variant: str, normalize: bool, density: float) -> None:
-    base, tensors = make_tensors((41, 23), 3, seed=7)
+def test_ties_matches_a_naive_reference(variant: str, normalize: bool, density: float) -> None:
+    base, tensors = seeded_tensors((41, 23), 3, seed=7)
     weights = [1.0, 1.0, 1.0] if variant == "paper" else [0.3, 1.2, 0.7]
     mp = [{"weight": w, "density": density} for w in weights]
     out = ties(base, tensors, mp, {"lambda": 1.3}, {"variant": variant, "normalize": normalize})
@@ -108,8 +108,8 @@ def test_ties_matches_a_naive_reference(make_tensors: Callable, variant: str, no
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
-def test_ties_chunked_path_equals_one_chunk(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((300, 50), 3, seed=3)
+def test_ties_chunked_path_equals_one_chunk() -> None:
+    base, tensors = seeded_tensors((300, 50), 3, seed=3)
     mp = [{"weight": w, "density": 0.2} for w in (0.5, 1.0, 2.0)]
     whole = ties(base, tensors, mp, {"lambda": 1.0}, {})
     chunked = ties(base, tensors, mp, {"lambda": 1.0}, {"piece_elems": 1000})  # 15 pieces, the last one partial
@@ -135,8 +135,8 @@ def test_ties_sign_rules_and_zero_sign_hand_cases() -> None:
     assert neg[2].item() == pytest.approx(0.15)
 
 
-def test_ties_global_scope_uses_the_given_thresholds(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((20, 10), 2, seed=5)
+def test_ties_global_scope_uses_the_given_thresholds() -> None:
+    base, tensors = seeded_tensors((20, 10), 2, seed=5)
     deltas = [t - base for t in tensors]
     thr = [float(deltas[0].abs().median()), float(deltas[1].abs().quantile(0.9))]
     out = ties(base, tensors, _mp(2, weight=1.0, density=0.5), {}, {"trim_scope": "global", "global_threshold": thr})
@@ -241,8 +241,8 @@ def test_task_arithmetic_hand_case() -> None:
 # ------------------------------------------------------------------------------------------------- DARE
 
 
-def test_dare_on_a_fixed_generator_matches_the_definition(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((30, 11), 2, seed=9)
+def test_dare_on_a_fixed_generator_matches_the_definition() -> None:
+    base, tensors = seeded_tensors((30, 11), 2, seed=9)
     mp = [{"weight": 0.7, "density": 0.3}, {"weight": 1.1, "density": 0.6}]
     out = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
     g = torch.Generator().manual_seed(42)
@@ -281,15 +281,15 @@ def test_dare_l1_rescale_keeps_the_l1_norm_and_is_unbiased_with_inverse_density(
     assert ((total / 100 - tau).abs() <= 5 * tau.abs() / math.sqrt(100) + 1e-9).float().mean() > 0.999
 
 
-def test_dare_needs_an_explicit_generator(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((5, 5), 1)
+def test_dare_needs_an_explicit_generator() -> None:
+    base, tensors = seeded_tensors((5, 5), 1)
     with pytest.raises(ValueError, match="Generator"):
         dare_ties(base, tensors, [{"weight": 1.0, "density": 0.5}], {}, {}, None)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_density_one_reduces_dare_and_breadcrumbs_to_their_base_operator(make_tensors: Callable, normalize: bool) -> None:
-    base, tensors = make_tensors((17, 13), 3, seed=4)
+def test_density_one_reduces_dare_and_breadcrumbs_to_their_base_operator(normalize: bool) -> None:
+    base, tensors = seeded_tensors((17, 13), 3, seed=4)
     mp = [{"weight": w, "density": 1.0, "gamma": 0.3} for w in (0.4, 1.0, 0.9)]
     opts = {"normalize": normalize}
     ta = task_arithmetic(base, tensors, mp, {"lambda": 1.5}, opts)
@@ -335,8 +335,8 @@ def test_slerp_two_element_hand_cases() -> None:
     torch.testing.assert_close(slerp(None, [a, b], mp, {"t": 0.25}, {}), 0.75 * a + 0.25 * b)
 
 
-def test_slerp_endpoints(make_tensors: Callable) -> None:
-    _, (a, b) = make_tensors((9, 7), 2, scale=1.0)
+def test_slerp_endpoints() -> None:
+    _, (a, b) = seeded_tensors((9, 7), 2, scale=1.0)
     torch.testing.assert_close(slerp(None, [a, b], _mp(2), {"t": 0.0}, {}), a, rtol=0, atol=1e-6)
     torch.testing.assert_close(slerp(None, [a, b], _mp(2), {"t": 1.0}, {}), b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="exactly 2"):
@@ -346,7 +346,7 @@ def test_slerp_endpoints(make_tensors: Callable) -> None:
 # ------------------------------------------------------------------------------------------- model stock
 
 
-def test_model_stock_formula_and_identity(make_tensors: Callable) -> None:
+def test_model_stock_formula_and_identity() -> None:
     base = torch.tensor([0.0, 0.0, 1.0])
     t1, t2 = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])  # orthogonal deltas: cos 0 -> t = 0
     torch.testing.assert_close(model_stock(base, [t1, t2], _mp(2), {}, {}), base)
@@ -356,7 +356,7 @@ def test_model_stock_formula_and_identity(make_tensors: Callable) -> None:
     ref = t * (t1 + t3) / 2 + (1 - t) * base
     torch.testing.assert_close(model_stock(base, [t1, t3], _mp(2), {}, {}), ref)
     # identical fine-tunes: cos 1, t 1 -> the fine-tune
-    b, (x,) = make_tensors((6, 4), 1)
+    b, (x,) = seeded_tensors((6, 4), 1)
     torch.testing.assert_close(model_stock(b, [x, x.clone()], _mp(2), {}, {}), x, rtol=0, atol=1e-6)
     fw = model_stock(b, [x, x.clone()], _mp(2), {}, {"filter_wise": True})
     torch.testing.assert_close(fw, x, rtol=0, atol=1e-6)
@@ -366,9 +366,9 @@ def test_model_stock_formula_and_identity(make_tensors: Callable) -> None:
 
 
 @pytest.mark.parametrize("name", BUILTIN_METHODS)
-def test_one_model_with_weight_one_is_that_model(name: str, make_tensors: Callable) -> None:
+def test_one_model_with_weight_one_is_that_model(name: str) -> None:
     method = REGISTRY.get(name)
-    base, tensors = make_tensors((23, 11), 1, seed=13)
+    base, tensors = seeded_tensors((23, 11), 1, seed=13)
     x = tensors[0]
     mp = [{"weight": 1.0, "density": 1.0, "gamma": 0.01}]
     if method.max_models == 2:  # slerp: t = 1 is the second model
@@ -381,9 +381,9 @@ def test_one_model_with_weight_one_is_that_model(name: str, make_tensors: Callab
 
 
 @pytest.mark.parametrize("name", BUILTIN_METHODS)
-def test_task_vectors_as_inputs_give_the_same_merge(name: str, make_tensors: Callable) -> None:
+def test_task_vectors_as_inputs_give_the_same_merge(name: str) -> None:
     method = REGISTRY.get(name)
-    base, tensors = make_tensors((23, 11), 3, seed=14)
+    base, tensors = seeded_tensors((23, 11), 3, seed=14)
     n = 2 if method.max_models == 2 else 3
     tensors = tensors[:n]
     mp = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in (0.5, 1.0, 1.5)][:n]
@@ -395,9 +395,9 @@ def test_task_vectors_as_inputs_give_the_same_merge(name: str, make_tensors: Cal
 
 
 @pytest.mark.parametrize("name", BUILTIN_METHODS)
-def test_kernels_leave_inputs_untouched_and_compute_in_float64_on_request(name: str, make_tensors: Callable) -> None:
+def test_kernels_leave_inputs_untouched_and_compute_in_float64_on_request(name: str) -> None:
     method = REGISTRY.get(name)
-    base, tensors = make_tensors((10, 10), 3, seed=15)
+    base, tensors = seeded_tensors((10, 10), 3, seed=15)
     tensors = tensors[: 2 if method.max_models == 2 else 3]
     copies = [t.clone() for t in tensors]
     base_copy = base.clone()
@@ -412,8 +412,8 @@ def test_kernels_leave_inputs_untouched_and_compute_in_float64_on_request(name: 
     assert bf16.dtype == torch.float32
 
 
-def test_shape_mismatch_is_refused(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((4, 4), 2)
+def test_shape_mismatch_is_refused() -> None:
+    base, tensors = seeded_tensors((4, 4), 2)
     with pytest.raises(ValueError, match="shape"):
         task_arithmetic(base, [tensors[0], tensors[1][:2]], _mp(2, weight=1.0), {}, {})
     with pytest.raises(ValueError, match="per-model"):

@@ -4,13 +4,14 @@ table of properties every kernel must have (inputs untouched, dtypes, task vecto
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_models import load_state, seeded_tensors
 
 from evomerge.merge.kernels import pairwise
 from evomerge.merge.kernels.della import della, della_linear
@@ -80,8 +81,8 @@ def test_magprune_is_unbiased_and_keeps_density_on_average() -> None:
     assert ((total / draws - delta).abs() <= 5 * se + 1e-9).float().mean() > 0.999
 
 
-def test_della_at_density_one_is_ties_and_della_linear_task_arithmetic(make_tensors: Callable) -> None:
-    base, tensors = make_tensors((17, 13), 3, seed=4)
+def test_della_at_density_one_is_ties_and_della_linear_task_arithmetic() -> None:
+    base, tensors = seeded_tensors((17, 13), 3, seed=4)
     mp = [{"weight": w, "density": 1.0, "epsilon": 0.1} for w in (0.4, 1.0, 0.9)]
     gen = torch.Generator().manual_seed(0)
     assert torch.equal(della(base, tensors, mp, {"lambda": 1.5}, {}, gen), ties(base, tensors, mp, {"lambda": 1.5}, {}))
@@ -231,8 +232,8 @@ def _naive_fusion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(imp >= thr, b, a)
 
 
-def test_arcee_fusion_matches_its_definition(make_tensors: Callable) -> None:
-    base, (x,) = make_tensors((40, 24), 1, seed=21, scale=0.3)
+def test_arcee_fusion_matches_its_definition() -> None:
+    base, (x,) = seeded_tensors((40, 24), 1, seed=21, scale=0.3)
     out = arcee_fusion(base, [x], _mp(1), {}, {})
     ref = _naive_fusion(base.double().numpy(), x.double().numpy())
     changed = out != base
@@ -326,10 +327,10 @@ def _call(name: str, base: torch.Tensor, tensors: list[torch.Tensor], options: d
 
 
 @pytest.mark.parametrize("name", EXTENDED)
-def test_task_vectors_as_inputs_give_the_same_merge(name: str, make_tensors: Callable) -> None:
+def test_task_vectors_as_inputs_give_the_same_merge(name: str) -> None:
     """The resident merger hands kernels task vectors and always a base (``base_given`` says if it is one)."""
     c = TABLE[name]
-    base, tensors = make_tensors((23, 11), c.n_models, seed=14)
+    base, tensors = seeded_tensors((23, 11), c.n_models, seed=14)
     full = _call(name, base, tensors, {})
     extra = {} if c.with_base else {"base_given": False}
     via = _call(name, base, [t - base for t in tensors], {"inputs_are_deltas": True, **extra})
@@ -337,9 +338,9 @@ def test_task_vectors_as_inputs_give_the_same_merge(name: str, make_tensors: Cal
 
 
 @pytest.mark.parametrize("name", EXTENDED)
-def test_kernels_leave_inputs_untouched_and_keep_shape_and_dtype(name: str, make_tensors: Callable) -> None:
+def test_kernels_leave_inputs_untouched_and_keep_shape_and_dtype(name: str) -> None:
     c = TABLE[name]
-    base, tensors = make_tensors((10, 10), c.n_models, seed=15)
+    base, tensors = seeded_tensors((10, 10), c.n_models, seed=15)
     copies, base_copy = [t.clone() for t in tensors], base.clone()
     out = _call(name, base, tensors, {"compute_dtype": "float64"})
     assert out.dtype == torch.float64 and out.shape == base.shape
@@ -351,10 +352,10 @@ def test_kernels_leave_inputs_untouched_and_keep_shape_and_dtype(name: str, make
 
 
 @pytest.mark.parametrize("name", [n for n in EXTENDED if TABLE[n].identity])
-def test_one_model_or_copies_of_it_merge_into_that_model(name: str, make_tensors: Callable) -> None:
+def test_one_model_or_copies_of_it_merge_into_that_model(name: str) -> None:
     c = TABLE[name]
     method = REGISTRY.get(name)
-    base, (x,) = make_tensors((23, 11), 1, seed=13)
+    base, (x,) = seeded_tensors((23, 11), 1, seed=13)
     n = max(1, method.min_models)
     copies = [x.clone() for _ in range(n)]
     mp = [{**c.model_params, "density": 1.0, "weight": 1.0} for _ in copies]
@@ -394,17 +395,14 @@ def test_sce_selection_is_torch_variance_selection(n_models: int, quantized: boo
         assert got is not None and torch.equal(got, want), keep
 
 
-def test_della_in_the_engine_draws_from_the_per_tensor_generator(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_della_in_the_engine_draws_from_the_per_tensor_generator(tiny_llamas: list[Path], tmp_path: Path) -> None:
     """Each tensor's masks come from ``tensor_generator(seed, name)`` (MergePlan.generator): the same in any
     tensor order or worker count, different for another seed."""
-    from _fixtures import build_llamas, load_state
-
     from evomerge.merge.engines.disk import merge_to_disk
     from evomerge.merge.methods.resolve import tensor_generator
     from evomerge.merge.recipe import Recipe
 
-    root = tmp_path_factory.mktemp("della")
-    paths = build_llamas(root / "m", 2)
+    root, paths = tmp_path, tiny_llamas[:3]
     recipe = Recipe.from_dict({"method": "della", "base_model": str(paths[0]), "seed": 5,
                                "models": [{"model": str(paths[1]), "parameters": {"density": 0.4, "epsilon": 0.2}},
                                           {"model": str(paths[2]), "parameters": {"density": [0.3, 0.8]}}]})

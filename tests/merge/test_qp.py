@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.merging import prepared_plan
@@ -169,10 +171,8 @@ def test_collect_grams_matches_direct_computation() -> None:
 
 
 @pytest.fixture(scope="module")
-def micro() -> dict:
-    from evomerge.zoo.build import micro_zoo_dir
-
-    z = micro_zoo_dir()
+def micro(micro_zoo: Path) -> dict:
+    z = micro_zoo
     names = ["add", "rev", "sort", "enc"]
     return {"zoo": z, "names": names, "paths": {"base": str(z / "base"), **{n: str(z / n) for n in names}},
             "cache": {}}

@@ -3,6 +3,8 @@ the merge equals the all-layers one, and the Grams held at once are one layer's.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers.merging import prepared_plan
@@ -17,10 +19,8 @@ from evomerge.method_data import MethodDataProvider
 
 
 @pytest.fixture(scope="module")
-def micro() -> dict:
-    from evomerge.zoo.build import micro_zoo_dir
-
-    z = micro_zoo_dir()
+def micro(micro_zoo: Path) -> dict:
+    z = micro_zoo
     names = ["add", "rev", "sort"]
     return {"zoo": z, "names": names, "paths": {"base": str(z / "base"), **{n: str(z / n) for n in names}}}
 

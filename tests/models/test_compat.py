@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import save_tiny
 from safetensors.torch import load_file, save_file
-from tiny_hf import save_tiny
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.models.compat import check_compatible

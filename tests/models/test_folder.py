@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_models import FAMILIES, save_tiny
 from safetensors.torch import load_file, save_file
-from tiny_hf import FAMILIES, save_tiny
 
 from evomerge.errors import ModelError
 from evomerge.models.folder import INDEX_NAME, ModelFolder

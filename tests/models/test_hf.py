@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tiny_hf import make_config, save_tiny
+from helpers.tiny_models import save_tiny, tiny_config
 
 from evomerge.errors import ModelError
 from evomerge.models.folder import ModelFolder
@@ -17,7 +17,7 @@ from evomerge.models.hf import checkpoint_names
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "gpt2", "gemma"])
 def test_file_tensors_written_through_the_mapping_rebuild_the_model(tmp_path: Path, family: str) -> None:
     src = save_tiny(family, tmp_path / "m", seed=4)
-    fresh = tf.AutoModelForCausalLM.from_config(make_config(family))
+    fresh = tf.AutoModelForCausalLM.from_config(tiny_config(family))
     with ModelFolder.open(tmp_path / "m") as folder:
         mapping = checkpoint_names(fresh, folder.tensor_names)
         state = fresh.state_dict()

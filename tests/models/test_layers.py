@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from tiny_hf import FAMILIES
+from helpers.tiny_models import FAMILIES
 
 from evomerge.errors import ModelError
 from evomerge.models.folder import ModelFolder

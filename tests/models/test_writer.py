@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from helpers.tiny_models import save_tiny
 from safetensors import safe_open
-from tiny_hf import save_tiny
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.models.folder import INDEX_NAME, ModelFolder

@@ -8,50 +8,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _spaces import RecipeScoreWorker, micro_space
+from helpers.spaces import micro_space
+from helpers.workers import QueueExecutor, RecipeScoreWorker
 
 from evomerge.executors.base import EvalJob, EvalOutcome
 from evomerge.search.loop import run_search
 from evomerge.search.run import RunDir
 from evomerge.search.space import Space, space_from_dict
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+pytestmark = pytest.mark.usefixtures("micro_zoo")  # the spaces name zoo:micro paths
 
 
-class SlotExecutor:
-    """``capacity`` jobs at once, finishing out of order but deterministically (a function of what is queued)."""
+class SlotExecutor(QueueExecutor):
+    """``capacity`` jobs at once, finishing out of order but deterministically (a function of what is queued);
+    with ``crash_at``, the driver dies with jobs in flight after that many results."""
 
     def __init__(self, worker: Any, capacity: int = 3, crash_at: int | None = None) -> None:
-        self.worker, self._capacity, self.crash_at = worker, capacity, crash_at
-        self.queue: list[EvalJob] = []
-        self.done = 0
+        super().__init__(capacity)
+        self.worker, self.crash_at, self.done = worker, crash_at, 0
 
-    @property
-    def capacity(self) -> int:
-        return self._capacity
+    def pick(self) -> int:
+        return sum(j.candidate_id for j in self.queue) % len(self.queue)
 
-    def submit(self, job: EvalJob) -> None:
-        self.queue.append(job)
-
-    def pending(self) -> int:
-        return len(self.queue)
+    def finish(self, job: EvalJob) -> EvalOutcome:
+        self.done += 1
+        return self.worker.evaluate(job)
 
     def poll(self, timeout: float | None = None) -> list[EvalOutcome]:
-        if not self.queue:
-            return []
-        if self.crash_at is not None and self.done >= self.crash_at:
-            raise KeyboardInterrupt  # the driver dies with jobs in flight
-        job = self.queue.pop(sum(j.candidate_id for j in self.queue) % len(self.queue))
-        self.done += 1
-        return [self.worker.evaluate(job)]
-
-    def close(self) -> None:
-        self.queue.clear()
+        if self.queue and self.crash_at is not None and self.done >= self.crash_at:
+            raise KeyboardInterrupt
+        return super().poll(timeout)
 
 
 class Planted:

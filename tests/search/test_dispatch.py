@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.workers import QueueExecutor
 
 from evomerge.executors.base import EvalJob, EvalOutcome
 from evomerge.fitness.result import EvalResult, TaskScore
@@ -22,49 +23,33 @@ from evomerge.search.progress import Timings
 PENALTY = -5.0
 
 
-class FakeExecutor:
+class FakeExecutor(QueueExecutor):
     """``capacity`` slots; each poll finishes the oldest submitted job. Scores: the recipe's weight (or what
     ``score`` says); ``lost[id]`` losses before a job succeeds (per split), ``nan`` ids score NaN."""
 
     def __init__(self, capacity: int = 1, lost: dict[int, int] | None = None,
                  score: Callable[[EvalJob], float] | None = None, nan: set[int] = frozenset()) -> None:
-        self._capacity = capacity
+        super().__init__(capacity)
         self.lost = dict(lost or {})
         self.score = score or (lambda job: job.recipe.models[0].parameters["weight"].entries[0].values[0])
         self.nan = set(nan)
-        self.queue: list[EvalJob] = []
         self.submitted: list[tuple[int, int, str]] = []
-        self.jobs: list[EvalJob] = []
         self.most_outstanding = 0
 
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
     def submit(self, job: EvalJob) -> None:
-        self.queue.append(job)
-        self.jobs.append(job)
+        super().submit(job)
         self.submitted.append((job.candidate_id, job.attempt, job.split))
         self.most_outstanding = max(self.most_outstanding, len(self.queue))
 
-    def pending(self) -> int:
-        return len(self.queue)
-
-    def poll(self, timeout: float | None = None) -> list[EvalOutcome]:
-        if not self.queue:
-            return []
-        job = self.queue.pop(0)
+    def finish(self, job: EvalJob) -> EvalOutcome:
         key = job.candidate_id if job.split == "search" else -job.candidate_id
         if self.lost.get(key, 0) > 0:
             self.lost[key] -= 1
-            return [EvalOutcome(job, EvalResult.failure("worker died", -1.0, job.split), worker="w1", lost=True)]
+            return EvalOutcome(job, EvalResult.failure("worker died", -1.0, job.split), worker="w1", lost=True)
         value = math.nan if job.candidate_id in self.nan else float(self.score(job))
         result = EvalResult(aggregate=value, tasks=(TaskScore("t", "score", value),), split=job.split,
                             settings={"limit": 3})
-        return [EvalOutcome(job, result, worker="w0", merge_seconds=0.5, eval_seconds=2.0)]
-
-    def close(self) -> None:
-        pass
+        return EvalOutcome(job, result, worker="w0", merge_seconds=0.5, eval_seconds=2.0)
 
 
 def _recipe(w: float) -> Recipe:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _spaces import micro_space
+from helpers.spaces import micro_space
 
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.search.driver import start_run
@@ -18,10 +18,7 @@ from evomerge.search.status import status_text
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+def finished_run(micro_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     space = space_from_dict(micro_space(optimizer={"name": "CMA", "budget": 5}, test_top=2))
     result = start_run(space, root / "m", progress=False, log=lambda m: None)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _spaces import micro_space
+from helpers.spaces import micro_space
 
 from evomerge.errors import ConfigError
 from evomerge.fitness.evaluator import Evaluator
@@ -30,22 +30,15 @@ from evomerge.search.status import status_json, status_text
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_items"
 
 
-@pytest.fixture(scope="module")
-def micro() -> Path:
-    from evomerge.zoo.build import ensure_zoo
-
-    return ensure_zoo("micro")
-
-
-def test_item_results_round_trip_for_builtin_and_lm_eval_tasks(micro: Path, tmp_path: Path) -> None:
+def test_item_results_round_trip_for_builtin_and_lm_eval_tasks(micro_zoo: Path, tmp_path: Path) -> None:
     spec = FitnessSpec.from_dict({"batch_size": 16, "max_gen_toks": 10, "limit": 12, "tasks": [
         {"name": "add", "metric": "token_acc", "weight": 3.0,
-         "jsonl": {"search": str(micro / "data/add/search.jsonl"), "test": str(micro / "data/add/test.jsonl")}},
+         "jsonl": {"search": str(micro_zoo / "data/add/search.jsonl"), "test": str(micro_zoo / "data/add/test.jsonl")}},
         {"name": "enc", "metric": "exact_match",
-         "lm_eval_yaml": {"search": str(micro / "tasks/evozoo_enc_search.yaml"),
-                          "test": str(micro / "tasks/evozoo_enc_test.yaml")}}]})
-    ev = Evaluator(spec, micro / "base", splits=("search", "test"))
-    model = load_causal_lm(micro / "enc")
+         "lm_eval_yaml": {"search": str(micro_zoo / "tasks/evozoo_enc_search.yaml"),
+                          "test": str(micro_zoo / "tasks/evozoo_enc_test.yaml")}}]})
+    ev = Evaluator(spec, micro_zoo / "base", splits=("search", "test"))
+    model = load_causal_lm(micro_zoo / "enc")
     res, test = ev.score(model, "search"), ev.score(model, "test")
     assert res.ok and test.ok, (res.error, test.error)
     part = ev.score(model, "search", items={"add": [1, 4, 7], "enc": [0, 5]})
@@ -75,7 +68,7 @@ def test_item_results_round_trip_for_builtin_and_lm_eval_tasks(micro: Path, tmp_
     assert best == [1]  # the partial row is never a best
 
 
-def test_an_archive_written_before_per_item_results_opens_reports_and_resumes(micro: Path, tmp_path: Path) -> None:
+def test_an_archive_written_before_per_item_results_opens_reports_and_resumes(micro_zoo: Path, tmp_path: Path) -> None:
     for name in ("plain", "population"):
         shutil.copytree(FIXTURES / name, tmp_path / name)
         with Archive.open(tmp_path / name / "archive.sqlite", readonly=True) as a:
@@ -107,9 +100,9 @@ def test_an_archive_written_before_per_item_results_opens_reports_and_resumes(mi
     assert status["items"]["search"]["evaluations"] == 3 and status["items_evaluated"] > 0
 
 
-def test_resume_refuses_task_files_changed_since_the_run_started(micro: Path, tmp_path: Path) -> None:
+def test_resume_refuses_task_files_changed_since_the_run_started(micro_zoo: Path, tmp_path: Path) -> None:
     data = micro_space(optimizer={"name": "CMA", "budget": 2}, test_top=0, executor={"threads_per_worker": 1})
-    rows = (micro / "data/rev/search.jsonl").read_text().splitlines()
+    rows = (micro_zoo / "data/rev/search.jsonl").read_text().splitlines()
     edited = tmp_path / "rev.jsonl"
     edited.write_text("\n".join(rows) + "\n")
     data["fitness"]["tasks"][1]["jsonl"] = {"search": str(edited), "test": "zoo:micro/data/rev/test.jsonl"}

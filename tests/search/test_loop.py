@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _spaces import RecipeScoreWorker, micro_space, write_space
+from helpers.spaces import micro_space, write_space
+from helpers.workers import RecipeScoreWorker
 
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors.base import InProcessExecutor
@@ -18,12 +19,7 @@ from evomerge.search.run import RunDir
 from evomerge.search.run_space import check_resumable
 from evomerge.search.space import Space, load_space, space_from_dict
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+pytestmark = pytest.mark.usefixtures("micro_zoo")  # the spaces name zoo:micro paths
 
 
 def _fake_run(tmp_path: Path, data: dict[str, Any], worker: RecipeScoreWorker | None = None,
@@ -40,6 +36,7 @@ def _rows(run: RunDir) -> list[tuple[int, str, float, str]]:
         return [(r.id, r.recipe_hash, r.aggregate, r.status) for r in a.results()]
 
 
+@pytest.mark.slow
 def test_real_search_same_seed_same_archive(tmp_path: Path) -> None:
     """Merging and scoring for real on the micro zoo: two runs with one seed give identical archives."""
     data = micro_space(optimizer={"name": "CMA", "budget": 6}, test_top=0)

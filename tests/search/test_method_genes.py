@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _spaces import micro_space
+from helpers.spaces import micro_space
 
 from evomerge.merge.engines.disk import merge_to_disk
 from evomerge.merge.engines.resident import ResidentMerger
@@ -36,20 +36,13 @@ GENES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def micro_ok() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
-
-
 def test_every_added_method_with_numbers_is_covered() -> None:
     with_numbers = {name for name, m in BY_NAME.items() if m.params}
     assert with_numbers == set(GENES)  # arcee_fusion has no numeric parameter, so no gene
 
 
 @pytest.mark.parametrize("method", sorted(GENES))
-def test_a_per_layer_gene_decodes_and_merges(method: str, micro_ok: None, tmp_path: Path) -> None:
+def test_a_per_layer_gene_decodes_and_merges(method: str, micro_zoo: Path, tmp_path: Path) -> None:
     genes, fine_tunes = GENES[method]
     data = micro_space(methods={method: genes}, granularity="per_layer")
     data["models"]["fine_tunes"] = {k: v for k, v in data["models"]["fine_tunes"].items() if k in fine_tunes}

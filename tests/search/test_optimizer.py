@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nevergrad as ng
 import numpy as np
 import pytest
-from _spaces import micro_space
+from helpers.spaces import micro_space
 
 from evomerge.errors import ConfigError
 from evomerge.search.genome import Genome
@@ -69,10 +71,7 @@ def test_pair_optimizer_starts_at_x0_and_keeps_the_pair_bounds() -> None:
         pair_optimizer(bad, bad.x0(0.0), budget=4, seed=0)
 
 
-def test_the_whole_genome_optimizer_is_seeded_by_the_space_and_keeps_a_small_archive() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+def test_the_whole_genome_optimizer_is_seeded_by_the_space_and_keeps_a_small_archive(micro_zoo: Path) -> None:
     space = space_from_dict(micro_space(optimizer={"name": "TwoPointsDE", "budget": 30}, seed=4))
     genome = Genome(space)
     a, b = new_optimizer(space, genome, 3), new_optimizer(space, genome, 3)

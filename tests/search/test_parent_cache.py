@@ -18,10 +18,8 @@ ORIGINALS = ("add", "rev")
 
 
 @pytest.fixture(scope="module")
-def zoo() -> Path:
-    from evomerge.zoo.build import ensure_zoo
-
-    return ensure_zoo("micro")
+def zoo(micro_zoo: Path) -> Path:
+    return micro_zoo
 
 
 def _recipe(w: float) -> Recipe:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _spaces import RecipeScoreWorker, kill_at_hook, micro_space, run_cli, write_space
+from helpers.processes import kill_at_hook, run_cli
+from helpers.spaces import micro_space, write_space
+from helpers.workers import RecipeScoreWorker
 
 from evomerge.executors.base import InProcessExecutor
 from evomerge.search.events import MANAGER_EVENTS
@@ -174,6 +176,7 @@ def _decisions(run: Path) -> list[tuple[str, Any]]:
         return [(e["kind"], e["data"]) for e in a.events() if e["kind"] in (*MANAGER_EVENTS, "member")]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     # 4 originals + 6 pairs x 2 in generation 1, then generation 2; kills inside a pair of each generation
     data = micro_space(optimizer={"name": "CMA", "budget": 22}, population=POP, test_top=1,
@@ -293,6 +296,7 @@ def test_several_slots_fill_the_budget_out_of_order(tmp_path: Path) -> None:
     assert sorted(cid for cid, attempt in w.calls if attempt == 0) == sorted(r[0] for r in rows)
 
 
+@pytest.mark.slow
 def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tmp_path: Path) -> None:
     # pair merges by sequential QP: a generation-2 pair merges merged members, whose calibration rows are their
     # originals' tasks; the export rebuilds the whole chain and scores as archived, and its written recipes

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _spaces import ItemScoreWorker, micro_space
+from helpers.spaces import micro_space
+from helpers.workers import ItemScoreWorker
 
 from evomerge.errors import ConfigError
 from evomerge.executors.base import InProcessExecutor
@@ -33,11 +34,7 @@ from evomerge.search.stopping import StopFlag
 RACING = RacingConfig(stages=(0.125, 0.25, 0.5, 1.0), level=0.05, min_items=16, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+pytestmark = pytest.mark.usefixtures("micro_zoo")  # the spaces name zoo:micro paths
 
 
 def _job(cid: int, p: float) -> Job:

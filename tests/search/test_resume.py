@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from _spaces import kill_at_hook, micro_space, run_cli, write_space
+from helpers.processes import OutputReader, kill_at_hook, run_cli, wait_for_hook
+from helpers.spaces import micro_space, write_space
 
 from evomerge.search.run import RunDir
 
@@ -22,11 +22,8 @@ KILL_POINTS = [("evaluate", 3), ("race_stage", 1), ("checkpoint_write", 2), ("ar
 RACING = {"stages": [0.25, 0.5, 1.0], "level": 0.2, "min_items": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+# end to end: CLI subprocesses on the micro zoo (the spaces name zoo:micro paths)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("micro_zoo")]
 
 
 def _archive(run: Path) -> list[tuple[object, ...]]:
@@ -83,13 +80,12 @@ def test_ctrl_c_finishes_in_flight_work_then_resume_completes(tmp_path: Path) ->
     # pause inside the 2nd evaluation, deliver SIGINT there, then let the evaluation go on by design: the hook
     # sleeps forever, so here the signal handler only marks the stop; a second SIGINT abandons the evaluation
     proc = run_cli("run", str(space), "--runs-dir", str(runs), "--name", "c", hook="evaluate@2", marker=marker)
-    t0 = time.monotonic()
-    while not marker.exists() and time.monotonic() - t0 < 120:
-        time.sleep(0.05)
+    wait_for_hook(proc, marker, timeout=120)
+    output = OutputReader(proc)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.5)
+    output.wait_for("SIGINT: finishing the candidates in flight", timeout=60)  # the first one was handled
     proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=60)[0].decode()
+    out = output.finish(timeout=60)
     assert proc.returncode == 130, out[-2000:]
     assert "SIGINT: finishing the candidates in flight" in out and "evomerge resume" in out
     assert len(_archive(runs / "c")) == 1

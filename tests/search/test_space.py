@@ -5,21 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _spaces import micro_space, write_space
+from helpers.spaces import micro_space, write_space
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.search.genome import Genome
 from evomerge.search.space import load_space, parse_duration, space_from_dict
 
 
-@pytest.fixture(scope="module")
-def micro_ok() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
-
-
-def test_valid_space_resolves_models_layers_and_genome(micro_ok: None, tmp_path: Path) -> None:
+def test_valid_space_resolves_models_layers_and_genome(micro_zoo: Path, tmp_path: Path) -> None:
     space = load_space(write_space(tmp_path / "s.yaml", micro_space()))
     assert sorted(space.models) == ["add", "enc", "rev", "sort"]
     assert space.num_layers == 2
@@ -33,7 +26,7 @@ def test_valid_space_resolves_models_layers_and_genome(micro_ok: None, tmp_path:
     ("per_layer", 2), ("per_model", 1), ({"layer_groups": 1}, 1), ("tensor_kind", 3),
     ({"tensor_kind": ["attention"]}, 2),
 ])
-def test_granularity_sets_values_per_gene(micro_ok: None, granularity: object, slots: int) -> None:
+def test_granularity_sets_values_per_gene(micro_zoo: Path, granularity: object, slots: int) -> None:
     space = space_from_dict(micro_space(granularity=granularity, methods={"linear": {"weight": [0, 1]}}))
     assert Genome(space).slots == slots
 
@@ -45,16 +38,14 @@ def _error(data: dict, tmp_path: Path, exc: type[Exception] = ConfigError) -> st
     return str(info.value)
 
 
-def test_missing_model_is_named(micro_ok: None, tmp_path: Path) -> None:
+def test_missing_model_is_named(micro_zoo: Path, tmp_path: Path) -> None:
     data = micro_space()
     data["models"]["fine_tunes"]["rev"] = str(tmp_path / "nowhere")
     msg = _error(data, tmp_path, ModelError)
     assert "fine_tunes.rev" in msg and "nowhere" in msg and "does not exist" in msg
 
 
-def test_incompatible_models_are_refused(micro_ok: None, tmp_path: Path) -> None:
-    from evomerge.zoo.build import ensure_zoo
-
+def test_incompatible_models_are_refused(micro_zoo: Path, tmp_path: Path) -> None:
     demo_like = tmp_path / "other"
     # a model of another shape: the micro base with one tensor widened
     import json
@@ -62,7 +53,7 @@ def test_incompatible_models_are_refused(micro_ok: None, tmp_path: Path) -> None
     import torch
     from safetensors.torch import load_file, save_file
 
-    src = ensure_zoo("micro") / "base"
+    src = micro_zoo / "base"
     demo_like.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors":
@@ -93,7 +84,7 @@ def test_incompatible_models_are_refused(micro_ok: None, tmp_path: Path) -> None
     ({"stopping": {"wall_time": "soon"}}, "stopping.wall_time"),
     ({"surprise": 1}, "surprise"),
 ])
-def test_bad_fields_are_named(micro_ok: None, tmp_path: Path, patch: dict, needle: str) -> None:
+def test_bad_fields_are_named(micro_zoo: Path, tmp_path: Path, patch: dict, needle: str) -> None:
     assert needle in _error(micro_space(**patch), tmp_path)
 
 
@@ -124,7 +115,7 @@ def test_shipped_realistic_space_validates_without_its_models() -> None:
     assert [t.name for t in space.fitness.tasks][:2] == ["arc_challenge", "hellaswag"]
 
 
-def test_shipped_demo_space_validates_on_the_micro_zoo(micro_ok: None, tmp_path: Path) -> None:
+def test_shipped_demo_space_validates_on_the_micro_zoo(micro_zoo: Path, tmp_path: Path) -> None:
     """The demo space with its zoo swapped for the micro zoo (same skills), so the test builds nothing big."""
     text = (SHIPPED / "demo.yaml").read_text().replace("zoo:demo/", "zoo:micro/")
     (tmp_path / "demo.yaml").write_text(text)

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _spaces import RecipeScoreWorker, micro_space
+from helpers.spaces import micro_space
+from helpers.workers import RecipeScoreWorker
 
 from evomerge.executors.base import InProcessExecutor
 from evomerge.search.loop import run_search
@@ -34,10 +35,7 @@ def _status(run: Path, *flags: str) -> tuple[str, list[str]]:
     return text, json.loads(imported)
 
 
-def test_status_of_a_population_and_a_plain_run_imports_no_heavy_library(tmp_path: Path) -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+def test_status_of_a_population_and_a_plain_run_imports_no_heavy_library(micro_zoo: Path, tmp_path: Path) -> None:
     pop = space_from_dict(micro_space(optimizer={"name": "CMA", "budget": 12}, test_top=0,
                                       population={"k": 3, "pair_budget": 2, "saturation": None}))
     run = RunDir.create(tmp_path / "pop", pop)

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from _models import copy_model, local_models, micro_copies
-from _spaces import RecipeScoreWorker, micro_space, write_space
+from helpers.spaces import micro_space, write_space
+from helpers.tiny_models import copy_model, local_models, micro_copies
+from helpers.workers import RecipeScoreWorker
 
 from evomerge.cli import main
 from evomerge.commands.run import _finish
@@ -38,12 +39,7 @@ from evomerge.search.status import status_text
 from evomerge.search.stopping import StopFlag
 from evomerge.search.workers import worker_spec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _micro() -> None:
-    from evomerge.zoo.build import ensure_zoo
-
-    ensure_zoo("micro")
+pytestmark = pytest.mark.usefixtures("micro_zoo")  # the spaces name zoo:micro paths
 
 
 class Crash(BaseException):
@@ -282,7 +278,7 @@ def test_a_setup_failure_or_a_signal_during_setup_leaves_no_run_directory(tmp_pa
 
     def slow(space: Any, spec: Any, address: str | None = None) -> Any:
         os.kill(os.getpid(), signal.SIGTERM)  # the user gives up while workers start (Ray can take minutes)
-        time.sleep(20)
+        time.sleep(20)  # the hang being interrupted: the handler's KeyboardInterrupt ends it at once
         raise AssertionError("the first SIGTERM did not abort the setup")
 
     t0 = time.monotonic()
