@@ -16,22 +16,16 @@ from evomerge.merge.recipe import ModelEntry, Recipe
 
 
 @pytest.fixture(scope="module")
-def llamas(tiny_llamas: list[Path]) -> list[Path]:
-    """The session's base and three fine-tunes (read only)."""
-    return tiny_llamas
-
-
-@pytest.fixture(scope="module")
-def states(llamas: list[Path]) -> list[dict[str, torch.Tensor]]:
-    return [load_state(p) for p in llamas]
+def states(tiny_llamas: list[Path]) -> list[dict[str, torch.Tensor]]:
+    return [load_state(p) for p in tiny_llamas]
 
 
 def _entry(path: Path, **params: object) -> ModelEntry:
     return ModelEntry(str(path), {k: ParamValue.parse(v) for k, v in params.items()})
 
 
-def test_linear_is_the_weighted_average(tmp_path: Path, llamas: list[Path], states: list[dict]) -> None:
-    recipe = Recipe("linear", (_entry(llamas[1], weight=1.0), _entry(llamas[2], weight=3.0)))
+def test_linear_is_the_weighted_average(tmp_path: Path, tiny_llamas: list[Path], states: list[dict]) -> None:
+    recipe = Recipe("linear", (_entry(tiny_llamas[1], weight=1.0), _entry(tiny_llamas[2], weight=3.0)))
     summary = merge_to_disk(recipe, tmp_path / "out", progress=False)
     out = load_state(tmp_path / "out")
     assert set(out) == set(states[0])
@@ -44,15 +38,15 @@ def test_linear_is_the_weighted_average(tmp_path: Path, llamas: list[Path], stat
     assert "merged" in summary.line()
 
 
-def test_one_model_with_weight_one_is_that_model(tmp_path: Path, llamas: list[Path], states: list[dict]) -> None:
-    merge_to_disk(Recipe("linear", (_entry(llamas[2], weight=1.0),)), tmp_path / "o", progress=False)
+def test_one_model_with_weight_one_is_that_model(tmp_path: Path, tiny_llamas: list[Path], states: list[dict]) -> None:
+    merge_to_disk(Recipe("linear", (_entry(tiny_llamas[2], weight=1.0),)), tmp_path / "o", progress=False)
     out = load_state(tmp_path / "o")
     assert all(torch.equal(out[n], states[2][n]) for n in out)
 
 
-def test_per_layer_weights_follow_the_layer_index(tmp_path: Path, llamas: list[Path], states: list[dict]) -> None:
+def test_per_layer_weights_follow_the_layer_index(tmp_path: Path, tiny_llamas: list[Path], states: list[dict]) -> None:
     # task arithmetic with weight [0, 1] on m1: layer l gets l/(L-1) of its task vector, non-layer tensors 0.
-    recipe = Recipe("task_arithmetic", (_entry(llamas[1], weight=[0.0, 1.0]),), base_model=str(llamas[0]))
+    recipe = Recipe("task_arithmetic", (_entry(tiny_llamas[1], weight=[0.0, 1.0]),), base_model=str(tiny_llamas[0]))
     merge_to_disk(recipe, tmp_path / "o", progress=False)
     out = load_state(tmp_path / "o")
     b, m = states[0], states[1]
@@ -62,9 +56,9 @@ def test_per_layer_weights_follow_the_layer_index(tmp_path: Path, llamas: list[P
     assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
 
 
-def test_filters_pick_values_by_tensor_name(tmp_path: Path, llamas: list[Path], states: list[dict]) -> None:
+def test_filters_pick_values_by_tensor_name(tmp_path: Path, tiny_llamas: list[Path], states: list[dict]) -> None:
     lam = [{"filter": "mlp", "value": 2.0}, {"filter": "kind:attention", "value": 0.5}, {"value": 0.0}]
-    recipe = Recipe("task_arithmetic", (_entry(llamas[1]),), base_model=str(llamas[0]),
+    recipe = Recipe("task_arithmetic", (_entry(tiny_llamas[1]),), base_model=str(tiny_llamas[0]),
                     parameters={"lambda": ParamValue.parse(lam)})
     merge_to_disk(recipe, tmp_path / "o", progress=False)
     out = load_state(tmp_path / "o")
@@ -74,14 +68,14 @@ def test_filters_pick_values_by_tensor_name(tmp_path: Path, llamas: list[Path], 
         torch.testing.assert_close(out[name], b[name] + scale * (m[name] - b[name]), rtol=0, atol=1e-6)
 
 
-def test_ties_matches_the_kernel_per_tensor_and_global_scope(tmp_path: Path, llamas: list[Path],
+def test_ties_matches_the_kernel_per_tensor_and_global_scope(tmp_path: Path, tiny_llamas: list[Path],
                                                              states: list[dict]) -> None:
     from evomerge.merge.kernels.sparsify import global_trim_thresholds
     from evomerge.merge.kernels.task_arithmetic import ties
 
-    models = tuple(_entry(p, weight=w, density=0.3) for p, w in zip(llamas[1:], (1.0, 0.5, 2.0)))
+    models = tuple(_entry(p, weight=w, density=0.3) for p, w in zip(tiny_llamas[1:], (1.0, 0.5, 2.0)))
     for scope in ("tensor", "global"):
-        recipe = Recipe("ties", models, base_model=str(llamas[0]), options={"trim_scope": scope})
+        recipe = Recipe("ties", models, base_model=str(tiny_llamas[0]), options={"trim_scope": scope})
         merge_to_disk(recipe, tmp_path / scope, progress=False)
         out = load_state(tmp_path / scope)
         names = sorted(out)
@@ -99,9 +93,9 @@ def test_ties_matches_the_kernel_per_tensor_and_global_scope(tmp_path: Path, lla
             assert torch.equal(out[n], want), (scope, n)
 
 
-def test_dare_masks_depend_on_seed_not_order(tmp_path: Path, llamas: list[Path]) -> None:
-    models = tuple(_entry(p, density=0.5) for p in llamas[1:])
-    recipe = Recipe("dare_ties", models, base_model=str(llamas[0]), seed=3)
+def test_dare_masks_depend_on_seed_not_order(tmp_path: Path, tiny_llamas: list[Path]) -> None:
+    models = tuple(_entry(p, density=0.5) for p in tiny_llamas[1:])
+    recipe = Recipe("dare_ties", models, base_model=str(tiny_llamas[0]), seed=3)
     merge_to_disk(recipe, tmp_path / "a", progress=False)
     merge_to_disk(recipe, tmp_path / "b", progress=False)
     merge_to_disk(recipe, tmp_path / "c", seed=4, progress=False)
@@ -112,11 +106,11 @@ def test_dare_masks_depend_on_seed_not_order(tmp_path: Path, llamas: list[Path])
     assert "seed: 4" in (tmp_path / "c" / "evomerge_recipe.yaml").read_text()
 
 
-def test_output_folder_contents_dtype_and_shards(tmp_path: Path, llamas: list[Path], states: list[dict]) -> None:
+def test_output_folder_contents_dtype_and_shards(tmp_path: Path, tiny_llamas: list[Path], states: list[dict]) -> None:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    recipe = Recipe("linear", (_entry(llamas[1]), _entry(llamas[2])))
+    recipe = Recipe("linear", (_entry(tiny_llamas[1]), _entry(tiny_llamas[2])))
     out_dir = tmp_path / "o"
     merge_to_disk(recipe, out_dir, dtype="bfloat16", max_shard_size="20KB", progress=False)
     shards = sorted(out_dir.glob("model-*.safetensors"))
@@ -148,42 +142,42 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
 
 
-def test_bad_input_leaves_no_output(tmp_path: Path, llamas: list[Path]) -> None:
+def test_bad_input_leaves_no_output(tmp_path: Path, tiny_llamas: list[Path]) -> None:
     out_dir = tmp_path / "o"
     with pytest.raises(ModelError, match="does not exist"):
         merge_to_disk(Recipe("linear", (_entry(tmp_path / "nope"),)), out_dir, progress=False)
     with pytest.raises(ConfigError, match="density"):
-        merge_to_disk(Recipe("ties", (_entry(llamas[1], density=1.5),), base_model=str(llamas[0])), out_dir,
+        merge_to_disk(Recipe("ties", (_entry(tiny_llamas[1], density=1.5),), base_model=str(tiny_llamas[0])), out_dir,
                       progress=False)
     assert list(tmp_path.iterdir()) == []
-    merge_to_disk(Recipe("linear", (_entry(llamas[1]),)), out_dir, progress=False)
+    merge_to_disk(Recipe("linear", (_entry(tiny_llamas[1]),)), out_dir, progress=False)
     with pytest.raises(ConfigError, match="already exists"):
-        merge_to_disk(Recipe("linear", (_entry(llamas[2]),)), out_dir, progress=False)
-    merge_to_disk(Recipe("linear", (_entry(llamas[2]),)), out_dir, overwrite=True, progress=False)
+        merge_to_disk(Recipe("linear", (_entry(tiny_llamas[2]),)), out_dir, progress=False)
+    merge_to_disk(Recipe("linear", (_entry(tiny_llamas[2]),)), out_dir, overwrite=True, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-def test_worker_count_does_not_change_the_result(tmp_path: Path, llamas: list[Path]) -> None:
-    models = tuple(_entry(p, density=0.4, weight=w) for p, w in zip(llamas[1:], (1.0, 0.5, 0.8)))
+def test_worker_count_does_not_change_the_result(tmp_path: Path, tiny_llamas: list[Path]) -> None:
+    models = tuple(_entry(p, density=0.4, weight=w) for p, w in zip(tiny_llamas[1:], (1.0, 0.5, 0.8)))
     for method in ("ties", "dare_ties"):
-        recipe = Recipe(method, models, base_model=str(llamas[0]), seed=11)
+        recipe = Recipe(method, models, base_model=str(tiny_llamas[0]), seed=11)
         merge_to_disk(recipe, tmp_path / f"{method}1", workers=1, progress=False)
         merge_to_disk(recipe, tmp_path / f"{method}3", workers=3, progress=False)
         a, b = load_state(tmp_path / f"{method}1"), load_state(tmp_path / f"{method}3")
         assert all(torch.equal(a[n], b[n]) for n in a), method
     with pytest.raises(ConfigError, match="workers"):
-        merge_to_disk(Recipe("linear", (_entry(llamas[1]),)), tmp_path / "w0", workers=0, progress=False)
+        merge_to_disk(Recipe("linear", (_entry(tiny_llamas[1]),)), tmp_path / "w0", workers=0, progress=False)
 
 
-def test_tokenizer_source_files_are_copied(tmp_path: Path, llamas: list[Path]) -> None:
+def test_tokenizer_source_files_are_copied(tmp_path: Path, tiny_llamas: list[Path]) -> None:
     tok = tmp_path / "tok"
     tok.mkdir()
-    (tok / "config.json").write_text((llamas[0] / "config.json").read_text())
+    (tok / "config.json").write_text((tiny_llamas[0] / "config.json").read_text())
     (tok / "tokenizer.json").write_text('{"marker": 1}')
-    recipe = Recipe("linear", (_entry(llamas[1]),), tokenizer_source=str(tok))
+    recipe = Recipe("linear", (_entry(tiny_llamas[1]),), tokenizer_source=str(tok))
     merge_to_disk(recipe, tmp_path / "o", progress=False)
     assert (tmp_path / "o" / "tokenizer.json").read_text() == '{"marker": 1}'
-    bad = Recipe("linear", (_entry(llamas[1]),), tokenizer_source=str(tmp_path / "none"))
+    bad = Recipe("linear", (_entry(tiny_llamas[1]),), tokenizer_source=str(tmp_path / "none"))
     with pytest.raises(ModelError, match="tokenizer_source"):
         merge_to_disk(bad, tmp_path / "o2", progress=False)
     assert not (tmp_path / "o2").exists()

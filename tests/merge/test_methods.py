@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers.merging import dare_linear_reference
 from helpers.tiny_models import seeded_tensors
 
 from evomerge.merge.kernels import sparsify as S
@@ -245,11 +246,7 @@ def test_dare_on_a_fixed_generator_matches_the_definition() -> None:
     base, tensors = seeded_tensors((30, 11), 2, seed=9)
     mp = [{"weight": 0.7, "density": 0.3}, {"weight": 1.1, "density": 0.6}]
     out = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
-    g = torch.Generator().manual_seed(42)
-    ref = base.clone()
-    for t, p in zip(tensors, mp):
-        keep = torch.rand(base.shape, generator=g) < p["density"]
-        ref += p["weight"] * (t - base) * keep / p["density"]
+    ref = dare_linear_reference(base, tensors, mp, 42)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     again = dare_linear(base, tensors, mp, {"lambda": 1.0}, {}, torch.Generator().manual_seed(42))
     assert torch.equal(out, again)

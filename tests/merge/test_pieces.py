@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers.merging import dare_linear_reference
 
 from evomerge.merge.kernels import sparsify as S
 from evomerge.merge.kernels import task_arithmetic as task_arithmetic_kernels
@@ -323,11 +324,7 @@ def test_model_streams_continue_one_generator_model_after_model() -> None:
 def test_dare_masks_equal_whole_tensor_draws_model_after_model() -> None:
     base, tensors = _quantized((77, 131), 2, seed=12, dtype=torch.float32)
     mp = [{"weight": 0.7, "density": 0.3}, {"weight": 1.1, "density": 0.6}]
-    g = torch.Generator().manual_seed(42)
-    ref = base.clone()
-    for t, p in zip(tensors, mp):
-        keep = torch.rand(base.shape, generator=g) < p["density"]
-        ref += p["weight"] * (t - base) * keep / p["density"]
+    ref = dare_linear_reference(base, tensors, mp, 42)
     for size in (None, 7, 997, 4096):
         opts = {} if size is None else {"piece_elems": size}
         out = dare_linear(base, tensors, mp, {"lambda": 1.0}, opts, torch.Generator().manual_seed(42))

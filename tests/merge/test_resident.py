@@ -18,14 +18,8 @@ KEYS = ("a", "b", "c")
 
 
 @pytest.fixture(scope="module")
-def llamas(tiny_llamas: list[Path]) -> list[Path]:
-    """The session's base and three fine-tunes (read only)."""
-    return tiny_llamas
-
-
-@pytest.fixture(scope="module")
-def merger(llamas: list[Path]) -> ResidentMerger:
-    return ResidentMerger(llamas[0], dict(zip(KEYS, llamas[1:])))
+def merger(tiny_llamas: list[Path]) -> ResidentMerger:
+    return ResidentMerger(tiny_llamas[0], dict(zip(KEYS, tiny_llamas[1:])))
 
 
 def _recipe(method: str, keys: tuple[str, ...], base: str | None, per_model: dict, glob: dict | None = None,
@@ -77,11 +71,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_resident_equals_disk_engine(case: tuple, merger: ResidentMerger, llamas: list[Path], tmp_path: Path) -> None:
+def test_resident_equals_disk_engine(case: tuple, merger: ResidentMerger, tiny_llamas: list[Path], tmp_path: Path) -> None:
     method, keys, uses_base, per_model, glob, options = case
     base = "base" if uses_base else None
     recipe = _recipe(method, keys, base, per_model, glob, options)
-    paths = {"base": str(llamas[0]), **{k: str(p) for k, p in zip(KEYS, llamas[1:])}}
+    paths = {"base": str(tiny_llamas[0]), **{k: str(p) for k, p in zip(KEYS, tiny_llamas[1:])}}
     on_disk = _recipe(method, tuple(paths[k] for k in keys), paths["base"] if base else None,
                       {paths[k]: v for k, v in per_model.items()}, glob, options)
     merge_to_disk(on_disk, tmp_path / "o", dtype="float32", progress=False)
@@ -91,15 +85,15 @@ def test_resident_equals_disk_engine(case: tuple, merger: ResidentMerger, llamas
     worst = max(float((got[n] - want[n]).abs().max()) for n in want)
     assert worst <= 1e-6, f"{method}: max |resident - disk| = {worst}"
     # the merge did something: not the base everywhere
-    base_state = load_state(llamas[0])
+    base_state = load_state(tiny_llamas[0])
     assert any(not torch.equal(got[n], base_state[n]) for n in got)
 
 
-def test_apply_writes_in_place_without_reallocating(merger: ResidentMerger, llamas: list[Path]) -> None:
+def test_apply_writes_in_place_without_reallocating(merger: ResidentMerger, tiny_llamas: list[Path]) -> None:
     model = merger.new_model()
     params = dict(model.named_parameters())
     ptrs = {n: p.data_ptr() for n, p in params.items()}
-    base_state = load_state(llamas[0])
+    base_state = load_state(tiny_llamas[0])
     assert all(torch.equal(params[n].detach(), base_state[n]) for n in base_state)
     r1 = _recipe("task_arithmetic", KEYS, "base", {"a": {"weight": [0.1, 0.9]}, "b": {"weight": 0.2},
                                                    "c": {"weight": 0.3}})
@@ -120,8 +114,8 @@ def test_apply_writes_in_place_without_reallocating(merger: ResidentMerger, llam
     assert not torch.allclose(merged_logits, base_logits)
 
 
-def test_task_arithmetic_by_hand(merger: ResidentMerger, llamas: list[Path]) -> None:
-    states = [load_state(p) for p in llamas]
+def test_task_arithmetic_by_hand(merger: ResidentMerger, tiny_llamas: list[Path]) -> None:
+    states = [load_state(p) for p in tiny_llamas]
     recipe = _recipe("task_arithmetic", ("a", "c"), "base", {"a": {"weight": 0.5}, "c": {"weight": -1.0}},
                      {"lambda": 2.0})
     got = merger.state_dict(recipe)
@@ -130,18 +124,18 @@ def test_task_arithmetic_by_hand(merger: ResidentMerger, llamas: list[Path]) -> 
         torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6)
 
 
-def test_add_and_remove_models(merger: ResidentMerger, llamas: list[Path], tmp_path: Path) -> None:
+def test_add_and_remove_models(merger: ResidentMerger, tiny_llamas: list[Path], tmp_path: Path) -> None:
     child = tmp_path / "child"
-    merge_to_disk(Recipe("linear", (ModelEntry(str(llamas[1])), ModelEntry(str(llamas[2])))), child,
+    merge_to_disk(Recipe("linear", (ModelEntry(str(tiny_llamas[1])), ModelEntry(str(tiny_llamas[2])))), child,
                   dtype="float32", progress=False)
-    m = ResidentMerger(llamas[0], {"a": llamas[1]})
+    m = ResidentMerger(tiny_llamas[0], {"a": tiny_llamas[1]})
     m.add_model("child", child)
     assert m.keys == ["a", "child"]
     got = m.state_dict(_recipe("linear", ("child",), None, {}))
     want = load_state(child)
     assert max(float((got[n] - want[n]).abs().max()) for n in want) <= 1e-6
     with pytest.raises(ConfigError, match="already used"):
-        m.add_model("a", llamas[2])
+        m.add_model("a", tiny_llamas[2])
     m.remove_model("a")
     assert m.keys == ["child"]
     with pytest.raises(ConfigError, match="not resident"):
@@ -165,7 +159,7 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert torch.equal(model.model.embed_tokens.weight.detach(), want["model.embed_tokens.weight"])
 
 
-def test_bad_recipes_and_models(merger: ResidentMerger, tmp_path: Path, llamas: list[Path]) -> None:
+def test_bad_recipes_and_models(merger: ResidentMerger, tmp_path: Path, tiny_llamas: list[Path]) -> None:
     with pytest.raises(ConfigError, match="'zz' is not resident"):
         merger.state_dict(_recipe("linear", ("zz",), None, {}))
     with pytest.raises(ConfigError, match="density"):
@@ -174,31 +168,31 @@ def test_bad_recipes_and_models(merger: ResidentMerger, tmp_path: Path, llamas: 
         merger.state_dict(_recipe("ties", ("a",), "other", {}))
     other = build_llamas(tmp_path, 1, layers=2)
     with pytest.raises(ModelError, match="layers"):
-        ResidentMerger(llamas[0], {"x": other[1]})
+        ResidentMerger(tiny_llamas[0], {"x": other[1]})
     with pytest.raises(ConfigError, match="reserved"):
-        ResidentMerger(llamas[0], {"base": llamas[1]})
+        ResidentMerger(tiny_llamas[0], {"base": tiny_llamas[1]})
 
 
-def test_bfloat16_resident_is_close(llamas: list[Path]) -> None:
-    m = ResidentMerger(llamas[0], {"a": llamas[1], "b": llamas[2]}, dtype="bfloat16")
+def test_bfloat16_resident_is_close(tiny_llamas: list[Path]) -> None:
+    m = ResidentMerger(tiny_llamas[0], {"a": tiny_llamas[1], "b": tiny_llamas[2]}, dtype="bfloat16")
     recipe = _recipe("task_arithmetic", ("a", "b"), "base", {"a": {"weight": 0.5}, "b": {"weight": 0.5}})
     got = m.state_dict(recipe)
-    ref = ResidentMerger(llamas[0], {"a": llamas[1], "b": llamas[2]}).state_dict(recipe)
+    ref = ResidentMerger(tiny_llamas[0], {"a": tiny_llamas[1], "b": tiny_llamas[2]}).state_dict(recipe)
     for n in ref:
         assert got[n].dtype == torch.bfloat16
         torch.testing.assert_close(got[n].float(), ref[n], rtol=2e-2, atol=2e-2)
 
 
-def test_single_thread_and_parallel_apply_agree(llamas: list[Path]) -> None:
-    serial = ResidentMerger(llamas[0], dict(zip(KEYS, llamas[1:])), workers=1)
-    parallel = ResidentMerger(llamas[0], dict(zip(KEYS, llamas[1:])), workers=3)
+def test_single_thread_and_parallel_apply_agree(tiny_llamas: list[Path]) -> None:
+    serial = ResidentMerger(tiny_llamas[0], dict(zip(KEYS, tiny_llamas[1:])), workers=1)
+    parallel = ResidentMerger(tiny_llamas[0], dict(zip(KEYS, tiny_llamas[1:])), workers=3)
     for recipe in (_recipe("ties", KEYS, "base", {k: {"density": 0.3} for k in KEYS}),
                    _recipe("task_arithmetic", ("b", "c"), "base", {"b": {"weight": [0.2, 0.6]}})):
         a, b = serial.state_dict(recipe), parallel.state_dict(recipe)
         assert all(torch.equal(a[n], b[n]) for n in a)
     model = parallel.new_model()
     assert parallel.copy_floor(model) > 0
-    base = load_state(llamas[0])
+    base = load_state(tiny_llamas[0])
     assert all(torch.equal(p.detach(), base[n]) for n, p in model.named_parameters())
     assert parallel.resident_bytes == 4 * sum(t.numel() for t in base.values()) * 4
     parallel.close()

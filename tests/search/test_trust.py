@@ -46,34 +46,25 @@ class Crash(BaseException):
     """The driver process dies (not an error evomerge handles)."""
 
 
-class FakeExecutor:
+class FakeExecutor(InProcessExecutor):
     """In-process, fake scores; ``crash_after`` evaluations then the driver dies; ``capacity`` reported."""
 
     def __init__(self, worker: RecipeScoreWorker | None = None, crash_after: int | None = None,
                  capacity: int = 1) -> None:
         self.worker = worker or RecipeScoreWorker()
-        self.inner = InProcessExecutor(lambda: self.worker)
+        super().__init__(lambda: self.worker)
         self.crash_after, self._capacity, self.done = crash_after, capacity, 0
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
-    def submit(self, job: Any) -> None:
-        self.inner.submit(job)
-
-    def pending(self) -> int:
-        return self.inner.pending()
-
     def poll(self, timeout: float | None = None) -> list[Any]:
-        if self.crash_after is not None and self.done >= self.crash_after and self.inner.pending():
+        if self.crash_after is not None and self.done >= self.crash_after and self.pending():
             raise Crash
-        out = self.inner.poll(timeout)
+        out = super().poll(timeout)
         self.done += len(out)
         return out
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def _factory(seen: list[Any], **kw: Any) -> Any:
