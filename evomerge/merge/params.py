@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.files import refuse_unknown_keys
 
 Scalar = float
 Gradient = tuple[float, ...]
@@ -69,9 +70,7 @@ class ParamValue:
             for i, item in enumerate(spec):
                 if not isinstance(item, Mapping) or "value" not in item:
                     raise ConfigError(f"{where}[{i}]: expected a mapping with 'value' (and optional 'filter'), got {item!r}")
-                unknown = set(item) - {"filter", "value"}
-                if unknown:
-                    raise ConfigError(f"{where}[{i}]: unknown keys {sorted(unknown)}")
+                refuse_unknown_keys(item, ("filter", "value"), f"{where}[{i}]")
                 inner = ParamValue.parse(item["value"], f"{where}[{i}].value")
                 if len(inner.entries) != 1 or inner.entries[0].filter is not None:
                     raise ConfigError(f"{where}[{i}].value: nested filters are not supported")

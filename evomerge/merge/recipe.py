@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.files import refuse_unknown_keys
 from evomerge.merge.params import ParamValue
 
 OptionValue = str | int | float | bool
@@ -99,9 +100,7 @@ class Recipe:
             raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
         known = {"method", "base_model", "models", "parameters", "options", "dtype", "seed", "tokenizer_source",
                  "slices"}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        refuse_unknown_keys(data, known, where)
         method = data.get("method")
         if not isinstance(method, str) or not method:
             raise ConfigError(f"{where}.method: missing or not a string")
@@ -117,9 +116,7 @@ class Recipe:
                 item = {"model": item}
             if not isinstance(item, Mapping) or not isinstance(item.get("model"), str):
                 raise ConfigError(f"{where}.models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {item!r}")
-            extra = set(item) - {"model", "parameters"}
-            if extra:
-                raise ConfigError(f"{where}.models[{i}]: unknown keys {sorted(extra)}")
+            refuse_unknown_keys(item, ("model", "parameters"), f"{where}.models[{i}]")
             params = _parse_params(item.get("parameters") or {}, f"{where}.models[{i}].parameters")
             models.append(ModelEntry(item["model"], params))
         base = data.get("base_model")
@@ -183,9 +180,7 @@ def _parse_slices(raw: Any, where: str) -> tuple[LayerSlice, ...]:
         at = f"{where}.slices[{i}]"
         if not isinstance(item, Mapping) or not isinstance(item.get("model"), str) or not item["model"]:
             raise ConfigError(f"{at}: expected {{model: PATH, layer_range: [START, END]}}, got {item!r}")
-        extra = set(item) - {"model", "layer_range", "parameters"}
-        if extra:
-            raise ConfigError(f"{at}: unknown keys {sorted(extra)}")
+        refuse_unknown_keys(item, ("model", "layer_range", "parameters"), at)
         start, end = parse_layer_range(item.get("layer_range"), f"{at}.layer_range")
         out.append(LayerSlice(item["model"], start, end,
                               _parse_params(item.get("parameters") or {}, f"{at}.parameters")))

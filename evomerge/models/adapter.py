@@ -23,7 +23,6 @@ tuning, ...) are refused by name: they are not ``W + scale * B @ A``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.files import read_json_object
 from evomerge.models.folder import ModelFolder, TensorInfo, _Shard, header_tensors
 from evomerge.models.layers import LayerMap
 from evomerge.paths import resolve_path, scheme_of
@@ -117,14 +117,7 @@ def resolve_ref(ref: str | os.PathLike[str]) -> str:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / ADAPTER_CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"adapter {folder}: {ADAPTER_CONFIG} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"adapter {folder}: {ADAPTER_CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"adapter {folder}: {ADAPTER_CONFIG} is not a JSON object")
+    data = read_json_object(path, "adapter config", ModelError)
     return data
 
 

@@ -29,6 +29,7 @@ import torch
 
 from evomerge.dtypes import SAFETENSORS_CODES
 from evomerge.errors import ModelError
+from evomerge.files import read_json
 from evomerge.models.layers import LayerMap
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -248,13 +249,7 @@ def read_shape(info: TensorInfo, rows: int | None) -> tuple[int, ...]:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as exc:
-        raise ModelError(f"{what} {path} is missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{what} {path} is not valid JSON: {exc}") from exc
+    return read_json(path, what, ModelError)
 
 
 class ModelFolder:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from evomerge.atomic import write_bytes_atomic, write_json_atomic
 from evomerge.dtypes import CODE_OF
 from evomerge.errors import ConfigError, ModelError
+from evomerge.files import read_json_object
 from evomerge.models.folder import INDEX_NAME, SINGLE_NAME
 
 _UNITS = {
@@ -454,12 +455,7 @@ def copy_model_files(
         if not source.is_file() or name.endswith(_NEVER):
             continue
         if name == "config.json":
-            try:
-                config = json.loads(source.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ModelError(f"model config {source} is not valid JSON: {exc}") from exc
-            if not isinstance(config, dict):
-                raise ModelError(f"model config {source} is not a JSON object")
+            config = read_json_object(source, "model config", ModelError)
             config.pop("auto_map", None)
             config.update(dict(config_updates or {}))
             write_bytes_atomic(dst_dir / name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

@@ -50,7 +50,10 @@ FILE_NAME = "archive.sqlite"
 _TABLES = ("meta", "candidates", "rescores", "events", "kinship")  # every archive has these
 _ADDED_TABLES = ("items",)  # added later: created when an older archive is opened for writing
 
-_SCHEMA = """
+# how an evaluation went: a candidate's first one and every re-score on another split
+_OUTCOME_COLUMNS = ("settings TEXT NOT NULL, merge_seconds REAL NOT NULL, eval_seconds REAL NOT NULL, worker TEXT, "
+                    "error TEXT, created_at REAL NOT NULL,")
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
     id INTEGER PRIMARY KEY,
@@ -64,12 +67,7 @@ CREATE TABLE IF NOT EXISTS candidates (
     scores TEXT NOT NULL,
     aggregate REAL NOT NULL,
     split TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    merge_seconds REAL NOT NULL,
-    eval_seconds REAL NOT NULL,
-    worker TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
+    {_OUTCOME_COLUMNS}
     session INTEGER NOT NULL,
     partial INTEGER NOT NULL DEFAULT 0
 );
@@ -80,12 +78,7 @@ CREATE TABLE IF NOT EXISTS rescores (
     status TEXT NOT NULL,
     scores TEXT NOT NULL,
     aggregate REAL NOT NULL,
-    settings TEXT NOT NULL,
-    merge_seconds REAL NOT NULL,
-    eval_seconds REAL NOT NULL,
-    worker TEXT,
-    error TEXT,
-    created_at REAL NOT NULL,
+    {_OUTCOME_COLUMNS}
     PRIMARY KEY (candidate_id, split)
 );
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, time REAL NOT NULL, kind TEXT NOT NULL,
@@ -118,9 +111,29 @@ def _triggers(tables: Sequence[str]) -> str:
 _TRIGGERS = _triggers(_TABLES + _ADDED_TABLES)
 
 
-@dataclass(frozen=True)
-class CandidateRecord:
-    """One archived evaluation."""
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """What one evaluation of a candidate gave: its first one (a :class:`CandidateRecord`) or a re-score."""
+
+    split: str
+    status: str
+    scores: dict[str, Any]
+    aggregate: float
+    settings: dict[str, Any]
+    merge_seconds: float
+    eval_seconds: float
+    worker: str | None
+    error: str | None
+    created_at: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateRecord(Evaluation):
+    """One archived evaluation with what the candidate is (recipe, lineage, genome)."""
 
     id: int
     recipe_hash: str
@@ -129,22 +142,8 @@ class CandidateRecord:
     generation: int
     method: str
     genome: dict[str, Any] | None
-    status: str
-    scores: dict[str, Any]
-    aggregate: float
-    split: str
-    settings: dict[str, Any]
-    merge_seconds: float
-    eval_seconds: float
-    worker: str | None
-    error: str | None
-    created_at: float
     session: int
     partial: bool = False  # stopped by racing: aggregate is the paired estimate, items those it saw
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
     @property
     def complete(self) -> bool:
@@ -152,21 +151,11 @@ class CandidateRecord:
         return self.ok and not self.partial
 
 
-@dataclass(frozen=True)
-class Rescore:
+@dataclass(frozen=True, kw_only=True)
+class Rescore(Evaluation):
     """A candidate scored on another split (the held-out test split)."""
 
     candidate_id: int
-    split: str
-    status: str
-    scores: dict[str, Any]
-    aggregate: float
-    settings: dict[str, Any]
-    merge_seconds: float
-    eval_seconds: float
-    worker: str | None
-    error: str | None
-    created_at: float
 
 
 def _loads(text: str | None) -> Any:
@@ -459,8 +448,9 @@ class Archive:
         if candidate_id is not None:
             q += " WHERE candidate_id=?"
             args = (int(candidate_id),)
-        return [Rescore(int(r[0]), r[1], r[2], json.loads(r[3]), float(r[4]), json.loads(r[5]), float(r[6]),
-                        float(r[7]), r[8], r[9], float(r[10])) for r in self._db.execute(q + " ORDER BY rowid", args)]
+        return [Rescore(candidate_id=int(r[0]), split=r[1], status=r[2], scores=json.loads(r[3]), aggregate=float(r[4]),
+                        settings=json.loads(r[5]), merge_seconds=float(r[6]), eval_seconds=float(r[7]), worker=r[8],
+                        error=r[9], created_at=float(r[10])) for r in self._db.execute(q + " ORDER BY rowid", args)]
 
     def rescore(self, candidate_id: int, split: str) -> Rescore | None:
         return next((r for r in self.rescores(candidate_id) if r.split == split), None)

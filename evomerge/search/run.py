@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.atomic import _fsync_dir, disk_full_error, is_disk_full, raise_if_disk_full, write_json_atomic
 from evomerge.errors import RunDirError
+from evomerge.files import read_json_object
 from evomerge.killpoints import kill_point
 from evomerge.models.fingerprint import fingerprint_models
 from evomerge.search.archive import FILE_NAME as ARCHIVE_FILE
@@ -95,10 +96,7 @@ class RunDir:
         return self.path.name
 
     def info(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.path / RUN_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{self.path / RUN_FILE}: cannot be read ({exc})") from None
+        return read_json_object(self.path / RUN_FILE, "run file", RunDirError)
 
     # ------------------------------------------------------------------------------------- create / open
 
@@ -107,13 +105,7 @@ class RunDir:
         p = self.path / OVERRIDES_FILE
         if not p.is_file():
             return {}
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{p}: cannot be read ({exc})") from None
-        if not isinstance(data, dict):
-            raise RunDirError(f"{p}: expected a mapping of field paths to values")
-        return data
+        return read_json_object(p, "overrides file", RunDirError)
 
     def save_overrides(self, overrides: Mapping[str, Any]) -> None:
         try:

@@ -34,10 +34,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.fitness.items import MEAN_METRICS
@@ -62,6 +62,9 @@ DEFAULT_MAX_CONSECUTIVE_FAILURES = 10
 
 # ------------------------------------------------------------------------------------------- raw schema
 
+# seconds, or a string such as "90s", "30m", "2h" (see parse_duration)
+Duration = Annotated[float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))]
+
 
 class ModelsSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -81,16 +84,11 @@ class OptimizerSection(BaseModel):
 class StoppingSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    wall_time: float | str | None = None
+    wall_time: Duration = None
     no_improvement: int | None = Field(default=None, gt=0)
     target: float | None = None
     # failed evaluations in a row that stop the search (a NaN model, a timeout every candidate hits); null: never
     max_consecutive_failures: int | None = Field(default=DEFAULT_MAX_CONSECUTIVE_FAILURES, gt=0)
-
-    @field_validator("wall_time")
-    @classmethod
-    def _duration(cls, value: float | str | None) -> float | None:
-        return None if value is None else parse_duration(value)
 
 
 class ExecutorSection(BaseModel):
@@ -102,15 +100,10 @@ class ExecutorSection(BaseModel):
     address: str | None = None  # an existing Ray cluster (ray start --head); None starts a local instance
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float | None = Field(default=None, ge=0)  # None: 1 when device is cuda, else 0
-    eval_timeout: float | str | None = None  # an evaluation running longer is treated as a lost worker
+    eval_timeout: Duration = None  # an evaluation running longer is treated as a lost worker
     max_retries: int = Field(default=2, ge=0)  # re-queues of a candidate whose worker died, then failed
     threads_per_worker: int | None = Field(default=None, gt=0)
     prefetch: int = Field(default=1, ge=0)  # jobs queued in each Ray worker beyond the running one (no idle gap)
-
-    @field_validator("eval_timeout")
-    @classmethod
-    def _duration(cls, value: float | str | None) -> float | None:
-        return None if value is None else parse_duration(value)
 
 
 class SpaceModel(BaseModel):

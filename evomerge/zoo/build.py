@@ -303,6 +303,18 @@ def _write_specs(root: Path, final: Path, size: str) -> None:
 # ----------------------------------------------------------------------------------------------- table
 
 
+def score_model(model: torch.nn.Module, encoded: dict[str, Any], tables: dict[str, dict[str, dict[str, float]]],
+                label: str) -> None:
+    """Score ``model`` on every skill's encoded test rows into ``tables[metric][label][skill]``."""
+    model.eval()
+    for metric in tables:
+        tables[metric][label] = {}
+    for skill, enc in encoded.items():
+        scores = builtin.score_batches(model, enc)
+        tables["exact match"][label][skill] = scores["exact_match"]
+        tables["token accuracy"][label][skill] = scores["token_acc"]
+
+
 def format_table(tables: dict[str, dict[str, dict[str, float]]], skills: list[str]) -> str:
     """Markdown table; each cell shows every metric given (e.g. exact match / token accuracy)."""
     metrics = list(tables)
@@ -436,13 +448,7 @@ def _build_into(root: Path, cfg: ZooSize, size: str, seed: int) -> str:
     states = {"base": base_state, **{f"specialist {s.name}": st for s, st in zip(SKILLS, spec_states)}, **merges}
     for name, state in states.items():
         probe.load_state_dict(state)
-        probe.eval()
-        for metric_label in tables:
-            tables[metric_label][name] = {}
-        for skill, enc in encoded.items():
-            scores = builtin.score_batches(probe, enc)
-            tables["exact match"][name][skill] = scores["exact_match"]
-            tables["token accuracy"][name][skill] = scores["token_acc"]
+        score_model(probe, encoded, tables, name)
     md = format_table(tables, list(SPECIALISTS))
     notes = "\n".join(f"- `{s.name}`: {s.description}" for s in SKILLS)
     kernel = "the merge registry's 'ties' kernel, per-tensor trim"

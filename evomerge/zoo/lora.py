@@ -26,8 +26,9 @@ import torch
 
 from evomerge.atomic import atomic_output_dir
 from evomerge.errors import ConfigError
+from evomerge.files import read_json_object
 from evomerge.fitness import builtin
-from evomerge.zoo.build import SIZES, _finetune, _lock, _log, ensure_zoo, format_table
+from evomerge.zoo.build import SIZES, _finetune, _lock, _log, ensure_zoo, format_table, score_model
 from evomerge.zoo.skills import SKILLS, build_char_tokenizer, skill_splits
 
 LORA_DIR = "lora"
@@ -56,10 +57,7 @@ def lora_key(size: str, seed: int, zoo_key: str) -> str:
 
 
 def _zoo_info(root: Path) -> dict[str, Any]:
-    try:
-        return json.loads((root / "zoo.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{root} is not a built zoo (zoo.json: {exc})") from None
+    return read_json_object(root / "zoo.json", "zoo description (is this a built zoo?)")
 
 
 def build_lora(zoo_root: str | os.PathLike[str], threads: int | None = None, force: bool = False) -> Path:
@@ -99,7 +97,7 @@ def build_lora(zoo_root: str | os.PathLike[str], threads: int | None = None, for
             tables: dict[str, dict[str, dict[str, float]]] = {"exact match": {}, "token accuracy": {}}
             encoded = {s.name: builtin.encode_rows(tokenizer, splits[s.name]["test"], 64) for s in SKILLS}
             base = AutoModelForCausalLM.from_pretrained(str(root / "base"))
-            _score(base, encoded, tables, "base")
+            score_model(base, encoded, tables, "base")
             for i, s in enumerate(SKILLS):
                 model = AutoModelForCausalLM.from_pretrained(str(root / "base"))
                 torch.manual_seed(seed + 101 + i)
@@ -113,7 +111,7 @@ def build_lora(zoo_root: str | os.PathLike[str], threads: int | None = None, for
                     warnings.simplefilter("ignore")
                     pm.save_pretrained(tmp / s.name)
                 _fix_base_name(tmp / s.name, root / "base")
-                _score(pm, encoded, tables, f"LoRA {s.name}")
+                score_model(pm, encoded, tables, f"LoRA {s.name}")
                 del pm, model
             md = format_table(tables, [s.name for s in SKILLS])
             (tmp / "lora_table.md").write_text(f"# LoRA adapters of the {size} zoo (seed {seed})\n\n{md}",
@@ -135,17 +133,6 @@ def _fix_base_name(adapter: Path, base: Path) -> None:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     cfg["base_model_name_or_path"] = str(base.resolve())
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _score(model: torch.nn.Module, encoded: dict[str, Any], tables: dict[str, dict[str, dict[str, float]]],
-           label: str) -> None:
-    model.eval()
-    for metric in tables:
-        tables[metric][label] = {}
-    for skill, enc in encoded.items():
-        scores = builtin.score_batches(model, enc)
-        tables["exact match"][label][skill] = scores["exact_match"]
-        tables["token accuracy"][label][skill] = scores["token_acc"]
 
 
 def ensure_lora(size: str = "micro", seed: int = 0) -> Path:

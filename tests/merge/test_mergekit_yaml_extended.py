@@ -141,7 +141,7 @@ def test_a_base_that_the_method_ignores_is_left_out() -> None:
                                                                   {"model": "b", "layer_range": [0, 2]}]}]},
          r"slices\[0\].sources: method passthrough takes one source per slice, got 2"),
         ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}],
-                                                     "residual_weight": 0.5}]}, "unsupported keys"),
+                                                     "residual_weight": 0.5}]}, "unknown keys"),
         ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2],
                                                                   "parameters": {"scale": True}}]}]},
          r"sources\[0\].parameters.scale: expected a number"),

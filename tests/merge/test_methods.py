@@ -19,6 +19,7 @@ from evomerge.merge.kernels.task_arithmetic import (
     dare_linear,
     dare_ties,
     elected_sign,
+    magnitude_prune,
     task_arithmetic,
     ties,
 )
@@ -35,6 +36,43 @@ TIES_HAND = [0.5, -0.3, -0.7, 0.4, -0.8]
 
 def _mp(n: int, **values: float) -> list[dict[str, float]]:
     return [dict(values) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------ hand-computed cases, one row a case
+
+# (method, per-model weights, per-model density, method parameters, options, expected merge minus the base) on
+# the task vectors TAU1, TAU2 over a base of ones (linear: of the two models, so the mean task vector); density 0.4 of 5 entries keeps exactly 2 per task vector.
+HAND_CASES = [
+    ("linear", [1.0, 1.0], 1.0, {}, {}, [0.05, 0.075, 0.2, 0.3, -0.5]),
+    ("task_arithmetic", [1.0, 0.5], 1.0, {"lambda": 2.0}, {}, [0.6, 0.05, 0.7, 0.6, -1.8]),
+    ("task_arithmetic", [1.0, 0.5], 1.0, {}, {"normalize": True}, [0.2, 0.0166667, 0.2333333, 0.2, -0.6]),
+    ("ties", [1.0, 1.0], 0.4, {}, {}, [0.5, 0.0, 0.0, 0.6, -0.8]),
+    ("magnitude_prune", [1.0, 1.0], 0.4, {}, {}, [0.1, 0.0, 0.0, 0.6, -0.8]),
+    ("magnitude_prune", [1.0, 0.5], 0.4, {"lambda": 2.0}, {}, [0.6, 0.0, 0.0, 0.6, -1.6]),
+]
+
+
+@pytest.mark.parametrize(("name", "weights", "density", "params", "options", "expected"), HAND_CASES)
+def test_hand_computed_case(name: str, weights: list[float], density: float, params: dict[str, float],
+                            options: dict[str, object], expected: list[float]) -> None:
+    method = REGISTRY.get(name)
+    base = torch.ones(5)
+    tensors = [base + torch.tensor(t) for t in (TAU1, TAU2)]
+    mp = [{"weight": w, "density": density} for w in weights]
+    out = method.fn(base if method.needs_base else None, tensors, mp, params, options, None)
+    torch.testing.assert_close(out, base + torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_magnitude_prune_matches_peft(make_tensors: Callable) -> None:
+    """PEFT's merge utility as the oracle (its density keeps ``int(density * n)`` entries, ties by topk)."""
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    base, tensors = make_tensors((37, 19), 3, seed=21)
+    weights = [0.7, 1.3, -0.4]
+    for density in (0.05, 0.3, 0.9):
+        ours = magnitude_prune(base, tensors, [{"weight": w, "density": density} for w in weights],
+                               {"lambda": 1.0}, {})
+        peft = merge_utils.magnitude_prune([t - base for t in tensors], torch.tensor(weights), density)
+        torch.testing.assert_close(ours - base, peft, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- TIES: methods.md hand case

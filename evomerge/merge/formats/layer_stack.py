@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.files import read_json_object
 from evomerge.merge.methods.resolve import resolve_tensor_params
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.recipe import ModelEntry, Recipe
@@ -139,12 +140,7 @@ class LayerStack:
         """Top-level keys to set in the output ``config.json`` copied from ``folder`` (a nested text config is
         replaced whole); ``configs``: each sliced model's config, for per-layer lists."""
         cfg_file = folder / "config.json"
-        try:
-            config = json.loads(cfg_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read {cfg_file} to set the stack's layer count: {exc}") from None
-        if not isinstance(config, Mapping):
-            raise ModelError(f"model config {cfg_file} is not a JSON object")
+        config = read_json_object(cfg_file, "model config", ModelError)
 
         def update(cfg: Mapping[str, Any], part: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> dict[str, Any]:
             out: dict[str, Any] = {}

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evomerge.errors import ConfigError
+from evomerge.files import refuse_unknown_keys
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.resolve import resolve_options
 from evomerge.merge.methods.spec import MergeMethod
@@ -182,9 +183,7 @@ def slice_layer_range(data: Mapping[str, Any]) -> tuple[int, int] | None:
 def _source(src: Any, method: MergeMethod, at: str) -> tuple[str, tuple[int, int], dict[str, ParamValue]]:
     if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
         raise ConfigError(f"{at}: expected {{model: PATH, layer_range: [START, END]}}, got {src!r}")
-    extra = set(src) - {"model", "layer_range", "parameters"}
-    if extra:
-        raise ConfigError(f"{at}: unknown keys {sorted(extra)}")
+    refuse_unknown_keys(src, ("model", "layer_range", "parameters"), at)
     rng = parse_layer_range(src["layer_range"], f"{at}.layer_range")
     mp, _ = _split_parameters(src.get("parameters"), method, f"{at}.parameters", per_model=True)
     return _model_ref(src["model"], f"{at}.model"), rng, mp
@@ -238,9 +237,7 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> Re
             at = f"{where}.models[{i}]"
             if not isinstance(item, Mapping) or "model" not in item:
                 raise ConfigError(f"{at}: expected {{model: PATH, parameters: {{...}}}}, got {item!r}")
-            extra = set(item) - {"model", "parameters"}
-            if extra:
-                raise ConfigError(f"{at}: unknown keys {sorted(extra)}")
+            refuse_unknown_keys(item, ("model", "parameters"), at)
             mp, _ = _split_parameters(item.get("parameters"), method, f"{at}.parameters", per_model=True)
             models.append(ModelEntry(_model_ref(item["model"], f"{at}.model"), mp))
     else:
@@ -256,9 +253,7 @@ def from_mergekit(data: Mapping[str, Any], where: str = "mergekit config") -> Re
             at = f"{where}.slices[{i}]"
             if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
                 raise ConfigError(f"{at}: expected {{sources: [...]}}")
-            extra = set(sl) - {"sources", "parameters", "base_model"}
-            if extra:
-                raise ConfigError(f"{at}: unsupported keys {sorted(extra)}")
+            refuse_unknown_keys(sl, ("sources", "parameters", "base_model"), at)
             if sl.get("base_model") is not None:
                 sb = _model_ref(sl["base_model"], f"{at}.base_model")
                 if base is not None and sb != base:

@@ -347,6 +347,10 @@ dare_linear = _member(
 dare_ties = _member(
     "dare_ties", "DARE then TIES sign election and disjoint sum (mergekit's dare_ties; normalize default false).",
     sparsify="random", consensus=True, default_normalize=False, default_rescale="inverse_density")
+magnitude_prune = _member(
+    "magnitude_prune", "PEFT's magnitude_prune: trim each tau_t to its top ``density`` magnitudes, then task "
+    "arithmetic (no sign election); keeps at least one entry where PEFT's ``int(density * n)`` keeps none.",
+    sparsify="magnitude", consensus=False, default_normalize=False)
 breadcrumbs = _member(
     "breadcrumbs", "Model Breadcrumbs: drop the ``gamma`` largest and the smallest magnitudes to keep ``density``, "
     "then sum.", sparsify="magnitude_outliers", consensus=False, default_normalize=False)

@@ -1,5 +1,5 @@
 """The plain methods' registry entries: mergekit's linear, task-arithmetic, TIES, DARE, Breadcrumbs, SLERP,
-Model Stock family, each with its parameters (ranges, defaults) and options.
+Model Stock family and PEFT's magnitude_prune, each with its parameters (ranges, defaults) and options.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from evomerge.merge.kernels.task_arithmetic import (
     breadcrumbs_ties,
     dare_linear,
     dare_ties,
+    magnitude_prune,
     task_arithmetic,
     task_arithmetic_coefficients,
     ties,
@@ -88,6 +89,12 @@ METHODS: tuple[MergeMethod, ...] = (
         (_NORMALIZE_F, _rescale("inverse_density"), _SIGN_RULE, _ZERO_SIGN, _VARIANT),
         needs_base=True, needs=frozenset({Need.GENERATOR}), streams=True,
         doc="DARE random drop and rescale, then TIES sign election",
+    ),
+    MergeMethod(
+        "magnitude_prune", magnitude_prune,
+        (_WEIGHT, _density(0.2, "fraction of each task vector KEPT (top magnitudes)"), _LAMBDA),
+        (_NORMALIZE_F, _rescale("none")), needs_base=True, streams=True,
+        doc="PEFT's magnitude_prune: trim each task vector to its top-density magnitudes, then task arithmetic",
     ),
     MergeMethod(
         "breadcrumbs", breadcrumbs, (_WEIGHT, _BC_DENSITY, _GAMMA, _LAMBDA), (_NORMALIZE_F, _rescale("none")),
