@@ -63,10 +63,10 @@ def test_hand_computed_case(name: str, weights: list[float], density: float, par
     torch.testing.assert_close(out, base + torch.tensor(expected), rtol=0, atol=1e-6)
 
 
-def test_magnitude_prune_matches_peft(make_tensors: Callable) -> None:
+def test_magnitude_prune_matches_peft() -> None:
     """PEFT's merge utility as the oracle (its density keeps ``int(density * n)`` entries, ties by topk)."""
     merge_utils = pytest.importorskip("peft.utils.merge_utils")
-    base, tensors = make_tensors((37, 19), 3, seed=21)
+    base, tensors = seeded_tensors((37, 19), 3, seed=21)
     weights = [0.7, 1.3, -0.4]
     for density in (0.05, 0.3, 0.9):
         ours = magnitude_prune(base, tensors, [{"weight": w, "density": density} for w in weights],
