@@ -24,7 +24,7 @@ def _text(m: MergeMethod) -> str:
                  + ("; stacks layers (slices:)" if m.stacks_layers else ""))
     for p in m.params:
         scope = "per model or global" if p.per_model else "global"
-        lines.append(f"  param  {p.name:<12} default {p.default:<6g} range {p.range_text():<12} {scope}: {p.doc}")
+        lines.append(f"  param  {p.name:<12} default {'none' if p.default is None else format(p.default, 'g'):<6} range {p.range_text():<12} {scope}: {p.doc}")
     for o in m.options:
         choices = "|".join(o.choices) if o.choices else type(o.default).__name__
         lines.append(f"  option {o.name:<12} default {o.default!s:<6} ({choices}): {o.doc}")

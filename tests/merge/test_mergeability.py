@@ -42,11 +42,11 @@ def test_weights_hand_case_and_small_tau() -> None:
     models = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])]
     out = mergeability_weighted(base, models, [{"base_score": 0.9}, {"base_score": 0.1}], {"tau": 1e-3}, {})
     torch.testing.assert_close(out, torch.tensor([0.0, 1.0]))  # all weight on the least-known skill
-    out = mergeability_weighted(base, models, [{"base_score": -1.0}, {"base_score": -1.0}], {"tau": 0.5},
+    out = mergeability_weighted(base, models, [{}, {}], {"tau": 0.5},  # unset: the caller's measured scores
                                 {"base_scores": [0.2, 0.8]})
     torch.testing.assert_close(out, w.float())
     with pytest.raises(ValueError, match="base_score"):
-        mergeability_weighted(base, models, [{"base_score": -1.0}, {"base_score": 0.5}], {"tau": 0.5}, {})
+        mergeability_weighted(base, models, [{}, {"base_score": 0.5}], {"tau": 0.5}, {})
     with pytest.raises(ValueError, match="tau"):
         base_score_weights([0.1], 0.0)
 

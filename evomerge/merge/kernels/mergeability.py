@@ -38,12 +38,12 @@ def mergeability_weighted(base: Tensor | None, tensors: list[Tensor], model_para
     """``base + sum_t softmax((1 - base_score_t)/tau)_t * tau_t``; base scores per model or from ``prepare``."""
     if base is None:
         raise ValueError("mergeability_weighted needs a base tensor")
-    given = [float(m.get("base_score", -1.0)) for m in model_params]
+    given = [m.get("base_score") for m in model_params]
     measured = options.get("base_scores")
     scores = []
     for i, g in enumerate(given):
-        if g >= 0:
-            scores.append(g)
+        if g is not None:
+            scores.append(float(g))
         elif measured is not None and i < len(measured):
             scores.append(float(measured[i]))
         else:

@@ -41,7 +41,7 @@ def prepare_mergeability(ctx: MethodContext) -> Prepared:
 METHOD = MergeMethod(
     "mergeability_weighted", mergeability_weighted,
     (
-        ParamSpec("base_score", -1.0, 0.0, 1.0, True,
+        ParamSpec("base_score", None, 0.0, 1.0, True,
                   "the base model's score on this model's task (unset: measured by the caller)"),
         ParamSpec("tau", 0.1, 1e-6, None, False,
                   "softmax temperature over (1 - base score); large tau -> uniform mean of task vectors"),

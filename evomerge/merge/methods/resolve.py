@@ -184,7 +184,8 @@ def resolve_tensor_params(
     for spec in m.params:
         pv = recipe.parameters.get(spec.name)
         v = pv.resolve(tensor_name, layer, num_layers, kind) if pv is not None else None
-        glob[spec.name] = spec.default if v is None else v
+        if v is not None or spec.default is not None:
+            glob[spec.name] = spec.default if v is None else v
     per_model_specs = [p for p in m.params if p.per_model]
     plan = plan_inputs(recipe, m)
     out: list[dict[str, float]] = []
@@ -194,7 +195,8 @@ def resolve_tensor_params(
         for spec in per_model_specs:
             pv = own.get(spec.name)
             v = pv.resolve(tensor_name, layer, num_layers, kind) if pv is not None else None
-            d[spec.name] = glob[spec.name] if v is None else v
+            if v is not None or spec.name in glob:
+                d[spec.name] = glob[spec.name] if v is None else v
         out.append(d)
     return out, glob
 

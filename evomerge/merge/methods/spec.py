@@ -44,11 +44,12 @@ class Need(str, enum.Enum):
 class ParamSpec:
     """A numeric parameter: scalar, per-layer list or filters; per model too when ``per_model``.
 
-    ``lower``/``upper`` bound every value a recipe may give (None: unbounded).
+    ``lower``/``upper`` bound every value a recipe may give (None: unbounded). ``default`` None: no default; the
+    recipe gives it or the caller supplies it (a method's ``needs``), and the kernel sees no value until then.
     """
 
     name: str
-    default: float
+    default: float | None
     lower: float | None = None
     upper: float | None = None
     per_model: bool = False
