@@ -38,7 +38,15 @@ from evomerge.fitness import builtin
 from evomerge.merge.methods.registry import get_method
 from evomerge.paths import cache_root
 from evomerge.zoo import skills as skills_module
-from evomerge.zoo.skills import SKILL_SETS, SKILLS, TERMINATOR, Skill, build_char_tokenizer, skill_splits, text_line
+from evomerge.zoo.skills import (
+    SKILL_SETS,
+    SKILLS,
+    TERMINATOR,
+    Skill,
+    build_char_tokenizer,
+    skill_splits,
+    text_line,
+)
 
 ZOO_FORMAT = 1
 SPECIALISTS: tuple[str, ...] = tuple(s.name for s in SKILLS)
