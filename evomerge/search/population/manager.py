@@ -203,7 +203,9 @@ class PopulationManager:
         events = self.backend.events()
         if not any(e["kind"] == EventKind.POPULATION_START for e in events):
             self._event(EventKind.POPULATION_START, starting=starting, k=self.cfg.k, metric=self.cfg.metric,
-                        budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget)
+                        budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget,
+                        niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
+                        identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes)
         failed = [s for s in starting if not self.members[s].ok]
         if failed:  # a failed original is no parent: it would only make failed children
             if not any(e["kind"] == EventKind.EXCLUDED and e.get("payload", e).get("generation") == 0
