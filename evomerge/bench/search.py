@@ -50,6 +50,7 @@ from evomerge.search.events import EventKind
 from evomerge.search.optimizer import array_parametrization, build_optimizer
 from evomerge.search.population.pair_search import PairSpace
 from evomerge.search.population.session import run_population_session
+from evomerge.search.population.status import waste
 from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 from evomerge.search.stopping import StopFlag
@@ -147,13 +148,28 @@ def run(args: argparse.Namespace) -> int:
             results["ta"].append(lab.fixed(f"ta λ={lam}", _ta(skills, lam), evaluations=len(TA_GRID)))
         if "ties" in rows:
             results["ties"].append(lab.fixed("ties", _ties(skills)))
-        for seed in args.seeds:
-            if "cmaes" in rows:
-                results["cmaes"].append(_cmaes(lab, skills, args.budget, seed))
-            for row, section in managers.items():
-                if row in rows:
-                    results[row].append(_population(lab, zoo, originals, spec, args, seed, row, section,
-                                                    work / f"{row}-seed{seed}"))
+        # row by row in the order given (all seeds of a row, then the next), so a run cut short still has
+        # complete rows; every finished row-seed is logged with its figures and written to --json at once
+        for row in [r for r in rows if r == "cmaes" or r in managers]:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                try:
+                    if row == "cmaes":
+                        entry = _cmaes(lab, skills, args.budget, seed)
+                    else:
+                        entry = _population(lab, zoo, originals, spec, args, seed, row, managers[row],
+                                            work / f"{row}-seed{seed}")
+                except Exception as exc:  # one failing row must not lose the others' figures
+                    _log(f"{row} seed {seed}: FAILED: {type(exc).__name__}: {exc}")
+                    continue
+                entry["seconds"] = time.perf_counter() - t0
+                results[row].append(entry)
+                _log(f"RESULT {row} seed {seed}: held-out {entry['test']:.4f} ("
+                     + ", ".join(f"{k} {v:.3f}" for k, v in entry["tasks"].items())
+                     + f"), search {entry['search']:.4f}, {entry['seconds']:.0f}s")
+                if args.json:
+                    write_json_atomic(args.json, {"zoo": str(zoo), "metric": args.metric, "budget": args.budget,
+                                                  "seeds": args.seeds, "rows": results, "partial": True})
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -317,12 +333,15 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
             raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
         tasks = {k: float(v["value"]) for k, v in res.scores.items()}
         gens = [e["data"] for e in archive.events(EventKind.GENERATION_END)]
+        wasted = waste(archive)
     mean = sum(tasks.values()) / len(tasks)
     _log(f"{label}: best #{best.id} ({' x '.join(map(str, best.parents))}) search {best.aggregate:.4f}, held-out "
-         f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s)")
+         f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s); "
+         f"waste: {wasted['since_improvement']} since the last improvement, {wasted['identical_pairs']} on identical "
+         f"parents, {wasted['pairs_skipped']} pairs skipped")
     return {"label": label, "seed": seed, "search": best.aggregate, "test": mean, "tasks": tasks,
             "evaluations": summary.evaluations, "best": best.id, "parents": list(best.parents),
-            "generations": len(gens), "stop": summary.stop_reason, "recipe": best.recipe}
+            "generations": len(gens), "stop": summary.stop_reason, "recipe": best.recipe, "waste": wasted}
 
 
 def _table(results: Mapping[str, list[dict[str, Any]]], skills: Sequence[str], args: argparse.Namespace) -> str:
