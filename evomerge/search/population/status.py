@@ -80,6 +80,10 @@ def population_status_lines(archive: Archive, k: int | None = None) -> list[str]
         lines.append(f"  top-{k}: " + ", ".join(f"{m.key} {m.score:.4f}" + (f" (#{m.candidate_id})"
                                                                            if m.candidate_id is not None else "")
                                                 for m in top))
+    ends = [e["data"] for e in events if e["kind"] == EventKind.GENERATION_END]
+    if ends and start.get("niche_alpha"):
+        lines.append(f"  parents (top-{k} by niche fitness, alpha {start['niche_alpha']}) after generation "
+                     f"{ends[-1].get('generation')}: {', '.join(map(str, ends[-1].get('top', [])))}")
     last = next((e for e in reversed(events) if e["kind"] in (EventKind.GENERATION_PLAN, EventKind.STOP)), None)
     if last is not None:
         what = "stop" if last["kind"] == EventKind.STOP else f"plan of generation {last['data'].get('generation')}"
