@@ -17,7 +17,8 @@ def add_model_set_arguments(parser: argparse.ArgumentParser, small_help: str, th
 
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     """``--zoo-size``, ``--zoo-seed``, ``--metric``: the demo zoo a benchmark scores on."""
-    parser.add_argument("--zoo-size", choices=("micro", "demo"), default="demo")
+    parser.add_argument("--zoo-size", "--zoo", choices=("micro", "demo", "hard"), default="demo",
+                        help="which zoo: demo (default), hard (the base never sees sort) or micro (tests)")
     parser.add_argument("--zoo-seed", type=int, default=0)
     parser.add_argument("--metric", default="token_acc",
                         help="built-in metric for every task (exact match of merged demo models is mostly 0)")

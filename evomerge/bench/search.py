@@ -10,9 +10,16 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 4. plain per-layer CMA-ES over all specialists at once (task-arithmetic weights per layer: the mergekit-evolve
    setting)
 5. Top-k greedy merging without kinship (no exploration merge, no revival)
-6. the full population manager (kinship exploration merge, saturation stop, revival)
+6. ``kinship``: the kinship population manager as before behaviour-aware breeding (kinship exploration merge,
+   saturation stop, revival; plain aggregate)
+7. ``attraction``: the same with partners chosen by attraction (who solves what the best fails)
+8. ``niche``: niche fitness (alpha = ``--alpha``) for parents and the top-k, attraction partners, identical
+   pairs skipped
+9. ``breeding``: the default manager (niche fitness, ``partner: both``, identical pairs skipped, escape moves
+   with larger pair budgets and split-point crossover once the top-k saturates)
 
-Rows 1-3 are deterministic (one evaluation each); rows 4-6 report the mean and spread over the seeds.
+Rows 1-3 are deterministic (one evaluation each); the search rows report the mean and spread over the seeds.
+Every row's best model (by search fitness, plain aggregate) is scored on the held-out test split.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from evomerge.search.events import EventKind
 from evomerge.search.optimizer import array_parametrization, build_optimizer
 from evomerge.search.population.pair_search import PairSpace
 from evomerge.search.population.session import run_population_session
+from evomerge.search.population.status import waste
 from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 from evomerge.search.stopping import StopFlag
@@ -67,22 +75,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-option", action="append", default=None, metavar="KEY=VALUE",
                         help="an option of the pair method, repeatable (default for qp: sequential=true)")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="subset of rows: uniform ta ties cmaes greedy population")
+                        help="subset of rows: uniform ta ties cmaes greedy kinship attraction niche breeding "
+                             "(population = kinship)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="niche alpha of the niche row (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep run folders here (default: a temp dir)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
 
 
-ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "population")
+ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "kinship", "attraction", "niche", "breeding")
+ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
     "ta": "task arithmetic (best λ of grid)",
     "ties": "TIES (defaults)",
     "cmaes": "per-layer CMA-ES, all models",
     "greedy": "Top-k greedy, no kinship",
-    "population": "population manager (full)",
+    "kinship": "kinship manager (before breeding)",
+    "attraction": "attraction manager",
+    "niche": "niche + attraction manager",
+    "breeding": "default manager (niche, both, skip, escapes + crossover)",
 }
+# the manager as it was before behaviour-aware breeding
+_KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0}
+
+
+def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
+    """The population section of each manager row (over the pair settings); ``breeding`` = the defaults."""
+    return {
+        "greedy": {**_KINSHIP, "explore": False, "saturation": None, "max_revivals": 0},
+        "kinship": dict(_KINSHIP),
+        "attraction": {**_KINSHIP, "partner": "attraction"},
+        "niche": {**_KINSHIP, "partner": "attraction", "niche_alpha": alpha, "identical_tol": 0.002},
+        "breeding": {},
+    }
 TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
@@ -93,11 +120,12 @@ def _log(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.small:
         args.budget, args.seeds = min(args.budget, 30), args.seeds[:1]
-    rows = list(args.rows or ROWS)
+    rows = [ALIASES.get(r, r) for r in (args.rows or ROWS)]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise ConfigError(f"--rows: unknown {bad} (known: {', '.join(ROWS)})")
-    if {"greedy", "population"} & set(rows):  # a bad pair method fails now, not after the baselines
+    managers = manager_rows(args.alpha)
+    if set(managers) & set(rows):  # a bad pair method fails now, not after the baselines
 
         PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
     if args.threads > 0:
@@ -120,13 +148,28 @@ def run(args: argparse.Namespace) -> int:
             results["ta"].append(lab.fixed(f"ta λ={lam}", _ta(skills, lam), evaluations=len(TA_GRID)))
         if "ties" in rows:
             results["ties"].append(lab.fixed("ties", _ties(skills)))
-        for seed in args.seeds:
-            if "cmaes" in rows:
-                results["cmaes"].append(_cmaes(lab, skills, args.budget, seed))
-            for row, explore in (("greedy", False), ("population", True)):
-                if row in rows:
-                    results[row].append(_population(lab, zoo, originals, spec, args, seed, explore,
-                                                    work / f"{row}-seed{seed}"))
+        # row by row in the order given (all seeds of a row, then the next), so a run cut short still has
+        # complete rows; every finished row-seed is logged with its figures and written to --json at once
+        for row in [r for r in rows if r == "cmaes" or r in managers]:
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                try:
+                    if row == "cmaes":
+                        entry = _cmaes(lab, skills, args.budget, seed)
+                    else:
+                        entry = _population(lab, zoo, originals, spec, args, seed, row, managers[row],
+                                            work / f"{row}-seed{seed}")
+                except Exception as exc:  # one failing row must not lose the others' figures
+                    _log(f"{row} seed {seed}: FAILED: {type(exc).__name__}: {exc}")
+                    continue
+                entry["seconds"] = time.perf_counter() - t0
+                results[row].append(entry)
+                _log(f"RESULT {row} seed {seed}: held-out {entry['test']:.4f} ("
+                     + ", ".join(f"{k} {v:.3f}" for k, v in entry["tasks"].items())
+                     + f"), search {entry['search']:.4f}, {entry['seconds']:.0f}s")
+                if args.json:
+                    write_json_atomic(args.json, {"zoo": str(zoo), "metric": args.metric, "budget": args.budget,
+                                                  "seeds": args.seeds, "rows": results, "partial": True})
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -137,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.zoo_size} zoo (seed {args.zoo_seed}), metric {args.metric}, budget {args.budget} evaluations per "
           f"search row and seed, seeds {args.seeds}; held-out = mean over the {len(skills)} tasks of the test split; "
           f"{total / 60:.1f} min")
-    if {"greedy", "population"} & set(rows):
+    if set(managers) & set(rows):
         opts = pair_options(args.pair_option, args.pair_method)
         print(f"pair merges: {args.pair_method}" + (f" {opts}" if opts else "") + f", {args.pair_budget} evaluations "
               f"per pair, top-k {args.k}")
@@ -239,16 +282,13 @@ def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str
 
 
 def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namespace, seed: int,
-                      explore: bool, zoo_ref: str) -> dict[str, Any]:
+                      row: str, section: Mapping[str, Any], zoo_ref: str) -> dict[str, Any]:
     """The search space of one population row (what `evomerge run` would be given)."""
-    if explore:
-        pop: dict[str, Any] = {"k": args.k, "pair_budget": args.pair_budget}
-    else:
-        pop = {"k": args.k, "pair_budget": args.pair_budget, "explore": False, "saturation": None, "max_revivals": 0}
+    pop: dict[str, Any] = {"k": args.k, "pair_budget": args.pair_budget, **section}
     pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init),
                    "method": args.pair_method, "options": pair_options(args.pair_option, args.pair_method)}
     return {
-        "name": f"bench-{'population' if explore else 'greedy'}-{seed}", "seed": seed,
+        "name": f"bench-{row}-{seed}", "seed": seed,
         "models": {"base": f"{zoo_ref}/base", "fine_tunes": {s: f"{zoo_ref}/{s}" for s in skills}},
         "fitness": spec.model_dump(mode="json", exclude_none=True),
         "methods": {"task_arithmetic": {"weight": [0.0, 1.5]}},
@@ -273,12 +313,12 @@ def pair_options(items: Sequence[str] | None, method: str) -> dict[str, Any]:
 
 
 def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, args: argparse.Namespace, seed: int,
-                explore: bool, run_dir: Path) -> dict[str, Any]:
+                row: str, section: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     """A population row as a run directory driven like `evomerge run` (archive, events, test re-score)."""
 
-    label = f"{'population' if explore else 'greedy'} seed {seed}"
+    label = f"{row} seed {seed}"
     zoo_ref = f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"
-    data = _population_space(zoo, list(originals), spec, args, seed, explore, zoo_ref)
+    data = _population_space(zoo, list(originals), spec, args, seed, row, section, zoo_ref)
     space = space_from_dict(data, where=label, base_dir=run_dir.parent)
     shutil.rmtree(run_dir, ignore_errors=True)
     run = RunDir.create(run_dir, space, argv=["bench", "search"])
@@ -293,12 +333,15 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
             raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
         tasks = {k: float(v["value"]) for k, v in res.scores.items()}
         gens = [e["data"] for e in archive.events(EventKind.GENERATION_END)]
+        wasted = waste(archive)
     mean = sum(tasks.values()) / len(tasks)
     _log(f"{label}: best #{best.id} ({' x '.join(map(str, best.parents))}) search {best.aggregate:.4f}, held-out "
-         f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s)")
+         f"{mean:.4f}, {len(gens)} generations, stop: {summary.stop_reason} ({time.perf_counter() - t0:.0f}s); "
+         f"waste: {wasted['since_improvement']} since the last improvement, {wasted['identical_pairs']} on identical "
+         f"parents, {wasted['pairs_skipped']} pairs skipped")
     return {"label": label, "seed": seed, "search": best.aggregate, "test": mean, "tasks": tasks,
             "evaluations": summary.evaluations, "best": best.id, "parents": list(best.parents),
-            "generations": len(gens), "stop": summary.stop_reason, "recipe": best.recipe}
+            "generations": len(gens), "stop": summary.stop_reason, "recipe": best.recipe, "waste": wasted}
 
 
 def _table(results: Mapping[str, list[dict[str, Any]]], skills: Sequence[str], args: argparse.Namespace) -> str:

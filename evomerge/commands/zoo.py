@@ -13,8 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     build = sub.add_parser("build", help="train and write a zoo into DIR (prints the merge table)")
     build.add_argument("dir", metavar="DIR", help="output folder (refused if it exists, unless --force)")
-    build.add_argument("--size", choices=("micro", "demo"), default="demo",
-                       help="micro: seconds, for tests; demo: a few minutes, for the demo search (default)")
+    build.add_argument("--size", choices=("micro", "demo", "hard"), default="demo",
+                       help="micro: seconds, for tests; demo: a few minutes, for the demo search (default); hard: "
+                            "smaller, the base never sees sort, which naive merges lose (under 5 minutes)")
     build.add_argument("--seed", type=int, default=0, help="seed for data, initialization and training")
     build.add_argument("--force", action="store_true", help="replace DIR if it exists (only once complete)")
     build.add_argument("--lora", action="store_true",
@@ -23,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torch CPU threads for training (default: $EVOMERGE_ZOO_THREADS or 1; one is fastest "
                             "on a shared machine)")
     path = sub.add_parser("path", help="print the cached zoo folder for SIZE/SEED, building it if needed")
-    path.add_argument("--size", choices=("micro", "demo"), default="demo")
+    path.add_argument("--size", choices=("micro", "demo", "hard"), default="demo")
     path.add_argument("--seed", type=int, default=0)
     lora = sub.add_parser("lora", help="print the cached zoo's LoRA adapter folder (zoo:SIZE/lora), training it if needed")
-    lora.add_argument("--size", choices=("micro", "demo"), default="demo")
+    lora.add_argument("--size", choices=("micro", "demo", "hard"), default="demo")
     lora.add_argument("--seed", type=int, default=0)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import ConfigError, ModelError
+from evomerge.merge.kernels.crossover import tensor_depth
 from evomerge.merge.kernels.linear import LinearCoefficients
 from evomerge.merge.kernels.pieces import Source
 from evomerge.merge.kernels.sparsify import global_trim_thresholds
@@ -121,6 +122,9 @@ class MergePlan:
 
     def kernel_options(self, name: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The options the kernel sees for one tensor: recipe + runtime, then prepared, then ``extra``."""
+        if self.method.positional:
+            layer, kind = self.place(name)
+            extra = {"depth": tensor_depth(layer, self.layer_map.num_layers, kind), **(extra or {})}
         if not self.prepared and not extra and not self.runtime:
             return self.options
         return {**self.options, **self.runtime, **prepared_options(self.prepared, name), **(extra or {})}

@@ -16,6 +16,7 @@ from evomerge.errors import RunDirError
 from evomerge.report.data import CandidateRow, ItemsView, MemberRow, RunData
 from evomerge.search.archive import FILE_NAME, Archive, CandidateRecord
 from evomerge.search.events import EventKind
+from evomerge.search.population.status import waste
 
 
 def find_archive(run_dir: str | os.PathLike[str]) -> Path:
@@ -80,6 +81,12 @@ def load_run(run_dir: str | os.PathLike[str], top_items: int = 8) -> RunData:
             tests[f"test (#{r.id})"] = f"{res.aggregate:.4f} " + ", ".join(
                 f"{k} {v['value']:.3f}" for k, v in res.scores.items())
         items = _items_view(archive, raw_events, top_items)
+        w = waste(archive)
+        info["evaluations since the last improvement"] = w["since_improvement"]
+        if w["identical_pairs"] is not None:
+            info["evaluations on behaviourally identical parents"] = (
+                f"{w['identical_pairs']} ({w['identical_pair_merges']} pair merge(s); {w['pairs_skipped']} "
+                "such pair(s) skipped)")
     return RunData(Path(run_dir).resolve().name, rows, members, kin, metric, events, info, tests, items)
 
 

@@ -26,8 +26,10 @@ class EventKind(str, Enum):
     # the population manager (search/population/manager.py, session.py)
     POPULATION_START = "population_start"  # {starting, k, metric, budget, explore, pair_budget}
     MEMBER = "member"  # {key, generation, parents, candidate_id, score, reason}: an original scored
-    GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival]}
-    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations, ok}
+    GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival][, escape]}
+    PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations, ok,
+    #                          behaviour_distance, operator}
+    PAIR_SKIPPED = "pair_skipped"  # {generation, a, b, reason, distance, tol}: parents behave identically
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
     STOP = "stop"  # {generation, reason, evaluations}
     EXCLUDED = "excluded"  # {generation, keys, reason}: failed members taken out of pairing
@@ -39,4 +41,4 @@ class EventKind(str, Enum):
 # the population manager's decisions, replayed on resume
 MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
                                          EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP,
-                                         EventKind.EXCLUDED)
+                                         EventKind.EXCLUDED, EventKind.PAIR_SKIPPED)

@@ -16,7 +16,7 @@ from typing import Any
 
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.events import EventKind
-from evomerge.search.population.status import population_status_lines
+from evomerge.search.population.status import population_status_lines, waste, waste_line
 from evomerge.search.progress import format_duration
 from evomerge.search.run import LOCK_FILE, RunDir
 from evomerge.search.run_state import run_state
@@ -83,6 +83,7 @@ def status_text(run_dir: str | os.PathLike[str], top: int = 5) -> str:
                  f"sessions {len(starts)}, seed {info.get('seed')}"]
         lines += _rate_lines(records, budget, starts)
         lines += _items_lines(archive, counts)
+        lines.append(waste_line(waste(archive)))
         lines.append("leaderboard (aggregate, higher is better):")
         lines += leaderboard(archive, top)
         lines += population_status_lines(archive)
@@ -133,7 +134,8 @@ def status_json(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     every item of every task would have cost for the same evaluations (their ratio is what racing saved); both
     are over the evaluations that recorded per-item results (``items.*.evaluations``), null when none did (a run
     written before per-item results). ``best``: the best complete candidate by search score, with its held-out
-    test score once re-scored."""
+    test score once re-scored. ``waste``: evaluations since the last improvement and on pairs of behaviourally
+    identical parents (:func:`~evomerge.search.population.status.waste`)."""
     run = RunDir.open(run_dir)
     info = run.info()
     with run.archive(readonly=True) as archive:
@@ -156,6 +158,7 @@ def status_json(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
             best = {"id": rec.id, "search": rec.aggregate, "method": rec.method,
                     "test": test.aggregate if test is not None and test.status == "ok" else None}
         t = time_breakdown(archive)
+        wasted = waste(archive)
     recorded = sum(c["candidates"] for c in items.values())
     return {
         "run": run.name, "state": state, "stop_reason": ends[-1]["data"].get("reason") if state == "stopped" else None,
@@ -168,6 +171,7 @@ def status_json(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "items": {split: {"evaluations": c["candidates"], "evaluated": c["evaluated"], "full": c["full"]}
                   for split, c in items.items()},
         "best": best,
+        "waste": wasted,
         "wall_seconds": float(t.get("wall", 0.0)), "eval_seconds": float(t.get("evaluation", 0.0)),
         "time": {k: float(v) for k, v in sorted(t.items())},
     }

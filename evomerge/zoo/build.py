@@ -38,7 +38,15 @@ from evomerge.fitness import builtin
 from evomerge.merge.methods.registry import get_method
 from evomerge.paths import cache_root
 from evomerge.zoo import skills as skills_module
-from evomerge.zoo.skills import SKILLS, TERMINATOR, build_char_tokenizer, skill_splits, text_line
+from evomerge.zoo.skills import (
+    SKILL_SETS,
+    SKILLS,
+    TERMINATOR,
+    Skill,
+    build_char_tokenizer,
+    skill_splits,
+    text_line,
+)
 
 ZOO_FORMAT = 1
 SPECIALISTS: tuple[str, ...] = tuple(s.name for s in SKILLS)
@@ -66,6 +74,11 @@ class ZooSize:
     ta_lambda: float
     ties_density: float
     ties_lambda: float
+    skill_set: str = "demo"  # which skills (zoo.skills.SKILL_SETS): "hard" = the base never sees sort
+
+    @property
+    def skills(self) -> tuple[Skill, ...]:
+        return SKILL_SETS[self.skill_set]
 
 
 SIZES: dict[str, ZooSize] = {
@@ -77,6 +90,12 @@ SIZES: dict[str, ZooSize] = {
                     pretrain_lr=3e-3, seq_len=48, skill_fraction=0.3, finetune_steps=200, finetune_batch=32,
                     finetune_lr=1e-3, n_search=200, n_test=200, ta_lambda=0.6, ties_density=0.3,
                     ties_lambda=1.0),
+    # the hard zoo: smaller (3 layers of 96) and cheaper to score (100 search items per task), the base
+    # half-knows add, rev and enc and never sees sort (zoo.skills.HARD_SKILLS)
+    "hard": ZooSize(hidden=96, layers=3, heads=4, intermediate=288, pretrain_steps=700, pretrain_batch=32,
+                    pretrain_lr=3e-3, seq_len=48, skill_fraction=0.3, finetune_steps=200, finetune_batch=32,
+                    finetune_lr=1e-3, n_search=100, n_test=200, ta_lambda=0.6, ties_density=0.3,
+                    ties_lambda=1.0, skill_set="hard"),
 }
 
 
@@ -164,7 +183,7 @@ def _pretrain_stream(cfg: ZooSize, tokenizer: Any, seed: int, train_rows: dict[s
                      ) -> torch.Tensor:
     """Token stream of prose lines with a small share of half-known skill examples."""
     rng = random.Random(f"{seed}:pretrain")
-    half_known = [s.name for s in SKILLS if s.in_pretraining]
+    half_known = [s.name for s in cfg.skills if s.in_pretraining]
     need = cfg.pretrain_steps * cfg.pretrain_batch * cfg.seq_len + cfg.seq_len + 1
     parts: list[str] = []
     total = 0
@@ -387,7 +406,7 @@ def _build_atomic(target: Path, cfg: ZooSize, size: str, seed: int, force: bool)
         table = _build_into(tmp, cfg, size, seed)
         (tmp / "zoo.json").write_text(json.dumps({
             "size": size, "seed": seed, "key": zoo_key(size, seed), "settings": asdict(cfg),
-            "skills": {s.name: {"description": s.description, "in_pretraining": s.in_pretraining} for s in SKILLS},
+            "skills": {s.name: {"description": s.description, "in_pretraining": s.in_pretraining} for s in cfg.skills},
             "models": list(MODEL_NAMES), "build_seconds": round(time.perf_counter() - t_start, 1),
             "torch_threads": torch_threads,
         }, indent=2, sort_keys=True) + "\n")
@@ -406,19 +425,20 @@ def _write_task_files(tmp: Path, final: Path, size: str) -> None:
 
 
 def _build_into(root: Path, cfg: ZooSize, size: str, seed: int) -> str:
+    skills = cfg.skills
     tokenizer = build_char_tokenizer()
     vocab = len(tokenizer)
-    steps = {s.name: max(1, int(round(cfg.finetune_steps * s.finetune_scale))) for s in SKILLS}
+    steps = {s.name: max(1, int(round(cfg.finetune_steps * s.finetune_scale))) for s in skills}
     splits = {s.name: skill_splits(s, cfg.n_search, cfg.n_test, seed, n_train=steps[s.name] * cfg.finetune_batch)
-              for s in SKILLS}
-    for s in SKILLS:
+              for s in skills}
+    for s in skills:
         for split in ("search", "test"):
             _write_jsonl(root / "data" / s.name / f"{split}.jsonl", splits[s.name][split])
     (root / "tasks").mkdir(exist_ok=True)
     train_rows = {name: sp["train"] for name, sp in splits.items()}
 
     _log(f"size={size} seed={seed}: Llama {cfg.layers}x{cfg.hidden}, vocab {vocab}, "
-         f"{cfg.pretrain_steps} pre-training steps, {cfg.finetune_steps} fine-tuning steps x {len(SKILLS)} skills")
+         f"{cfg.pretrain_steps} pre-training steps, {cfg.finetune_steps} fine-tuning steps x {len(skills)} skills")
     base = _new_model(cfg, vocab, tokenizer, seed)
     stream = _pretrain_stream(cfg, tokenizer, seed, train_rows)
     _pretrain(base, cfg, stream, seed)
@@ -426,7 +446,7 @@ def _build_into(root: Path, cfg: ZooSize, size: str, seed: int) -> str:
     _save(base, tokenizer, root / "base")
 
     spec_states: list[dict[str, torch.Tensor]] = []
-    for i, s in enumerate(SKILLS):
+    for i, s in enumerate(skills):
         model = _new_model(cfg, vocab, tokenizer, seed)
         model.load_state_dict(base_state)
         _finetune(model, cfg, tokenizer, train_rows[s.name], seed + 1 + i, f"fine-tune {s.name}", steps[s.name])
@@ -442,17 +462,17 @@ def _build_into(root: Path, cfg: ZooSize, size: str, seed: int) -> str:
             base_state, spec_states, cfg.ties_density, cfg.ties_lambda),
     }
     probe = _new_model(cfg, vocab, tokenizer, seed)
-    test = {s.name: splits[s.name]["test"] for s in SKILLS}
+    test = {s.name: splits[s.name]["test"] for s in skills}
     encoded = {name: builtin.encode_rows(tokenizer, rows, 64) for name, rows in test.items()}
     tables: dict[str, dict[str, dict[str, float]]] = {"exact match": {}, "token accuracy": {}}
-    states = {"base": base_state, **{f"specialist {s.name}": st for s, st in zip(SKILLS, spec_states)}, **merges}
+    states = {"base": base_state, **{f"specialist {s.name}": st for s, st in zip(skills, spec_states)}, **merges}
     for name, state in states.items():
         probe.load_state_dict(state)
         score_model(probe, encoded, tables, name)
     md = format_table(tables, list(SPECIALISTS))
-    notes = "\n".join(f"- `{s.name}`: {s.description}" for s in SKILLS)
+    notes = "\n".join(f"- `{s.name}`: {s.description}" for s in skills)
     kernel = "the merge registry's 'ties' kernel, per-tensor trim"
-    merges_note = (f"Merges: uniform average = mean of the {len(SKILLS)} specialists' weights; task arithmetic = "
+    merges_note = (f"Merges: uniform average = mean of the {len(skills)} specialists' weights; task arithmetic = "
                    f"base + lambda * sum of task vectors; TIES = trim to the top density of each task vector, "
                    f"elect signs, disjoint mean, base + lambda * result ({kernel}).")
     text = f"# evomerge demo zoo ({size}, seed {seed})\n\n{notes}\n\n{md}\n{merges_note}\n"

@@ -93,6 +93,20 @@ SKILLS: tuple[Skill, ...] = (
 )
 SKILL_NAMES: tuple[str, ...] = tuple(s.name for s in SKILLS)
 
+# The hard zoo: the same four skills, but the base half-knows three of them (add, rev and the cipher) and never
+# sees sorting. The three half-known specialists move little from the base, sort's moves a lot alone, so naive
+# merges (and searches that rank by the mean) keep the three and lose sort: a poorly mergeable skill that only a
+# breeding search which values rare items can keep.
+HARD_SKILLS: tuple[Skill, ...] = (
+    Skill("add", "two-digit plus one-digit addition, half-known by the base", _add, True, finetune_scale=2.0),
+    Skill("rev", "reverse a 3-6 letter string, half-known by the base", _rev, True),
+    Skill("sort", "sort the letters of a 3-7 letter string, never seen by the base (the poorly mergeable skill)",
+          _sort, False),
+    Skill("enc", "fixed substitution cipher over a-p, half-known by the base", _enc, True),
+)
+# which skills a zoo kind trains (every kind has the same skill names, so tasks and specialists line up)
+SKILL_SETS: dict[str, tuple[Skill, ...]] = {"demo": SKILLS, "hard": HARD_SKILLS}
+
 
 def get_skill(name: str) -> Skill:
     for s in SKILLS:

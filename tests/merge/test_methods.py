@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -400,14 +401,19 @@ def test_model_stock_formula_and_identity() -> None:
 # --------------------------------------------------------------------------------- table over all methods
 
 
+def _depth(method: Any) -> dict[str, float]:
+    """The tensor depth a positional method's kernel is given by the merge plan (crossover)."""
+    return {"depth": 0.5} if method.positional else {}
+
+
 @pytest.mark.parametrize("name", BUILTIN_METHODS)
 def test_one_model_with_weight_one_is_that_model(name: str) -> None:
     method = REGISTRY.get(name)
     base, tensors = seeded_tensors((23, 11), 1, seed=13)
     x = tensors[0]
     mp = [{"weight": 1.0, "density": 1.0, "gamma": 0.01}]
-    if method.max_models == 2:  # slerp: t = 1 is the second model
-        out = method.fn(None, [base, x], _mp(2), {"t": 1.0}, {}, None)
+    if method.max_models == 2:  # slerp: t = 1 is the second model; crossover: weight 0 of the first everywhere
+        out = method.fn(None, [base, x], _mp(2), {"t": 1.0, "boundary": 1.0, "w": 0.0}, _depth(method), None)
     elif method.min_models >= 2:  # model_stock: two copies of one model
         out = method.fn(base, [x, x.clone()], mp * 2, {}, {}, None)
     else:
@@ -422,10 +428,11 @@ def test_task_vectors_as_inputs_give_the_same_merge(name: str) -> None:
     n = 2 if method.max_models == 2 else 3
     tensors = tensors[:n]
     mp = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in (0.5, 1.0, 1.5)][:n]
-    params = {"lambda": 1.2, "t": 0.3}
-    full = method.fn(base, tensors, mp, params, {}, torch.Generator().manual_seed(3))
+    params = {"lambda": 1.2, "t": 0.3, "boundary": 0.4, "w": 0.3}
+    full = method.fn(base, tensors, mp, params, _depth(method), torch.Generator().manual_seed(3))
     deltas = [t - base for t in tensors]
-    via = method.fn(base, deltas, mp, params, {"inputs_are_deltas": True}, torch.Generator().manual_seed(3))
+    via = method.fn(base, deltas, mp, params, {"inputs_are_deltas": True, **_depth(method)},
+                    torch.Generator().manual_seed(3))
     torch.testing.assert_close(via, full, rtol=0, atol=1e-5)
 
 
@@ -437,12 +444,14 @@ def test_kernels_leave_inputs_untouched_and_compute_in_float64_on_request(name: 
     copies = [t.clone() for t in tensors]
     base_copy = base.clone()
     mp = [{"weight": 1.0, "density": 0.5, "gamma": 0.1} for _ in tensors]
-    out = method.fn(base, tensors, mp, {"t": 0.4}, {"compute_dtype": "float64"}, torch.Generator().manual_seed(1))
+    out = method.fn(base, tensors, mp, {"t": 0.4}, {"compute_dtype": "float64", **_depth(method)},
+                    torch.Generator().manual_seed(1))
     assert out.dtype == torch.float64
     assert out.shape == base.shape
     assert all(torch.equal(a, b) for a, b in zip(tensors, copies)) and torch.equal(base, base_copy)
     bf16 = method.fn(
-        base.bfloat16(), [t.bfloat16() for t in tensors], mp, {"t": 0.4}, {}, torch.Generator().manual_seed(1)
+        base.bfloat16(), [t.bfloat16() for t in tensors], mp, {"t": 0.4}, _depth(method),
+        torch.Generator().manual_seed(1)
     )
     assert bf16.dtype == torch.float32
 

@@ -4,6 +4,7 @@ Model Stock family and PEFT's magnitude_prune, each with its parameters (ranges,
 
 from __future__ import annotations
 
+from evomerge.merge.kernels.crossover import crossover, crossover_coefficients
 from evomerge.merge.kernels.linear import linear, linear_coefficients
 from evomerge.merge.kernels.model_stock import model_stock
 from evomerge.merge.kernels.slerp import slerp
@@ -112,6 +113,14 @@ METHODS: tuple[MergeMethod, ...] = (
         (ParamSpec("t", 0.5, 0.0, 1.0, False, "interpolation position: 0 = first model (the base), 1 = second"),),
         (), needs_base=False, min_models=2, max_models=2, base_as_input=True,
         doc="spherical interpolation of two models (base_model, if given, is the t = 0 end)",
+    ),
+    MergeMethod(
+        "crossover", crossover,
+        (ParamSpec("boundary", 0.5, 0.0, 1.0, False, "split point as a depth in the model (0: embedding, 1: head)"),
+         ParamSpec("w", 0.5, 0.0, 1.0, False, "weight of the first model before the split (1 - w after it)")),
+        (), needs_base=False, min_models=2, max_models=2, elementwise=True, positional=True,
+        coefficients=crossover_coefficients,
+        doc="split-point crossover (M2N2): w * A + (1 - w) * B up to the boundary, (1 - w) * A + w * B after it",
     ),
     MergeMethod(
         "model_stock", model_stock, (),

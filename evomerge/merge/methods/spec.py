@@ -29,7 +29,8 @@ Prepared = Mapping[str, Mapping[str, Any]]
 
 # Options the engines pass to kernels at run time; a recipe may not set them.
 RUNTIME_OPTIONS = frozenset({"compute_dtype", "inputs_are_deltas", "global_threshold", "majority_sign", "base_given",
-                             "memory_budget", "piece_elems", "part_elems", "cpu_share", "kernel_threads"})
+                             "memory_budget", "piece_elems", "part_elems", "cpu_share", "kernel_threads",
+                             "depth"})
 
 
 class Need(str, enum.Enum):
@@ -133,6 +134,9 @@ class MergeMethod:
     prepare: Callable[[MethodContext], Prepared] | None = None
     needs_of: Callable[[Recipe], frozenset[Need]] | None = None
     diagnostics: Callable[[Mapping[str, Any]], dict[str, float]] | None = None
+    # the kernel needs each tensor's place in the model: the plan passes ``options['depth']`` in [0, 1]
+    # (:func:`evomerge.merge.kernels.crossover.tensor_depth`)
+    positional: bool = False
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.params] + [o.name for o in self.options]
@@ -180,6 +184,7 @@ class MergeMethod:
             "uses_generator": self.uses_generator,
             "needs": sorted(n.value for n in self.needs - {Need.GENERATOR}),
             "linear": self.is_linear,
+            "positional": self.positional,
             "parameters": [
                 {"name": p.name, "default": p.default, "lower": p.lower, "upper": p.upper,
                  "per_model": p.per_model, "doc": p.doc}

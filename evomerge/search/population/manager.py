@@ -15,10 +15,18 @@ from typing import Any, Protocol
 from evomerge.errors import ConfigError
 from evomerge.kinship import is_distance
 from evomerge.search.events import EventKind
+from evomerge.search.population.behaviour import (
+    Behaviour,
+    attraction,
+    attraction_to_set,
+    behaviour_distance,
+    niche_fitness,
+)
 from evomerge.search.population.members import Member, pair_key, rank, top_k
 from evomerge.search.population.rules import (
     PairPlan,
     PopulationConfig,
+    escape_plans,
     initial_pairs,
     plan_generation,
     revival_choices,
@@ -60,6 +68,9 @@ class PopulationBackend(Protocol):
         ...
 
     def record_event(self, kind: EventKind, payload: Mapping[str, Any]) -> None: ...
+
+    # optional: ``behaviour(keys) -> Behaviour | None``, the members' per-item scores (None: not recorded).
+    # A backend without it breeds by kinship and the plain aggregate alone.
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -109,14 +120,65 @@ class PopulationManager:
         self.merged: set[tuple[str, str]] = set()
         self.revived: set[str] = set()
         self.revivals = 0
+        self.escapes = 0
+        self.skipped = 0
         self.history: list[GenerationRecord] = []
 
     # ----------------------------------------------------------------------------------- helpers
     def _kin(self, a: str, b: str) -> float:
         return self.backend.kinship(a, b)
 
+    def _behaviour(self) -> Behaviour | None:
+        """The ok members' per-item scores (None: the backend records none, or fewer than two members)."""
+        fn = getattr(self.backend, "behaviour", None)
+        keys = [m.key for m in rank(list(self.members.values())) if m.ok]
+        if fn is None or len(keys) < 2:
+            return None
+        b = fn(keys)
+        return b if isinstance(b, Behaviour) else None
+
     def _top(self) -> list[Member]:
-        return top_k(list(self.members.values()), self.cfg.k)
+        """The top-k the manager breeds from: by niche fitness over the population (``niche_alpha`` > 0 and
+        per-item results recorded), else by the plain aggregate."""
+        members = list(self.members.values())
+        if self.cfg.niche_alpha > 0:
+            b = self._behaviour()
+            if b is not None:
+                fit = dict(zip(b.keys, niche_fitness(b, self.cfg.niche_alpha)))
+                ranked = rank([m for m in members if m.ok and m.key in fit])
+                order = {m.key: i for i, m in enumerate(ranked)}  # ties: the plain ranking
+                return sorted(ranked, key=lambda m: (-fit[m.key], order[m.key]))[: self.cfg.k]
+        return top_k(members, self.cfg.k)
+
+    def _best(self) -> Member | None:
+        """The best member by the plain aggregate (what improvement, the leaderboard and export mean)."""
+        best = top_k(list(self.members.values()), 1)
+        return best[0] if best else None
+
+    def _attract_alpha(self) -> float:
+        return self.cfg.niche_alpha if self.cfg.niche_alpha > 0 else 1.0
+
+    def _attraction_to(self, key: str) -> dict[str, float] | None:
+        if not self.cfg.uses_attraction:
+            return None
+        b = self._behaviour()
+        if b is None or key not in b.keys:
+            return None
+        return attraction(b, key, self._attract_alpha())
+
+    def _attraction_to_top(self, top: Sequence[Member]) -> dict[str, float] | None:
+        if not self.cfg.uses_attraction:
+            return None
+        b = self._behaviour()
+        keys = [m.key for m in top]
+        if b is None or not keys or any(k not in b.keys for k in keys):
+            return None
+        return attraction_to_set(b, keys, self._attract_alpha())
+
+    def _plan(self, top: Sequence[Member], revived: Sequence[Member] = ()) -> list[PairPlan]:
+        attract = self._attraction_to(top[0].key) if top else None
+        return plan_generation(top, list(self.members.values()), self.merged, self._kin, self.cfg, revived,
+                               attract)
 
     def _event(self, kind: EventKind, **payload: Any) -> None:
         self.backend.record_event(kind, payload)
@@ -141,7 +203,9 @@ class PopulationManager:
         events = self.backend.events()
         if not any(e["kind"] == EventKind.POPULATION_START for e in events):
             self._event(EventKind.POPULATION_START, starting=starting, k=self.cfg.k, metric=self.cfg.metric,
-                        budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget)
+                        budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget,
+                        niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
+                        identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes)
         failed = [s for s in starting if not self.members[s].ok]
         if failed:  # a failed original is no parent: it would only make failed children
             if not any(e["kind"] == EventKind.EXCLUDED and e.get("payload", e).get("generation") == 0
@@ -177,55 +241,94 @@ class PopulationManager:
             reason = self._stop_reason(st.generation, top, st.tops.get(st.generation - 1))
             revived: list[Member] = []
             revival: dict[str, Any] | None = None
-            if self._want_revival(st.stall, reason):
+            escape: list[PairPlan] = []
+            if reason is not None and reason.startswith(("saturated", "converged")):
+                escape = self._escape(top)
+                if escape:
+                    self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
+                    reason = None
+            if not escape and self._want_revival(st.stall, reason):
                 revived, revival = self._revive(st.generation, top, st.stall, reason)
                 if revived:
                     reason = None
-            plans: list[PairPlan] = []
-            if reason is None:
-                plans = plan_generation(top, list(self.members.values()), self.merged, self._kin, self.cfg, revived)
+            plans: list[PairPlan] = list(escape)
+            if reason is None and not escape:
+                plans = self._plan(top, revived)
                 if not plans:
                     reason = "exhausted: every pair among the top-k and every exploration partner was merged"
-                    if revival is None and self._want_revival(st.stall, reason):
+                    escape = self._escape(top)
+                    if escape:
+                        self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
+                        plans, reason = escape, None
+                    elif revival is None and self._want_revival(st.stall, reason):
                         revived, revival = self._revive(st.generation, top, st.stall, reason)
                         if revived:
-                            plans = plan_generation(top, list(self.members.values()), self.merged, self._kin,
-                                                    self.cfg, revived)
+                            plans = self._plan(top, revived)
                             reason = None if plans else reason
             if reason is not None:
                 return self._finish(st.generation, reason)
             if revival is not None:
                 self._apply_revival(revival, st)
+            extra: dict[str, Any] = {}
+            if escape:
+                self.escapes += 1
+                extra["escape"] = self.escapes
             st.generation += 1
             st.pending = plans
             st.ended = False
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
-                        reason=self._plan_reason(plans, top), revival=revival)
+                        reason=self._plan_reason(plans, top), revival=revival, **extra)
 
     def _end_generation(self, st: _ReplayState) -> None:
         top = self._top()
         top_keys = [m.key for m in top]
-        improved = top[0].score > st.best_score + 1e-12
+        best = self._best() or top[0]
+        improved = best.score > st.best_score + 1e-12
         st.stall = 0 if improved else st.stall + 1
-        st.best_score = max(st.best_score, top[0].score)
+        st.best_score = max(st.best_score, best.score)
         st.tops[st.generation] = top_keys
         st.ended = True
-        self._event(EventKind.GENERATION_END, generation=st.generation, top=top_keys, best=top[0].key,
-                    best_score=top[0].score, improved=improved, stall=st.stall,
+        self._event(EventKind.GENERATION_END, generation=st.generation, top=top_keys, best=best.key,
+                    best_score=best.score, improved=improved, stall=st.stall,
                     evaluations=self.backend.evaluations())
-        self.history.append(GenerationRecord(st.generation, list(st.pending), top_keys, top[0].key, top[0].score))
-        self._log(f"generation {st.generation}: top-{self.cfg.k} {top_keys} best {top[0].score:.4f} "
+        self.history.append(GenerationRecord(st.generation, list(st.pending), top_keys, best.key, best.score))
+        self._log(f"generation {st.generation}: top-{self.cfg.k} {top_keys} best {best.key} {best.score:.4f} "
                   f"({self.backend.evaluations()}/{self.budget} evaluations)")
+
+    def _escape(self, top: Sequence[Member]) -> list[PairPlan]:
+        """Escape moves when the top-k saturates (none left, no per-item results, or nobody complements)."""
+        if self.escapes >= self.cfg.max_escapes or self._budget_left() <= 0 or not top:
+            return []
+        attract = self._attraction_to(top[0].key) if self.cfg.uses_attraction else None
+        if attract is None:  # kinship partners: escape by attraction needs the items all the same
+            b = self._behaviour()
+            attract = None if b is None or top[0].key not in b.keys else attraction(b, top[0].key,
+                                                                                   self._attract_alpha())
+        if attract is None:
+            return []
+        return escape_plans(top, list(self.members.values()), self.merged, self.cfg, attract)
+
+    @staticmethod
+    def _escape_text(plans: Sequence[PairPlan]) -> str:
+        return ", ".join(f"{p.reason} {p.a} x {p.b} (attraction {p.attraction:.4f}, {p.budget} evaluations)"
+                         for p in plans)
 
     def _plan_reason(self, plans: Sequence[PairPlan], top: Sequence[Member]) -> str:
         parts = [f"{sum(p.reason == 'top-k' for p in plans)} unmerged top-k pair(s) of {[m.key for m in top]}"]
         for p in plans:
-            if p.reason == "exploration":
+            if p.reason == "exploration" and p.attraction is None:
                 word = "largest distance" if is_distance(self.cfg.metric) else "lowest kinship"
                 parts.append(f"exploration: best {p.a} with {p.b} ({word} to it, {self.cfg.metric}={p.kinship:.4f})")
+            elif p.reason == "exploration":
+                kin = "" if p.kinship is None else f", {self.cfg.metric}={p.kinship:.4f}"
+                parts.append(f"exploration: best {p.a} with {p.b} (partner by {self.cfg.partner}: attraction "
+                             f"{p.attraction:.4f}{kin})")
         n_rev = sum(p.reason == "revival" for p in plans)
         if n_rev:
             parts.append(f"{n_rev} revival pair(s)")
+        esc = [p for p in plans if p.reason in ("escape", "crossover")]
+        if esc:
+            parts.append("escape moves (the top-k saturated): " + self._escape_text(esc))
         return "; ".join(parts)
 
     def _run_pending(self, generation: int, pending: Sequence[PairPlan]) -> str | None:
@@ -235,7 +338,17 @@ class PopulationManager:
             left = self._budget_left()
             if left <= 0:
                 return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
-            budget = min(self.cfg.pair_budget, left) if self.cfg.pair_budget > 0 else 0
+            distance = self._distance(plan.a, plan.b)
+            if distance is not None and self.cfg.identical_tol is not None and distance <= self.cfg.identical_tol:
+                self.merged.add(plan.key)
+                self.skipped += 1
+                self._event(EventKind.PAIR_SKIPPED, generation=generation, a=plan.a, b=plan.b, reason=plan.reason,
+                            distance=distance, tol=self.cfg.identical_tol)
+                self._log(f"  g{generation} skip {plan.a} x {plan.b}: they behave identically on the items "
+                          f"(distance {distance:.5f} <= {self.cfg.identical_tol}); the child would equal them")
+                continue
+            want = plan.budget if plan.budget is not None else self.cfg.pair_budget
+            budget = min(want, left) if want > 0 else 0
             result = self.backend.run_pair(plan, generation, budget)
             if result.child is None:
                 return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
@@ -243,11 +356,20 @@ class PopulationManager:
             self.members[result.child.key] = result.child
             self._event(EventKind.PAIR_DONE, generation=generation, a=plan.a, b=plan.b, reason=plan.reason,
                         child=result.child.key, score=result.child.score, candidate_id=result.child.candidate_id,
-                        evaluations=result.evaluations, ok=result.child.ok)
+                        evaluations=result.evaluations, ok=result.child.ok, behaviour_distance=distance,
+                        operator=plan.operator)
             if not result.child.ok:
                 self._exclude(generation, [result.child.key], f"every evaluation of the merge of {plan.a} and "
                                                               f"{plan.b} failed")
         return None
+
+    def _distance(self, a: str, b: str) -> float | None:
+        """How differently two members score the items (None: no per-item results)."""
+        fn = getattr(self.backend, "behaviour", None)
+        if fn is None or a not in self.members or b not in self.members:
+            return None
+        beh = fn([a, b])
+        return behaviour_distance(beh, a, b) if isinstance(beh, Behaviour) else None
 
     def _exclude(self, generation: int, keys: Sequence[str], reason: str) -> None:
         """Say that failed members take no further part in pairing (they are never in the top-k, never an
@@ -279,7 +401,8 @@ class PopulationManager:
 
     def _revive(self, generation: int, top: Sequence[Member], stall: int,
                 reason: str | None) -> tuple[list[Member], dict[str, Any] | None]:
-        choices = revival_choices(list(self.members.values()), top, self._kin, self.cfg, self.revived, self.merged)
+        choices = revival_choices(list(self.members.values()), top, self._kin, self.cfg, self.revived, self.merged,
+                                  self._attraction_to_top(top))
         if not choices:
             return [], None
         parts = [reason] if reason else []
@@ -321,6 +444,11 @@ class PopulationManager:
                 st.ended = False
                 if p.get("revival"):
                     self._apply_revival(p["revival"], st)
+                if p.get("escape"):
+                    self.escapes = int(p["escape"])
+            elif kind == EventKind.PAIR_SKIPPED:
+                self.merged.add(pair_key(p["a"], p["b"]))
+                self.skipped += 1
             elif kind == EventKind.PAIR_DONE:
                 self.merged.add(pair_key(p["a"], p["b"]))
                 child = Member(str(p["child"]), float(p["score"]), int(p["generation"]),

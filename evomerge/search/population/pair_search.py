@@ -95,7 +95,38 @@ class PairSpace:
                       base_model=BASE_KEY, seed=seed, options=dict(self.options))
 
 
-def pair_optimizer(space: PairSpace, x0: np.ndarray, budget: int, seed: int, num_workers: int = 1,
+@dataclasses.dataclass(frozen=True)
+class CrossoverSpace:
+    """The genome of a split-point crossover pair (an escape move): ``[boundary, w]`` of a positional two-model
+    method (``crossover``: w * A + (1 - w) * B up to the boundary depth, (1 - w) * A + w * B after it)."""
+
+    method: str = "crossover"
+    optimizer: str = "CMA"
+    start: tuple[float, float] = (0.5, 0.8)  # boundary mid-depth, mostly A before it and mostly B after
+    sigma: float = 0.25
+    lower: float = 0.0
+    upper: float = 1.0
+    init: str = "fixed"
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        method = get_method(self.method)
+        names = {p.name for p in method.params}
+        if not method.positional or not {"boundary", "w"} <= names or method.max_models != 2:
+            raise ConfigError(f"population.crossover_method {self.method!r}: a crossover pair needs a positional "
+                              "two-model method with 'boundary' and 'w' parameters (crossover)")
+        validate_recipe(self.recipe("a", "b", self.x0()), where=f"crossover method {self.method}")
+
+    def x0(self, cos: float | None = None) -> np.ndarray:
+        return np.clip(np.asarray(self.start, float), self.lower, self.upper)
+
+    def recipe(self, a: str, b: str, x: Sequence[float], seed: int = 0) -> Recipe:
+        return Recipe(self.method, (ModelEntry(a), ModelEntry(b)),
+                      parameters={"boundary": ParamValue.constant(float(x[0])), "w": ParamValue.constant(float(x[1]))},
+                      seed=seed)
+
+
+def pair_optimizer(space: PairSpace | CrossoverSpace, x0: np.ndarray, budget: int, seed: int, num_workers: int = 1,
                    where: str = "population.pair.optimizer") -> Any:
     """A pair's optimizer over the bounded pair genome starting at ``x0`` (seeded; no global RNG involved)."""
     return build_optimizer(space.optimizer, array_parametrization(x0, space.lower, space.upper, space.sigma, seed),
@@ -107,16 +138,19 @@ def seed_of(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
-def warm_start(records: Sequence[CandidateRecord], generation: int, x0: np.ndarray, space: PairSpace
-               ) -> np.ndarray | None:
+def warm_start(records: Sequence[CandidateRecord], generation: int, x0: np.ndarray,
+               space: PairSpace | CrossoverSpace) -> np.ndarray | None:
     """The best pair genome of EARLIER generations, as a per-gene ratio to its own start, applied to ``x0``.
 
     Earlier generations only, so a pair's start does not depend on the order pairs of its generation ran
-    in, nor on a resume. Genomes are oriented: better parent first.
+    in, nor on a resume. Genomes are oriented: better parent first. Only genomes of the same method count
+    (a crossover's genes are not a pair's weights).
     """
     best: CandidateRecord | None = None
     for r in records:
         if r.genome is None or "x" not in r.genome or not r.ok or not 0 < r.generation < generation:
+            continue
+        if r.method != space.method:
             continue
         if best is None or r.aggregate > best.aggregate:
             best = r
@@ -144,10 +178,12 @@ class PairSearch:
 
     def run(self, a: str, b: str, generation: int, budget: int, *, seed: int, x0: np.ndarray,
             warm: np.ndarray | None = None, extra_models: Mapping[str, str] | None = None,
-            model_tasks: Mapping[str, tuple[str, ...]] | None = None) -> list[CandidateRecord]:
+            model_tasks: Mapping[str, tuple[str, ...]] | None = None,
+            space: PairSpace | CrossoverSpace | None = None) -> list[CandidateRecord]:
         """The evaluations of pair (``a`` better, ``b``) in ``generation``: ``budget`` of them (0: the fixed
-        recipe at ``x0``), archived ones of this pair replayed and counted, others' answers told but not counted."""
-        ps, dispatch = self.space, self.dispatch
+        recipe at ``x0``), archived ones of this pair replayed and counted, others' answers told but not counted.
+        ``space``: the genome of this pair (default: the session's pair space; a crossover escape its own)."""
+        ps, dispatch = space if space is not None else self.space, self.dispatch
         pk = pair_key(a, b)
         results: list[CandidateRecord] = []
         self.results = results

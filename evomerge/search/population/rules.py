@@ -31,6 +31,8 @@ from evomerge.search.population.members import Member, pair_key
 
 # ------------------------------------------------------------------------------------------------- config
 
+PARTNERS = ("kinship", "attraction", "both")
+
 
 @dataclass(frozen=True)
 class PopulationConfig:
@@ -50,6 +52,14 @@ class PopulationConfig:
     revive_kinship_weight: float = 1.0
     cache_memory_models: int = 4  # merged parents kept resident per worker
     cache_disk_bytes: int = 2 * 1024**3  # materialized merged parents on disk
+    # behaviour-aware breeding (per-item results; M2N2): see evomerge.search.population.behaviour
+    niche_alpha: float = 1.0  # parents and the top-k by niche fitness; 0 = the plain aggregate (the seed paper)
+    partner: str = "both"  # exploration / revival partner: kinship (lowest) | attraction | both
+    identical_tol: float | None = 0.002  # skip pairs whose item scores differ by at most this (None: never)
+    max_escapes: int = 2  # when the top-k saturates or converges: generations of escape moves (0: stop)
+    escape_pair_budget: int | None = None  # evaluations per escape pair (default: twice pair_budget)
+    crossover: bool = True  # an escape generation also runs a split-point crossover pair
+    crossover_method: str = "crossover"  # the registry method of the crossover pair (boundary and w genes)
 
     def __post_init__(self) -> None:
         where = "population"
@@ -70,6 +80,31 @@ class PopulationConfig:
             raise ConfigError(f"{where}.seed_models: need at least two models, got {list(self.seed_models)}")
         if self.cache_memory_models < 0 or self.cache_disk_bytes < 0:
             raise ConfigError(f"{where}: cache budgets must be >= 0")
+        if isinstance(self.niche_alpha, bool) or not isinstance(self.niche_alpha, (int, float)) \
+                or not 0 <= self.niche_alpha < math.inf:
+            raise ConfigError(f"{where}.niche_alpha: a number >= 0 (0 = plain aggregate), got {self.niche_alpha!r}")
+        if self.partner not in PARTNERS:
+            raise ConfigError(f"{where}.partner: {self.partner!r} is not one of {', '.join(PARTNERS)}")
+        if self.identical_tol is not None and not (isinstance(self.identical_tol, (int, float))
+                                                   and 0 <= self.identical_tol < 1):
+            raise ConfigError(f"{where}.identical_tol: a number in [0, 1) or null, got {self.identical_tol!r}")
+        if self.max_escapes < 0:
+            raise ConfigError(f"{where}.max_escapes: must be >= 0, got {self.max_escapes}")
+        if self.escape_pair_budget is not None and self.escape_pair_budget < 0:
+            raise ConfigError(f"{where}.escape_pair_budget: must be >= 0, got {self.escape_pair_budget}")
+
+    @property
+    def escape_budget(self) -> int:
+        """Evaluations per escape pair: ``escape_pair_budget``, else twice ``pair_budget``."""
+        return self.escape_pair_budget if self.escape_pair_budget is not None else 2 * self.pair_budget
+
+    @property
+    def uses_attraction(self) -> bool:
+        return self.partner in ("attraction", "both")
+
+    @property
+    def uses_kinship(self) -> bool:
+        return self.partner in ("kinship", "both")
 
     @staticmethod
     def from_dict(data: Mapping[str, Any] | None, where: str = "population") -> PopulationConfig:
@@ -107,19 +142,31 @@ class PairPlan:
 
     a: str
     b: str
-    reason: str  # "initial" | "top-k" | "exploration" | "revival"
+    reason: str  # "initial" | "top-k" | "exploration" | "revival" | "escape" | "crossover"
     kinship: float | None = None
+    attraction: float | None = None  # B's attraction to A (partner: attraction | both)
+    operator: str = "pair"  # "pair": the pair genome of population.pair; "crossover": the split-point crossover
+    budget: int | None = None  # evaluations of this pair (None: population.pair_budget)
 
     @property
     def key(self) -> tuple[str, str]:
         return pair_key(self.a, self.b)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "reason": self.reason, "kinship": self.kinship}
+        out: dict[str, Any] = {"a": self.a, "b": self.b, "reason": self.reason, "kinship": self.kinship}
+        if self.attraction is not None:
+            out["attraction"] = self.attraction
+        if self.operator != "pair":
+            out["operator"] = self.operator
+        if self.budget is not None:
+            out["budget"] = self.budget
+        return out
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> PairPlan:
-        return PairPlan(str(d["a"]), str(d["b"]), str(d["reason"]), d.get("kinship"))
+        budget = d.get("budget")
+        return PairPlan(str(d["a"]), str(d["b"]), str(d["reason"]), d.get("kinship"), d.get("attraction"),
+                        str(d.get("operator", "pair")), None if budget is None else int(budget))
 
 
 # ------------------------------------------------------------------------------------------------ decisions
@@ -156,11 +203,60 @@ def exploration_partner(best: str, population: Sequence[Member], kin: KinshipFn,
     return chosen
 
 
+def partner_choice(best: str, population: Sequence[Member], kin: KinshipFn, cfg: PopulationConfig,
+                   exclude: set[tuple[str, str]], attract: Mapping[str, float] | None = None
+                   ) -> tuple[str, float | None, float | None] | None:
+    """The exploration partner of ``best``: (key, kinship, attraction).
+
+    ``kinship``: the lowest kinship (:func:`exploration_partner`). ``attraction``: the highest attraction to
+    ``best`` (``attract``: member -> attraction; ties to the higher score, then the key); when nobody is
+    attracted (every attraction 0) the least related member. ``both``: attraction / its maximum plus
+    1 - relatedness (similarities mapped from [-1, 1] to [0, 1], distances as d / d_max), the highest. Without
+    behaviour (``attract`` None: no per-item results) every setting is ``kinship``.
+    """
+    if attract is None or not cfg.uses_attraction:
+        found = exploration_partner(best, population, kin, cfg.metric, exclude)
+        return None if found is None else (found[0], found[1], None)
+    pool = [m for m in population if m.key != best and m.ok and pair_key(best, m.key) not in exclude
+            and m.key in attract]
+    if not pool:
+        return None
+    top_attr = max(attract[m.key] for m in pool)
+    if cfg.partner == "attraction":
+        if top_attr <= 0:
+            found = exploration_partner(best, pool, kin, cfg.metric, exclude)
+            return None if found is None else (found[0], found[1], attract[found[0]])
+        m = min(pool, key=lambda m: (-attract[m.key], -m.score, m.key))
+        return m.key, None, attract[m.key]
+    rows = []
+    for m in pool:
+        value = kin(best, m.key)
+        if math.isfinite(value):
+            rows.append((m, value))
+    if not rows:
+        return None
+    dmax = max((v for _, v in rows), default=0.0) if is_distance(cfg.metric) else 0.0
+
+    def unrelated(v: float) -> float:
+        if is_distance(cfg.metric):
+            return v / dmax if dmax > 0 else 0.0
+        return 1.0 - (v + 1.0) / 2.0
+
+    def priority(m: Member, v: float) -> float:
+        return (attract[m.key] / top_attr if top_attr > 0 else 0.0) + unrelated(v)
+
+    m, v = min(rows, key=lambda r: (-priority(*r), -r[0].score, r[0].key))
+    return m.key, v, attract[m.key]
+
+
 def plan_generation(top: Sequence[Member], population: Sequence[Member], merged: set[tuple[str, str]],
-                    kin: KinshipFn, cfg: PopulationConfig, revived: Sequence[Member] = ()) -> list[PairPlan]:
+                    kin: KinshipFn, cfg: PopulationConfig, revived: Sequence[Member] = (),
+                    attract: Mapping[str, float] | None = None) -> list[PairPlan]:
     """Generation >= 2: all not-yet-merged top-k pairs, revived x top-k pairs, one exploration merge.
 
     Pairs are never repeated: ``merged`` holds every pair merged so far, and the plan itself is deduplicated.
+    ``attract``: each member's attraction to the first of ``top`` (the exploration merge's first parent), for
+    ``partner: attraction | both``.
     """
     plans: list[PairPlan] = []
     seen = set(merged)
@@ -176,11 +272,31 @@ def plan_generation(top: Sequence[Member], population: Sequence[Member], merged:
             pk = pair_key(r.key, k)
             if r.key != k and pk not in seen:
                 seen.add(pk)
-                plans.append(PairPlan(k, r.key, "revival", kin(k, r.key)))
+                plans.append(PairPlan(k, r.key, "revival", kin(k, r.key) if cfg.uses_kinship else None))
     if cfg.explore and top:
-        partner = exploration_partner(top[0].key, population, kin, cfg.metric, seen)
+        partner = partner_choice(top[0].key, population, kin, cfg, seen, attract)
         if partner is not None:
-            plans.append(PairPlan(top[0].key, partner[0], "exploration", partner[1]))
+            plans.append(PairPlan(top[0].key, partner[0], "exploration", partner[1], partner[2]))
+    return plans
+
+
+def escape_plans(top: Sequence[Member], population: Sequence[Member], merged: set[tuple[str, str]],
+                 cfg: PopulationConfig, attract: Mapping[str, float]) -> list[PairPlan]:
+    """Escape moves once the top-k saturates: the first of ``top`` with its most attracted partners (those that
+    succeed where it fails), the first with a larger pair budget, the second by split-point crossover
+    (``cfg.crossover``; a pair is merged once, so the crossover takes the second partner). Members with zero
+    attraction are no escape; pairs merged before are not repeated."""
+    if not top:
+        return []
+    best = top[0].key
+    pool = sorted((m for m in population if m.ok and m.key != best and pair_key(best, m.key) not in merged
+                   and attract.get(m.key, 0.0) > 0), key=lambda m: (-attract[m.key], -m.score, m.key))
+    plans: list[PairPlan] = []
+    if pool:
+        plans.append(PairPlan(best, pool[0].key, "escape", None, attract[pool[0].key], budget=cfg.escape_budget))
+    if cfg.crossover and len(pool) > 1:
+        plans.append(PairPlan(best, pool[1].key, "crossover", None, attract[pool[1].key], operator="crossover",
+                              budget=cfg.escape_budget))
     return plans
 
 
@@ -203,17 +319,20 @@ def saturated(top: Sequence[Member], kin: KinshipFn, cfg: PopulationConfig) -> t
 
 
 def revival_choices(population: Sequence[Member], top: Sequence[Member], kin: KinshipFn, cfg: PopulationConfig,
-                    already: set[str], merged: set[tuple[str, str]] | None = None
-                    ) -> list[tuple[Member, float, float, float]]:
-    """Abandoned members ranked by priority = normalized score − weight × normalized kinship to the top-k.
+                    already: set[str], merged: set[tuple[str, str]] | None = None,
+                    attract: Mapping[str, float] | None = None) -> list[tuple[Member, float, float, float]]:
+    """Abandoned members ranked by priority = normalized score − weight × normalized kinship to the top-k
+    (+ normalized attraction to the top-k with ``partner: attraction | both``; attraction alone drops kinship).
 
     Scores are normalized over the whole population's range (so near-equal scores stay near-equal);
-    similarities map [-1, 1] to [0, 1]; distances (ED) map to 1 − d/d_max over the candidates.
+    similarities map [-1, 1] to [0, 1]; distances (ED) map to 1 − d/d_max over the candidates; attraction
+    (``attract``: member -> attraction to the top-k as a set) is divided by its maximum over the candidates.
 
-    Returns (member, priority, score_norm, kinship_to_topk) for the best ``revive_count``. Kinship to the
-    top-k is the MAX relatedness to any top-k member (a branch is only new if it is far from all of them).
-    Originals count (they are branches too); members already revived are not revived again, nor members
-    whose pairs with every top-k member were merged already (``merged``): they would bring no new merge.
+    Returns (member, priority, score_norm, kinship_to_topk) for the best ``revive_count`` (kinship NaN when
+    not used). Kinship to the top-k is the MAX relatedness to any top-k member (a branch is only new if it is
+    far from all of them). Originals count (they are branches too); members already revived are not revived
+    again, nor members whose pairs with every top-k member were merged already (``merged``): they would bring
+    no new merge.
     """
     top_keys = {m.key for m in top}
     done = merged or set()
@@ -221,10 +340,15 @@ def revival_choices(population: Sequence[Member], top: Sequence[Member], kin: Ki
             and any(pair_key(m.key, t) not in done for t in top_keys)]
     if not pool or not top:
         return []
+    use_attr = attract is not None and cfg.uses_attraction
+    use_kin = cfg.uses_kinship or not use_attr
     scores = [m.score for m in population if m.ok and math.isfinite(m.score)]
     lo, hi = min(scores), max(scores)
     rows = []
     for m in pool:
+        if not use_kin:
+            rows.append((m, math.nan, False))
+            continue
         vals = [kin(m.key, t.key) for t in top]
         vals = [v for v in vals if math.isfinite(v)]
         if not vals:
@@ -237,10 +361,16 @@ def revival_choices(population: Sequence[Member], top: Sequence[Member], kin: Ki
     if not rows:
         return []
     dmax = max((r[1] for r in rows if r[2]), default=0.0)
+    amax = max((attract.get(r[0].key, 0.0) for r in rows), default=0.0) if use_attr and attract else 0.0
     out = []
     for m, value, dist in rows:
         s_norm = (m.score - lo) / (hi - lo) if hi > lo else 1.0
-        k_norm = (1.0 - value / dmax if dmax > 0 else 0.0) if dist else (value + 1.0) / 2.0
-        out.append((m, s_norm - cfg.revive_kinship_weight * k_norm, s_norm, value))
+        priority = s_norm
+        if use_kin:
+            k_norm = (1.0 - value / dmax if dmax > 0 else 0.0) if dist else (value + 1.0) / 2.0
+            priority -= cfg.revive_kinship_weight * k_norm
+        if use_attr and attract is not None and amax > 0:
+            priority += attract.get(m.key, 0.0) / amax
+        out.append((m, priority, s_norm, value))
     out.sort(key=lambda r: (-r[1], -r[0].score, r[0].key))
     return out[: cfg.revive_count]

@@ -32,6 +32,7 @@ import numpy as np
 
 from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors.base import Executor
+from evomerge.fitness.items import ItemScores
 from evomerge.fitness.racing import RacingConfig
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.method_data import MethodDataProvider
@@ -39,10 +40,11 @@ from evomerge.search.archive import Archive
 from evomerge.search.dispatch import Dispatcher, Job
 from evomerge.search.events import MANAGER_EVENTS, EventKind
 from evomerge.search.optimizer import optimizer_class
+from evomerge.search.population.behaviour import Behaviour, behaviour_matrix
 from evomerge.search.population.kinship_cache import KinshipCache
 from evomerge.search.population.manager import PairResult, PopulationManager
 from evomerge.search.population.members import Member, MemberStore, pair_key, top_k
-from evomerge.search.population.pair_search import PairSearch, PairSpace, seed_of, warm_start
+from evomerge.search.population.pair_search import CrossoverSpace, PairSearch, PairSpace, seed_of, warm_start
 from evomerge.search.population.parent_cache import ParentCache, ParentFolders
 from evomerge.search.population.rules import PairPlan, PopulationConfig
 from evomerge.search.progress import ProgressLine, SearchSummary, Timings
@@ -112,6 +114,11 @@ class RunPopulation:
         self.rules = stopping_rules(space)
         self.pairs = PairSearch(pair, self.dispatch, timings, self._new_id, self._check_stop,
                                 where=f"{space.where}: population.pair.optimizer")
+        self.crossover = CrossoverSpace(method=cfg.crossover_method, optimizer=pair.optimizer) if cfg.crossover \
+            else None
+        self._items: dict[int, dict[str, ItemScores]] = {}  # candidate id -> its per-item results (immutable)
+        self._task_weights = {str(t.name): float(t.weight) for t in space.fitness.tasks}
+        self._lower = [str(t.name) for t in space.fitness.tasks if t.direction == "minimize"]
         self.next_id = archive.max_id() + 1
         finished = self.members.replay(archive)
         # evaluations of a pair that did not finish (an interrupted session): replayed, not counted twice
@@ -129,11 +136,13 @@ class RunPopulation:
     def _race_bar(self) -> int | None:
         """What a candidate races against: the k-th best member (it must beat it to enter the top-k the
         manager merges) or, when higher, the best complete evaluation of its own pair so far (only a pair's best
-        becomes a member); None while fewer than k members are scored (every item is evaluated then)."""
+        becomes a member); None while fewer than k members are scored (every item is evaluated then). With
+        niche fitness a member with a lower aggregate may still enter the top-k (it solves rare items), so only
+        the pair's own best is the bar."""
         top = top_k(list(self.members.members.values()), self.cfg.k)
         if len(top) < self.cfg.k or top[-1].candidate_id is None:
             return None
-        bar = self.archive.get(top[-1].candidate_id)
+        bar = None if self.cfg.niche_alpha > 0 else self.archive.get(top[-1].candidate_id)
         for rec in self.pairs.results:
             if rec.complete and (bar is None or rec.aggregate > bar.aggregate):
                 bar = rec
@@ -187,6 +196,32 @@ class RunPopulation:
             out.append(member)
         return out
 
+    def behaviour(self, keys: list[str]) -> Behaviour | None:
+        """The members' per-item search scores (None: a member has none recorded, e.g. an older archive)."""
+        ids: list[int] = []
+        for k in keys:
+            cid = self.members[k].candidate_id if k in self.members.members else None
+            if cid is None:
+                return None
+            ids.append(int(cid))
+        missing = [c for c in ids if c not in self._items]
+        if missing:
+            found = self.archive.items_of(missing, "search")
+            for c in missing:
+                self._items[c] = found.get(c, {})
+        tasks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for task in self._task_weights:
+            rows = [self._items[c].get(task) for c in ids]
+            if any(r is None for r in rows):
+                return None
+            ref = rows[0]
+            assert ref is not None
+            if any((r.total, r.content) != (ref.total, ref.content) for r in rows if r is not None):
+                return None
+            dense = [r.dense() for r in rows if r is not None]
+            tasks[task] = (np.stack([d[0] for d in dense]), np.stack([d[1] for d in dense]))
+        return behaviour_matrix(keys, tasks, self._task_weights, self._lower)
+
     def kinship(self, a: str, b: str) -> float:
         """Kinship in the configured metric (cached in the archive's kinship table)."""
         return self.kin.value(a, b, self.cfg.metric)
@@ -199,11 +234,16 @@ class RunPopulation:
         key = self.members.child_key(plan.key, generation)
         extra = self.folders.extra_models([a, b])
         self.kinship(a, b)  # cached for the report's gain-vs-kinship plot
-        ps = self.pair
+        ps: PairSpace | CrossoverSpace = self.pair
+        if plan.operator == "crossover":
+            if self.crossover is None:
+                raise ConfigError(f"{self.space.where}: population: a crossover pair is planned but crossover is off")
+            ps = self.crossover
         x0 = ps.x0(self.kin.value(a, b, "cos") if ps.init == "kinship" else None)
         warm = warm_start(self.archive.results("search"), generation, x0, ps) if budget > 0 else None
         results = self.pairs.run(a, b, generation, budget, seed=seed_of(self.space.seed, generation, a, b), x0=x0,
-                                 warm=warm, extra_models=extra, model_tasks=self.members.model_tasks(extra))
+                                 warm=warm, extra_models=extra, model_tasks=self.members.model_tasks(extra),
+                                 space=ps)
         best = max(results, key=lambda r: (r.ok, r.aggregate, -r.id))
         child = Member(key, float(best.aggregate), generation, (a, b), best.id, best.ok)
         self.members.add(child, Recipe.from_dict(best.recipe))
