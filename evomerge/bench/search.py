@@ -15,7 +15,7 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 7. ``attraction``: the same with partners chosen by attraction (who solves what the best fails)
 8. ``niche``: niche fitness (alpha = ``--alpha``) for parents and the top-k, attraction partners, identical
    pairs skipped
-9. ``breeding``: the default manager (niche fitness, ``partner: both``, identical pairs skipped, escape moves
+9. ``breeding``: the default manager (niche_alpha default 0, ``partner: both``, identical pairs skipped, escape moves
    with larger pair budgets and split-point crossover once the top-k saturates)
 
 Rows 1-3 are deterministic (one evaluation each); the search rows report the mean and spread over the seeds.
@@ -95,7 +95,7 @@ LABELS = {
     "kinship": "kinship manager (before breeding)",
     "attraction": "attraction manager",
     "niche": "niche + attraction manager",
-    "breeding": "default manager (niche, both, skip, escapes + crossover)",
+    "breeding": "default manager (both, skip, escapes + crossover; niche_alpha default)",
 }
 # the manager as it was before behaviour-aware breeding
 _KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0}

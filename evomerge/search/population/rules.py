@@ -53,7 +53,7 @@ class PopulationConfig:
     cache_memory_models: int = 4  # merged parents kept resident per worker
     cache_disk_bytes: int = 2 * 1024**3  # materialized merged parents on disk
     # behaviour-aware breeding (per-item results; M2N2): see evomerge.search.population.behaviour
-    niche_alpha: float = 1.0  # parents and the top-k by niche fitness; 0 = the plain aggregate (the seed paper)
+    niche_alpha: float = 0.0  # parents and the top-k by niche fitness; 0 = the plain aggregate (the seed paper)
     partner: str = "both"  # exploration / revival partner: kinship (lowest) | attraction | both
     identical_tol: float | None = 0.002  # skip pairs whose item scores differ by at most this (None: never)
     max_escapes: int = 2  # when the top-k saturates or converges: generations of escape moves (0: stop)
