@@ -17,10 +17,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers import __version__ as transformers_version
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.utils import logging as hf_logging
 
 from evomerge.dtypes import parse_dtype
 from evomerge.errors import ModelError
@@ -34,6 +30,8 @@ def load_tokenizer(tokenizer: Any) -> Any:
     if not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     path = resolve_path(tokenizer)
+    from transformers import AutoTokenizer  # transformers loads on first use: merging never needs it
+
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as exc:
@@ -49,6 +47,9 @@ def check_loadable(path: str | os.PathLike[str]) -> None:
         raise ModelError(f"model {p}: its config.json names custom code (auto_map {sorted(config['auto_map'])}); "
                          "evomerge never runs code from a model folder (trust_remote_code is always off)")
     model_type = config.get("model_type")
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     if model_type not in CONFIG_MAPPING:
         raise ModelError(f"model {p}: model_type {model_type!r} is not an architecture this transformers "
                          f"{transformers_version} knows (and evomerge never runs a folder's own model code)")
@@ -85,6 +86,9 @@ def _add_adapter(model: torch.nn.Module, source: AdapterFolder, dtype: torch.dty
 
 def _load_folder(p: Any, dtype: torch.dtype) -> torch.nn.Module:
     check_loadable(p)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     # a search loads merged parents many times: no "Loading weights" bar each time (restored afterwards)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
