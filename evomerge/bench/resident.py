@@ -35,6 +35,7 @@ from evomerge.merge.engines.disk import peak_rss_bytes
 from evomerge.merge.engines.resident import ResidentMerger
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.paths import cache_root
 
 NAME = "resident"
 HELP = "resident merge per memory tier (device, cpu, disk) on ~250M bf16 models: time per apply, copy floor, peak RSS"
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
     params = _parse_count("25M" if args.small and args.params == "250M" else args.params)
     repeats = args.repeats or (2 if args.small else 3)
-    cache = args.cache or Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge") / "bench"
+    cache = args.cache or cache_root() / "bench"
     paths = build_models(Path(cache), params, args.small)
     print(f"evomerge bench resident: base + 3 fine-tunes of ~{params / 1e6:.0f}M parameters (bf16 files), "
           f"resident {args.dtype} on {args.device}, {args.threads} threads; each tier in its own process",
