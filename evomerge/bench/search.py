@@ -17,6 +17,7 @@ fitness) is scored once on the disjoint held-out test split. Rows:
    pairs skipped
 9. ``breeding``: the default manager (niche_alpha default 0, ``partner: both``, identical pairs skipped, escape moves
    with larger pair budgets and split-point crossover once the top-k saturates)
+10. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
 
 Rows 1-3 are deterministic (one evaluation each); the search rows report the mean and spread over the seeds.
 Every row's best model (by search fitness, plain aggregate) is scored on the held-out test split.
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair-option", action="append", default=None, metavar="KEY=VALUE",
                         help="an option of the pair method, repeatable (default for qp: sequential=true)")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="subset of rows: uniform ta ties cmaes greedy kinship attraction niche breeding "
+                        help="subset of rows: uniform ta ties cmaes greedy kinship attraction niche breeding breeding_niche "
                              "(population = kinship)")
     parser.add_argument("--alpha", type=float, default=1.0, help="niche alpha of the niche row (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
 
 
-ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "kinship", "attraction", "niche", "breeding")
+ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "kinship", "attraction", "niche", "breeding", "breeding_niche")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -96,6 +97,7 @@ LABELS = {
     "attraction": "attraction manager",
     "niche": "niche + attraction manager",
     "breeding": "default manager (both, skip, escapes + crossover; niche_alpha default)",
+    "breeding_niche": "default manager with niche fitness (niche_alpha = --alpha)",
 }
 # the manager as it was before behaviour-aware breeding
 _KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0}
@@ -109,6 +111,7 @@ def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
         "attraction": {**_KINSHIP, "partner": "attraction"},
         "niche": {**_KINSHIP, "partner": "attraction", "niche_alpha": alpha, "identical_tol": 0.002},
         "breeding": {},
+        "breeding_niche": {"niche_alpha": alpha},
     }
 TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 

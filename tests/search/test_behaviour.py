@@ -61,6 +61,27 @@ def test_niche_fitness_fractional_scores_and_unsolved_items() -> None:
     np.testing.assert_allclose(niche_fitness(b, 0.0), [0.375, 0.1875])
 
 
+def test_niche_fitness_counts_gains_over_the_floor() -> None:
+    # a graded metric: everyone guesses 0.25 on item 1, only c solves it (1.0); a and b solve item 0
+    b = behaviour_matrix(["a", "b", "c"], {"t": (np.array([[1.0, 0.25], [1.0, 0.25], [0.25, 1.0]]),
+                                                 np.ones((3, 2)))}, {"t": 1.0})
+    assert b is not None
+    np.testing.assert_allclose(b.floor, [0.25, 0.25])
+    np.testing.assert_allclose(b.gains, [[0.75, 0.0], [0.75, 0.0], [0.0, 0.75]])
+    # alpha 0: the plain aggregate, floor included
+    np.testing.assert_allclose(niche_fitness(b, 0.0), [0.625, 0.625, 0.625])
+    # alpha 1 on gains: a = 1/2 * 0.75 / 1.5 = 0.25, c = 1/2 * 0.75 / 0.75 = 0.5 (raw scores would give
+    # a = 1/2 (1/2.25 + 0.25/1.5) = 0.3056, c = 1/2 (0.25/2.25 + 1/1.5) = 0.3889)
+    np.testing.assert_allclose(niche_fitness(b, 1.0), [0.25, 0.25, 0.5])
+    # attraction of c to a: c's whole share of item 1, nothing from item 0
+    assert attraction(b, "a", 1.0)["c"] == pytest.approx(0.5)
+    # a subset keeps the population's floor; a member below it gains 0, not a negative amount
+    sub = b.subset(["a", "c"])
+    np.testing.assert_allclose(sub.floor, [0.25, 0.25])
+    low = Behaviour(("x",), np.array([[0.1, 0.5]]), np.array([0.5, 0.5]), np.array([0.25, 0.25]))
+    np.testing.assert_allclose(low.gains, [[0.0, 0.25]])
+
+
 def test_attraction_hand_case() -> None:
     b = _b({"a": [1, 1, 0, 0], "b": [1, 1, 0, 0], "c": [0, 0, 1, 0], "d": [1, 0, 1, 1]})
     # alpha 1: item sums 3, 2, 2, 1; F = w s / z with w = 1/4

@@ -2,13 +2,16 @@
 
 A member's *behaviour* is its vector of item scores over every item of every task (search split), with one
 weight per item such that ``sum_j w_j s_ij`` is the member's plain aggregate (task weight x the item's weight in
-its task, normalized). On it:
+its task, normalized). Competition counts *gains* ``g_ij = s_ij - floor_j`` over the weakest member's score on
+the item: with a graded metric (token accuracy) a model that lost a skill still scores its guess level there, and
+counted as a score that guess would share out every item among all members, so an item only one member really
+solves would look common (M2N2 scores items 0/1, where a failed item is 0). On it:
 
-- :func:`niche_fitness`: competition (natural niches) fitness ``f_i = sum_j w_j s_ij / (sum_k s_kj)^alpha`` over
-  the population; alpha = 0 is the plain aggregate, alpha = 1 M2N2's setting. Items few members solve are worth
-  more, so a specialist in a rare skill survives the top-k;
+- :func:`niche_fitness`: competition (natural niches) fitness ``f_i = sum_j w_j g_ij / (sum_k g_kj)^alpha`` over
+  the population; alpha = 0 is the plain aggregate (exactly: the floor is not subtracted), alpha = 1 M2N2's
+  setting. Items few members solve are worth more, so a specialist in a rare skill survives the top-k;
 - :func:`attraction`: how much a candidate partner B succeeds where A fails,
-  ``sum_j max(0, F_bj - F_aj)`` on competition-normalized scores ``F_ij = w_j s_ij / (sum_k s_kj)^alpha``;
+  ``sum_j max(0, F_bj - F_aj)`` on competition-normalized gains ``F_ij = w_j g_ij / (sum_k g_kj)^alpha``;
 - :func:`behaviour_distance`: the weighted mean absolute difference of two members' item scores (0: they behave
   identically on the items, so their child is predicted to equal them and the pair is skipped).
 
@@ -28,23 +31,35 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Behaviour:
-    """Item scores of some members: ``scores`` is members x items (>= 0), ``weights`` sums to 1."""
+    """Item scores of some members: ``scores`` is members x items (>= 0), ``weights`` sums to 1, ``floor`` is
+    the score per item that counts as nothing gained (None: 0; :func:`behaviour_matrix`: the weakest member's)."""
 
     keys: tuple[str, ...]
     scores: np.ndarray
     weights: np.ndarray
+    floor: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.scores.shape != (len(self.keys), len(self.weights)):
             raise ValueError(f"behaviour: scores {self.scores.shape} for {len(self.keys)} members and "
                              f"{len(self.weights)} items")
+        if self.floor is not None and self.floor.shape != self.weights.shape:
+            raise ValueError(f"behaviour: floor {self.floor.shape} for {len(self.weights)} items")
+
+    @property
+    def gains(self) -> np.ndarray:
+        """``scores - floor``, clipped at 0 (a floor taken from a wider population may exceed a subset's score)."""
+        if self.floor is None:
+            return self.scores
+        return np.maximum(self.scores - self.floor[None, :], 0.0)
 
     def row(self, key: str) -> np.ndarray:
         return self.scores[self.keys.index(key)]
 
     def subset(self, keys: Sequence[str]) -> Behaviour:
+        """Some members, keeping the whole population's floor."""
         idx = [self.keys.index(k) for k in keys]
-        return Behaviour(tuple(keys), self.scores[idx], self.weights)
+        return Behaviour(tuple(keys), self.scores[idx], self.weights, self.floor)
 
 
 def behaviour_matrix(keys: Sequence[str], tasks: Mapping[str, tuple[np.ndarray, np.ndarray]],
@@ -56,6 +71,7 @@ def behaviour_matrix(keys: Sequence[str], tasks: Mapping[str, tuple[np.ndarray, 
     """
     cols: list[np.ndarray] = []
     wcols: list[np.ndarray] = []
+    floors: list[np.ndarray] = []
     names = [t for t in tasks if t in task_weights]
     total_w = sum(float(task_weights[t]) for t in names)
     if not names or total_w <= 0:
@@ -78,8 +94,9 @@ def behaviour_matrix(keys: Sequence[str], tasks: Mapping[str, tuple[np.ndarray, 
         if item_w.sum() <= 0:
             return None
         cols.append(s)
+        floors.append(s.min(axis=0))
         wcols.append(item_w / item_w.sum() * float(task_weights[task]) / total_w)
-    return Behaviour(tuple(keys), np.concatenate(cols, axis=1), np.concatenate(wcols))
+    return Behaviour(tuple(keys), np.concatenate(cols, axis=1), np.concatenate(wcols), np.concatenate(floors))
 
 
 def _competition(scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -92,15 +109,20 @@ def _competition(scores: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def niche_fitness(b: Behaviour, alpha: float) -> np.ndarray:
-    """``f_i = sum_j w_j s_ij / (sum_k s_kj)^alpha`` for every member of ``b`` (the population)."""
+    """``f_i = sum_j w_j g_ij / (sum_k g_kj)^alpha`` for every member of ``b`` (the population); alpha 0: the plain
+    aggregate ``sum_j w_j s_ij`` (the same order as the gains' sum, which is it less a constant)."""
     if alpha < 0 or not math.isfinite(alpha):
         raise ValueError(f"niche alpha must be a finite number >= 0, got {alpha}")
-    return (b.scores * (b.weights * _competition(b.scores, alpha))[None, :]).sum(axis=1)
+    return competition_normalized(b, alpha).sum(axis=1)
 
 
 def competition_normalized(b: Behaviour, alpha: float) -> np.ndarray:
-    """``F_ij = w_j s_ij / (sum_k s_kj)^alpha``: item scores as shares of what the population achieves there."""
-    return b.scores * (b.weights * _competition(b.scores, alpha))[None, :]
+    """``F_ij = w_j g_ij / (sum_k g_kj)^alpha``: item gains as shares of what the population gains there
+    (alpha 0: ``w_j s_ij``, the item's part of the plain aggregate)."""
+    if alpha == 0:
+        return b.scores * b.weights[None, :]
+    g = b.gains
+    return g * (b.weights * _competition(g, alpha))[None, :]
 
 
 def attraction(b: Behaviour, a: str, alpha: float = 1.0) -> dict[str, float]:
