@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     originals = {s: str(zoo / s) for s in skills}
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="evomerge-bench-search-"))
     work.mkdir(parents=True, exist_ok=True)
-    lab = _Lab(str(zoo / "base"), originals, spec, args.device)
+    lab = _Lab(str(zoo / "base"), originals, spec, args.device, threads=args.threads if args.threads > 0 else None)
     results: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
     t_all = time.perf_counter()
     try:
@@ -199,10 +199,12 @@ def run(args: argparse.Namespace) -> int:
 class _Lab:
     """One resident worker for all rows: score recipes on the search or the held-out test split."""
 
-    def __init__(self, base: str, originals: Mapping[str, str], spec: Any, device: str) -> None:
+    def __init__(self, base: str, originals: Mapping[str, str], spec: Any, device: str,
+                 threads: int | None = None) -> None:
         self.base, self.originals, self.spec, self.device = base, dict(originals), spec, device
+        # the worker sets torch's thread count (None: every CPU this process may use), so --threads goes here
         self.worker = MergeEvalWorker(WorkerSpec(base=base, models=dict(originals), fitness=spec, device=device,
-                                                 splits=("search", "test"), max_extra=4))
+                                                 splits=("search", "test"), max_extra=4, threads=threads))
         self._ids = 0
 
     def score(self, recipe: Any, split: str, extra: Mapping[str, str] | None = None) -> Any:
