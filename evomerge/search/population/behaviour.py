@@ -3,9 +3,9 @@
 A member's *behaviour* is its vector of item scores over every item of every task (search split), with one
 weight per item such that ``sum_j w_j s_ij`` is the member's plain aggregate (task weight x the item's weight in
 its task, normalized). Competition counts *gains* ``g_ij = s_ij - floor_j`` over the weakest member's score on
-the item: with a graded metric (token accuracy) a model that lost a skill still scores its guess level there, and
-counted as a score that guess would share out every item among all members, so an item only one member really
-solves would look common (M2N2 scores items 0/1, where a failed item is 0). On it:
+the item: with a graded metric (token accuracy) a model that lost a skill still scores its guess level there;
+counted as success, that guess would make every item look shared by the whole population, so an item only one
+member really solves would look common (M2N2 scores items 0/1, where a failed item is 0). On it:
 
 - :func:`niche_fitness`: competition (natural niches) fitness ``f_i = sum_j w_j g_ij / (sum_k g_kj)^alpha`` over
   the population; alpha = 0 is the plain aggregate (exactly: the floor is not subtracted), alpha = 1 M2N2's
