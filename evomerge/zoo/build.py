@@ -525,11 +525,6 @@ def ensure_zoo(size: str = "micro", seed: int = 0) -> Path:
     return target
 
 
-def micro_zoo_dir() -> Path:
-    """Fixture helper for every test folder: the micro zoo under ``$EVOMERGE_CACHE`` (built once, then cached)."""
-    return ensure_zoo("micro", seed=0)
-
-
 def resolve(rest: str) -> Path:
     """``SIZE/REST`` (optionally ``SIZE@SEED/REST``) -> that path inside the cached zoo, built first if needed."""
     text = f"zoo:{rest}"
