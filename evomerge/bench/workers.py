@@ -102,8 +102,8 @@ def _row(workers: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "startup_s": startup,
             "per_minute": 60.0 * summary.evaluations / wall, "idle_fraction": stats["idle_fraction"],
             "busy_s": stats["busy_seconds"], "open_s": stats["open_seconds"], "restarts": stats["restarts"],
-            "load_before": load, "best": summary.best,
-            "driver_cpu_share": (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / max(wall, 1e-9), "timings": summary.timings.to_dict()}
+            "load_before": load, "best": summary.best, "timings": summary.timings.to_dict(),
+            "driver_cpu_share": (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / max(wall, 1e-9)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,7 +104,7 @@ def _competition(scores: np.ndarray, alpha: float) -> np.ndarray:
     z = scores.sum(axis=0)
     out = np.zeros_like(z)
     pos = z > 0
-    out[pos] = z[pos] ** (-alpha) if alpha else 1.0
+    out[pos] = z[pos] ** (-alpha)
     return out
 
 
