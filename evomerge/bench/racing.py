@@ -2,13 +2,13 @@
 
 For each search space (default ``search_spaces/demo.yaml``, the plain per-layer CMA-ES search, and
 ``demo_population.yaml``, the population manager) and seed, two runs with the same evaluation budget: racing
-off, and racing on (the space's ``racing:`` settings, or ``--stages`` / ``--level`` / ``--min-items``). Each run
-is a run directory driven by the same session code as ``evomerge run`` (archive, item lists, checkpoints, the
-best re-scored on the held-out test split), with the space's stopping rules other than the budget removed, so
-both runs get every evaluation. Reported per row (means over seeds): evaluations, item evaluations on the search
-split (and their share of scoring every candidate on every item), wall time of the session, the best complete
-candidate's search score and its held-out test score. One more pair of rows goes through lm-eval
-(``demo_lmeval.yaml``, one seed, ``--lmeval-budget`` evaluations; 0 skips it).
+off, and racing on (the space's ``racing:`` settings, or ``--stages`` / ``--level`` / ``--margin`` /
+``--min-items``). Each run is a run directory driven by the same session code as ``evomerge run`` (archive,
+item lists, checkpoints, the best re-scored on the held-out test split), with the space's stopping rules other
+than the budget removed, so both runs get every evaluation. Reported per row (means over seeds): evaluations,
+item evaluations on the search split (and their share of scoring every candidate on every item), wall time of
+the session, the best complete candidate's search score and its held-out test score. One more pair of rows
+goes through lm-eval (``demo_lmeval.yaml``, one seed, ``--lmeval-budget`` evaluations; 0 skips it).
 
 Targets (issue 13): at least 3x fewer items evaluated with racing, at a mean held-out score within 0.01 of the
 runs without it. Wall times are ratios measured in the same invocation; on a shared machine they move with the
@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluations of the lm-eval rows (demo_lmeval.yaml, first seed; 0 skips them)")
     parser.add_argument("--stages", type=float, nargs="+", default=None, help="racing stage fractions, ending at 1")
     parser.add_argument("--level", type=float, default=None, help="racing level (default: the space's or 0.05)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="racing indifference margin in aggregate units (default: the space's or 0)")
     parser.add_argument("--min-items", type=int, default=None, help="fewest items a stop may rest on (default 32)")
     parser.add_argument("--small", action="store_true", help="quick run: budget 20, first seed, lm-eval budget 6")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the worker (default 1)")
@@ -76,6 +78,8 @@ def racing_section(args: argparse.Namespace, base: Any) -> dict[str, Any] | bool
         section["level"] = args.level
     if args.min_items is not None:
         section["min_items"] = args.min_items
+    if args.margin is not None:
+        section["margin"] = args.margin
     return section or True
 
 

@@ -8,7 +8,9 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 2. task arithmetic at the best λ of a small grid (λ chosen on the search split)
 3. TIES with the registry defaults
 4. plain per-layer CMA-ES over all specialists at once (task-arithmetic weights per layer: the mergekit-evolve
-   setting)
+   setting); ``cmaes_qp``: the same search over the per-layer weights of one sequential QP merge of all
+   specialists (the population's pair method, on every original at once), run as `evomerge run` runs a plain
+   search (racing included)
 5. Top-k greedy merging without kinship (no exploration merge, no revival)
 6. ``kinship``: the kinship population manager as before behaviour-aware breeding (kinship exploration merge,
    saturation stop, revival; plain aggregate)
@@ -47,6 +49,7 @@ from evomerge.executors.base import EvalJob, InProcessExecutor
 from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.search.driver import run_session
 from evomerge.search.events import EventKind
 from evomerge.search.optimizer import array_parametrization, build_optimizer
 from evomerge.search.population.pair_search import PairSpace
@@ -85,13 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
 
 
-ROWS = ("uniform", "ta", "ties", "cmaes", "greedy", "kinship", "attraction", "niche", "breeding", "breeding_niche")
+ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "breeding", "breeding_niche")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
     "ta": "task arithmetic (best λ of grid)",
     "ties": "TIES (defaults)",
     "cmaes": "per-layer CMA-ES, all models",
+    "cmaes_qp": "per-layer CMA-ES of one sequential QP merge, all models",
     "greedy": "Top-k greedy, no kinship",
     "kinship": "kinship manager (before breeding)",
     "attraction": "attraction manager",
@@ -153,12 +157,14 @@ def run(args: argparse.Namespace) -> int:
             results["ties"].append(lab.fixed("ties", _ties(skills)))
         # row by row in the order given (all seeds of a row, then the next), so a run cut short still has
         # complete rows; every finished row-seed is logged with its figures and written to --json at once
-        for row in [r for r in rows if r == "cmaes" or r in managers]:
+        for row in [r for r in rows if r in ("cmaes", "cmaes_qp") or r in managers]:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 try:
                     if row == "cmaes":
                         entry = _cmaes(lab, skills, args.budget, seed)
+                    elif row == "cmaes_qp":
+                        entry = _cmaes_qp(zoo, skills, spec, args, seed, work / f"{row}-seed{seed}")
                     else:
                         entry = _population(lab, zoo, originals, spec, args, seed, row, managers[row],
                                             work / f"{row}-seed{seed}")
@@ -286,6 +292,42 @@ def _cmaes(lab: _Lab, skills: Sequence[str], budget: int, seed: int) -> dict[str
             "evaluations": budget, "recipe": best[1].to_dict()}
 
 
+def _zoo_ref(args: argparse.Namespace) -> str:
+    return f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"
+
+
+def _cmaes_qp(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namespace, seed: int,
+              run_dir: Path) -> dict[str, Any]:
+    """Per-layer QP objective weights of every specialist in one sequential QP merge, one CMA-ES over them, as
+    `evomerge run` runs a plain search (its own in-process worker; the best re-scored on the test split)."""
+    label = f"cmaes_qp seed {seed}"
+    ref = _zoo_ref(args)
+    data = {
+        "name": f"bench-cmaes_qp-{seed}", "seed": seed,
+        "models": {"base": f"{ref}/base", "fine_tunes": {s: f"{ref}/{s}" for s in skills}},
+        "fitness": spec.model_dump(mode="json", exclude_none=True),
+        "methods": {"qp": {"weight": [0.0, 1.5], "options": pair_options(None, "qp")}},
+        "granularity": "per_layer", "optimizer": {"name": "CMA", "budget": args.budget},
+        "executor": {"threads_per_worker": args.threads if args.threads > 0 else None},
+        "device": args.device, "progress_interval": 0, "test_top": 1,
+    }
+    space = space_from_dict(data, where=label, base_dir=run_dir.parent)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run = RunDir.create(run_dir, space, argv=["bench", "search"])
+    run_session(run, space, progress=False, log=lambda m: None)
+    with run.archive(readonly=True) as archive:
+        best = archive.best(1)[0]
+        res = archive.rescore(best.id, "test")
+        if res is None or res.status != "ok":
+            raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
+        tasks = {k: float(v["value"]) for k, v in res.scores.items()}
+        evaluations = archive.count()
+    mean = sum(tasks.values()) / len(tasks)
+    _log(f"{label}: best #{best.id} search {best.aggregate:.4f}, held-out {mean:.4f}")
+    return {"label": label, "seed": seed, "search": best.aggregate, "test": mean, "tasks": tasks,
+            "evaluations": evaluations, "best": best.id, "recipe": best.recipe}
+
+
 def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namespace, seed: int,
                       row: str, section: Mapping[str, Any], zoo_ref: str) -> dict[str, Any]:
     """The search space of one population row (what `evomerge run` would be given)."""
@@ -322,7 +364,7 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
     """A population row as a run directory driven like `evomerge run` (archive, events, test re-score)."""
 
     label = f"{row} seed {seed}"
-    zoo_ref = f"zoo:{args.zoo_size}@{args.zoo_seed}" if args.zoo_seed else f"zoo:{args.zoo_size}"
+    zoo_ref = _zoo_ref(args)
     data = _population_space(zoo, list(originals), spec, args, seed, row, section, zoo_ref)
     space = space_from_dict(data, where=label, base_dir=run_dir.parent)
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -20,7 +20,7 @@ Schema (see ``search_spaces/README.md`` for the documented version)::
     resident: auto                  # device | cpu | disk | auto (the store's memory tier; see `evomerge plan`)
     stopping: {wall_time: 2h, no_improvement: 40, target: 0.9, max_consecutive_failures: 10}
     population: {...}               # passed through untouched (population manager)
-    racing: {stages: [0.0625, 0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32}  # or false; default: on where safe
+    racing: {stages: [0.0625, 0.125, 0.25, 0.5, 1], level: 0.05, min_items: 32, margin: 0}  # or false; default: on where safe
 
 A gene is ``[low, high]`` (searched within those bounds); a number is a fixed value. Fields that may change on
 resume without invalidating the run: ``SAFE_ON_RESUME``.
@@ -366,11 +366,11 @@ def space_from_dict(data: Any, *, where: str = "search space", base_dir: str | o
 
 def racing_config(value: bool | Mapping[str, Any] | None, fitness: FitnessSpec, seed: int,
                   where: str = "search space") -> RacingConfig:
-    """The ``racing:`` section (``false``, ``true`` or a mapping with ``stages``, ``level``, ``min_items``), seeded
-    by the run seed. Unset, racing is on where it is safe: when every task's value is a weighted mean of its
-    items (jsonl exact_match, token_acc, loglik; lm-eval tasks whose metric lm-eval aggregates by the mean, which
-    the worker checks, scoring a task that is not on every item). A jsonl task that is not a mean (perplexity)
-    turns the default off, and refuses an explicit racing section, naming the task."""
+    """The ``racing:`` section (``false``, ``true`` or a mapping: ``stages``, ``level``, ``min_items``,
+    ``margin``), seeded by the run seed. Unset, racing is on where it is safe: when every task's value is a
+    weighted mean of its items (jsonl exact_match, token_acc, loglik; lm-eval tasks whose metric lm-eval
+    aggregates by the mean, which the worker checks, scoring a task that is not on every item). A jsonl task that
+    is not a mean (perplexity) turns the default off, and refuses an explicit racing section, naming the task."""
     at = f"{where}: racing"
     unsafe = [f"{t.name} ({t.metric})" for t in fitness.tasks if t.kind == "jsonl" and str(t.metric) not in MEAN_METRICS]
     if value is None:

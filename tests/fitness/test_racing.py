@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -112,6 +113,10 @@ def test_stage_orders_are_seeded_stratified_and_nested() -> None:
     ({"stages": [0.25, 0.5]}, "last stage must be the full split"),
     ({"stages": [0, 1.0]}, r"fractions in \(0, 1\]"),
     ({"speed": 3}, r"unknown key\(s\) \['speed'\]"),
+    ({"margin": -0.01}, r"racing\.margin: must lie in \[0, 1\)"),
+    ({"margin": "0.01"}, r"racing\.margin: expected float, got '0.01'"),
+    ({"min_items": 2.5}, r"racing\.min_items: expected int, got 2.5"),
+    ({"enabled": 1}, r"racing\.enabled: expected bool, got 1"),
     ("fast", "expected false, true or a mapping"),
 ])
 def test_bad_racing_sections_are_named(value: object, message: str) -> None:
@@ -124,6 +129,28 @@ def test_racing_values() -> None:
     cfg = RacingConfig.from_value({"stages": [0.2, 1], "level": 0.1}, seed=7)
     assert cfg.enabled and cfg.stages == (0.2, 1.0) and cfg.level == 0.1 and cfg.seed == 7
     assert RacingConfig.from_value(True).stages == (0.0625, 0.125, 0.25, 0.5, 1.0)
+    assert RacingConfig.from_value(True).margin == 0.0  # the strict rule unless the space sets one
+    assert RacingConfig.from_value({"margin": 0.01}).margin == 0.01
+
+
+def test_margin_stops_a_close_candidate_below_the_bar_and_never_one_above_it() -> None:
+    # hand case: D = -0.01, sd = 0.02 -> chance to beat the bar Phi(-0.5) = 0.309 (runs on at level 0.05);
+    # chance to beat it by more than 0.03: Phi(-2) = 0.0228 < 0.05 (stops)
+    c = Comparison(difference=-0.01, stderr=0.02, chance=0.5 * (1 + math.erf(-0.5 / math.sqrt(2))), items=100,
+                   estimate=0.49)
+    assert c.chance_by(0.03) == pytest.approx(0.5 * (1 + math.erf(-2 / math.sqrt(2))))
+    assert c.chance_by(0.0) == c.chance
+    stages = ({"t": [0]}, {"t": [0, 1]})
+    plain = RacePlan(stages, {}, 0.5, {"t": (1.0, True)}, level=0.05, min_items=32)
+    zoned = dataclasses.replace(plain, margin=0.03)
+    assert not plain.should_stop(c, 0) and zoned.should_stop(c, 0)
+    assert not dataclasses.replace(plain, margin=0.02).should_stop(c, 0)  # Phi(-1.5) = 0.067 >= 0.05
+    above = Comparison(0.001, 0.01, 0.54, 100, 0.501)  # estimated above the bar: always runs on
+    assert above.chance_by(0.03) < 0.05 and not zoned.should_stop(above, 0)
+    # no spread left: the sign of D - margin; no spread known (one item of several): 0.5, never a stop
+    exact = Comparison(-0.01, 0.0, 0.0, 100, 0.49)
+    assert exact.chance_by(0.03) == 0.0 and Comparison(0.05, 0.0, 1.0, 100, 0.55).chance_by(0.03) == 1.0
+    assert Comparison(-1.0, math.inf, 0.5, 1, 0.0).chance_by(0.03) == 0.5
 
 
 # ------------------------------------------------------------------------------------------------ in a search

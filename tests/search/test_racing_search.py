@@ -174,3 +174,26 @@ def test_racing_sections_are_checked_where_the_space_is_read(tmp_path: Path) -> 
         session_racing(space({"level": 0.1}), lists, said.append)
     full = {"search": {t: ItemList(24, tuple(range(24)), "h", True) for t in ("add", "rev", "sort", "enc")}}
     assert session_racing(space({"level": 0.1}), full, said.append).level == 0.1
+
+
+def test_a_margin_stops_a_close_loser_sooner_and_never_a_candidate_above_the_bar(tmp_path: Path) -> None:
+    # p = 0.57 solves a subset of what the incumbent p = 0.6 solves: a few items apart, so at margin 0 the
+    # paired test cannot rule it out early; at margin 0.05 it is unlikely to beat the bar by that much
+    stages = {}
+    for margin in (0.0, 0.05):
+        worker = ItemScoreWorker()
+        racing = RacingConfig(stages=RACING.stages, level=RACING.level, min_items=RACING.min_items, margin=margin,
+                              seed=RACING.seed)
+        with Archive.create(tmp_path / f"archive-{margin}.sqlite") as archive:
+            d = Dispatcher(archive, InProcessExecutor(lambda w=worker: w), penalty=-1.0, max_retries=0, racing=racing)
+            for cid, p in ((1, 0.6), (2, 0.57), (3, 0.61)):
+                d.add(_job(cid, p), parents=["a", "b"])
+                d.drain()
+            close, above = archive.get(2), archive.get(3)
+            assert close is not None and above is not None
+            stages[margin] = close.settings["race"]["stage"]
+            # a superset of the incumbent's items: its estimate is never below the bar, so it always finishes
+            assert above.complete and above.settings["race"]["stage"] == len(RACING.stages)
+            if margin:
+                assert close.partial and close.aggregate < archive.get(1).aggregate
+    assert stages[0.05] == 1 < stages[0.0]
