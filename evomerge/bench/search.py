@@ -49,6 +49,7 @@ from evomerge.executors.base import EvalJob, InProcessExecutor
 from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.driver import run_session
 from evomerge.search.events import EventKind
 from evomerge.search.optimizer import array_parametrization, build_optimizer
@@ -316,16 +317,21 @@ def _cmaes_qp(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namesp
     run = RunDir.create(run_dir, space, argv=["bench", "search"])
     run_session(run, space, progress=False, log=lambda m: None)
     with run.archive(readonly=True) as archive:
-        best = archive.best(1)[0]
-        res = archive.rescore(best.id, "test")
-        if res is None or res.status != "ok":
-            raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
-        tasks = {k: float(v["value"]) for k, v in res.scores.items()}
+        best, tasks = _best_held_out(archive, label)
         evaluations = archive.count()
     mean = sum(tasks.values()) / len(tasks)
     _log(f"{label}: best #{best.id} search {best.aggregate:.4f}, held-out {mean:.4f}")
     return {"label": label, "seed": seed, "search": best.aggregate, "test": mean, "tasks": tasks,
             "evaluations": evaluations, "best": best.id, "recipe": best.recipe}
+
+
+def _best_held_out(archive: Archive, label: str) -> tuple[CandidateRecord, dict[str, float]]:
+    """A finished run's best candidate and its held-out test score per task (re-scored by the run)."""
+    best = archive.best(1)[0]
+    res = archive.rescore(best.id, "test")
+    if res is None or res.status != "ok":
+        raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
+    return best, {k: float(v["value"]) for k, v in res.scores.items()}
 
 
 def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namespace, seed: int,
@@ -374,11 +380,7 @@ def _population(lab: _Lab, zoo: Path, originals: Mapping[str, str], spec: Any, a
     summary = run_population_session(run, space, executor, stop=StopFlag(), log=lambda m: _log(f"{label}: {m}"),
                                      progress=False)
     with run.archive(readonly=True) as archive:
-        best = archive.best(1)[0]
-        res = archive.rescore(best.id, "test")
-        if res is None or res.status != "ok":
-            raise RuntimeError(f"{label}: held-out evaluation of #{best.id} failed: {res.error if res else '-'}")
-        tasks = {k: float(v["value"]) for k, v in res.scores.items()}
+        best, tasks = _best_held_out(archive, label)
         gens = [e["data"] for e in archive.events(EventKind.GENERATION_END)]
         wasted = waste(archive)
     mean = sum(tasks.values()) / len(tasks)
