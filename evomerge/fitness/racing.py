@@ -108,14 +108,22 @@ class RacingConfig:
         for key, kind in (("level", float), ("min_items", int), ("margin", float), ("enabled", bool)):
             if key in value:
                 got = value[key]
-                if kind is bool and not isinstance(got, bool) or kind is not bool and (
-                        isinstance(got, bool) or not isinstance(got, (int, float))
-                        or kind is int and not float(got).is_integer()):
+                if not _of_kind(got, kind):
                     raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {got!r}")
                 kwargs[key] = kind(got)
         cfg = RacingConfig(**kwargs)
         cfg.check(where)
         return cfg
+
+
+def _of_kind(value: Any, kind: type) -> bool:
+    """A YAML scalar usable as ``kind``: a real bool for bool; for numbers any int or float but a bool (an int
+    only when whole)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return kind is not int or float(value).is_integer()
 
 
 def item_order(lists: Mapping[str, ItemList], seed: int) -> dict[str, np.ndarray]:
