@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
 
 
-ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "breeding", "breeding_niche")
+ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "breeding",
+        "breeding_niche")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -302,15 +303,11 @@ def _cmaes_qp(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namesp
     """Per-layer QP objective weights of every specialist in one sequential QP merge, one CMA-ES over them, as
     `evomerge run` runs a plain search (its own in-process worker; the best re-scored on the test split)."""
     label = f"cmaes_qp seed {seed}"
-    ref = _zoo_ref(args)
     data = {
-        "name": f"bench-cmaes_qp-{seed}", "seed": seed,
-        "models": {"base": f"{ref}/base", "fine_tunes": {s: f"{ref}/{s}" for s in skills}},
-        "fitness": spec.model_dump(mode="json", exclude_none=True),
+        **_space_common(_zoo_ref(args), skills, spec, args, f"bench-cmaes_qp-{seed}", seed),
         "methods": {"qp": {"weight": [0.0, 1.5], "options": pair_options(None, "qp")}},
-        "granularity": "per_layer", "optimizer": {"name": "CMA", "budget": args.budget},
+        "granularity": "per_layer",
         "executor": {"threads_per_worker": args.threads if args.threads > 0 else None},
-        "device": args.device, "progress_interval": 0, "test_top": 1,
     }
     space = space_from_dict(data, where=label, base_dir=run_dir.parent)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -341,13 +338,21 @@ def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argpars
     pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init),
                    "method": args.pair_method, "options": pair_options(args.pair_option, args.pair_method)}
     return {
-        "name": f"bench-{row}-{seed}", "seed": seed,
+        **_space_common(zoo_ref, skills, spec, args, f"bench-{row}-{seed}", seed),
+        "methods": {"task_arithmetic": {"weight": [0.0, 1.5]}},
+        "population": pop,
+    }
+
+
+def _space_common(zoo_ref: str, skills: Sequence[str], spec: Any, args: argparse.Namespace, name: str,
+                  seed: int) -> dict[str, Any]:
+    """What every run-directory row's search space shares: the zoo's models, the fitness, a CMA-ES budget."""
+    return {
+        "name": name, "seed": seed,
         "models": {"base": f"{zoo_ref}/base", "fine_tunes": {s: f"{zoo_ref}/{s}" for s in skills}},
         "fitness": spec.model_dump(mode="json", exclude_none=True),
-        "methods": {"task_arithmetic": {"weight": [0.0, 1.5]}},
         "optimizer": {"name": "CMA", "budget": args.budget},
         "device": args.device, "progress_interval": 0, "test_top": 1,
-        "population": pop,
     }
 
 
