@@ -89,6 +89,7 @@ class MethodDataProvider:
         self._base_scorer = base_scorer
         self._task_rows: dict[str, list[dict[str, Any]]] | None = None
         self._calibration: CalibrationSet | None = None
+        self._sources: dict[str, tuple[str, ...]] = {}  # merged model key -> the tasks its rows were built from
         self._files: dict[str, CalibrationSet] = {}
         self._task_scores: dict[str, dict[str, float]] = {}
 
@@ -135,10 +136,14 @@ class MethodDataProvider:
         tasks = list(self.task_rows())
         for m in recipe.models:
             key = (key_of or {}).get(m.model, m.model)
-            if m.model == recipe.base_model or m.model == BASE_KEY or key in calib.rows:
-                continue
-            wanted = list((model_tasks or {}).get(m.model) or [task_of(m.model, tasks)])
-            calib.add_union(key, wanted)
+            if m.model == recipe.base_model or m.model == BASE_KEY or (key in calib.rows and key not in self._sources):
+                continue  # the base, or a task's own rows
+            wanted = tuple((model_tasks or {}).get(m.model) or [task_of(m.model, tasks)])
+            # a key keeps its rows while it stands for the same tasks; a worker reused across runs sees the same
+            # member key (g2.1) stand for other tasks in the next run, and must not calibrate it on the old ones
+            if self._sources.get(key) != wanted:
+                calib.add_union(key, list(wanted))
+                self._sources[key] = wanted
         return calib
 
     def calibration_file(self, source: str, tokenizer_source: str | None = None) -> CalibrationSet:

@@ -17,9 +17,14 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 7. ``attraction``: the same with partners chosen by attraction (who solves what the best fails)
 8. ``niche``: niche fitness (alpha = ``--alpha``) for parents and the top-k, attraction partners, identical
    pairs skipped
-9. ``breeding``: the default manager (niche_alpha default 0, ``partner: both``, identical pairs skipped, escape moves
-   with larger pair budgets and split-point crossover once the top-k saturates)
-10. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
+9. ``joint``: the kinship manager with the joint merge of the originals (generation 0: one merge of all of them
+   by the pair method, a member that starts generation 1 beside them)
+10. ``breeding``: the default manager (the joint merge, niche_alpha default 0, ``partner: both``, identical pairs
+   skipped, escape moves with larger pair budgets and split-point crossover once the top-k saturates)
+11. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
+
+``--pair-param`` sets constant parameters of the pair method (e.g. ``ridge=1e-4`` for qp) for every row that
+merges with it: the population rows, their joint merge, and ``cmaes_qp``.
 
 Rows 1-3 are deterministic (one evaluation each); the search rows report the mean and spread over the seeds.
 Every row's best model (by search fitness, plain aggregate) is scored on the held-out test split.
@@ -79,9 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same for the greedy and the population rows")
     parser.add_argument("--pair-option", action="append", default=None, metavar="KEY=VALUE",
                         help="an option of the pair method, repeatable (default for qp: sequential=true)")
+    parser.add_argument("--pair-param", action="append", default=None, metavar="KEY=VALUE",
+                        help="a constant parameter of the pair method, repeatable (e.g. ridge=1e-4 for qp); the "
+                             "joint merge and the cmaes_qp row use it too (default: the method's defaults)")
+    parser.add_argument("--joint-budget", type=int, default=None,
+                        help="evaluations of the joint merge's weight search in the rows that make one (default: "
+                             "population.joint_budget's default, 0 = its fixed recipe)")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="subset of rows: uniform ta ties cmaes greedy kinship attraction niche breeding breeding_niche "
-                             "(population = kinship)")
+                        help="subset of rows: " + " ".join(ROWS) + " (population = kinship)")
     parser.add_argument("--alpha", type=float, default=1.0, help="niche alpha of the niche row (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cpu")
@@ -89,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (atomically)")
 
 
-ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "breeding",
-        "breeding_niche")
+ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "joint",
+        "breeding", "breeding_niche")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -102,11 +112,12 @@ LABELS = {
     "kinship": "kinship manager (before breeding)",
     "attraction": "attraction manager",
     "niche": "niche + attraction manager",
+    "joint": "kinship manager + the joint merge of the originals",
     "breeding": "default manager (both, skip, escapes + crossover; niche_alpha default)",
     "breeding_niche": "default manager with niche fitness (niche_alpha = --alpha)",
 }
-# the manager as it was before behaviour-aware breeding
-_KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0}
+# the manager as it was before behaviour-aware breeding (and before the joint merge of the originals)
+_KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0, "joint": False}
 
 
 def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
@@ -116,6 +127,7 @@ def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
         "kinship": dict(_KINSHIP),
         "attraction": {**_KINSHIP, "partner": "attraction"},
         "niche": {**_KINSHIP, "partner": "attraction", "niche_alpha": alpha, "identical_tol": 0.002},
+        "joint": {**_KINSHIP, "joint": True},
         "breeding": {},
         "breeding_niche": {"niche_alpha": alpha},
     }
@@ -136,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     managers = manager_rows(args.alpha)
     if set(managers) & set(rows):  # a bad pair method fails now, not after the baselines
 
-        PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method))
+        PairSpace(method=args.pair_method, options=pair_options(args.pair_option, args.pair_method),
+                  parameters=pair_params(args.pair_param))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     zoo, spec = zoo_fitness(args.zoo_size, args.zoo_seed, args.metric)
@@ -193,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
           f"{total / 60:.1f} min")
     if set(managers) & set(rows):
         opts = pair_options(args.pair_option, args.pair_method)
-        print(f"pair merges: {args.pair_method}" + (f" {opts}" if opts else "") + f", {args.pair_budget} evaluations "
+        params = pair_params(args.pair_param)
+        print(f"pair merges: {args.pair_method}" + (f" {opts}" if opts else "") + (f" {params}" if params else "")
+              + f", {args.pair_budget} evaluations "
               f"per pair, top-k {args.k}")
     if args.json:
         write_json_atomic(args.json, {"zoo": str(zoo), "metric": args.metric, "budget": args.budget,
@@ -305,7 +320,7 @@ def _cmaes_qp(zoo: Path, skills: Sequence[str], spec: Any, args: argparse.Namesp
     label = f"cmaes_qp seed {seed}"
     data = {
         **_space_common(_zoo_ref(args), skills, spec, args, f"bench-cmaes_qp-{seed}", seed),
-        "methods": {"qp": {"weight": [0.0, 1.5], "options": pair_options(None, "qp")}},
+        "methods": {"qp": {"weight": [0.0, 1.5], **pair_params(args.pair_param), "options": pair_options(None, "qp")}},
         "granularity": "per_layer",
         "executor": {"threads_per_worker": args.threads if args.threads > 0 else None},
     }
@@ -335,8 +350,11 @@ def _population_space(zoo: Path, skills: Sequence[str], spec: Any, args: argpars
                       row: str, section: Mapping[str, Any], zoo_ref: str) -> dict[str, Any]:
     """The search space of one population row (what `evomerge run` would be given)."""
     pop: dict[str, Any] = {"k": args.k, "pair_budget": args.pair_budget, **section}
+    if args.joint_budget is not None:
+        pop["joint_budget"] = args.joint_budget
     pop["pair"] = {"init": args.pair_init if args.pair_init == "kinship" else float(args.pair_init),
-                   "method": args.pair_method, "options": pair_options(args.pair_option, args.pair_method)}
+                   "method": args.pair_method, "options": pair_options(args.pair_option, args.pair_method),
+                   "parameters": pair_params(args.pair_param)}
     return {
         **_space_common(zoo_ref, skills, spec, args, f"bench-{row}-{seed}", seed),
         "methods": {"task_arithmetic": {"weight": [0.0, 1.5]}},
@@ -358,14 +376,29 @@ def _space_common(zoo_ref: str, skills: Sequence[str], spec: Any, args: argparse
 
 def pair_options(items: Sequence[str] | None, method: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings as method options (YAML scalars: true, 0.5, full); None: the bench's defaults."""
-
     if items is None:
         return {"sequential": True} if method == "qp" else {}
+    return _key_values(items, "--pair-option")
+
+
+def pair_params(items: Sequence[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as constant pair parameters (numbers, e.g. ``ridge=1e-4``); None: none (the method's
+    defaults)."""
+    out: dict[str, Any] = {}
+    for key, value in _key_values(items or (), "--pair-param").items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--pair-param {key}={value}: a number expected") from None
+    return out
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--pair-option {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from evomerge.search.events import EventKind
+from evomerge.search.events import MERGE_EVENTS, EventKind
 
 SOLVED = 1.0 - 1e-6  # an item counts as solved at full marks (exact match 1, every token right)
 
@@ -140,7 +140,7 @@ class RunData:
                     out.append((f"revival {rv.get('revival')}", f"{rv.get('reason')}; revived {keys}"))
             elif e.get("kind") == EventKind.STOP:
                 out.append(("stop", str(p.get("reason", ""))))
-            elif e.get("kind") not in (EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.POPULATION_START) \
+            elif e.get("kind") not in (*MERGE_EVENTS, EventKind.GENERATION_END, EventKind.POPULATION_START) \
                     and "reason" in p:
                 out.append((str(e.get("kind")), str(p["reason"])))
         return out

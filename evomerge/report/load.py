@@ -15,7 +15,7 @@ from typing import Any
 from evomerge.errors import RunDirError
 from evomerge.report.data import CandidateRow, ItemsView, MemberRow, RunData
 from evomerge.search.archive import FILE_NAME, Archive, CandidateRecord
-from evomerge.search.events import EventKind
+from evomerge.search.events import MERGE_EVENTS, EventKind, merge_parents
 from evomerge.search.population.status import waste
 
 
@@ -114,11 +114,11 @@ def _population_members(events: list[dict[str, Any]], by_id: dict[int, Candidate
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
             out.append(MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid, _tasks(rec) if rec else {}))
-        elif e["kind"] == EventKind.PAIR_DONE:
+        elif e["kind"] in MERGE_EVENTS:
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
-            out.append(MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]),
-                                 (str(p["a"]), str(p["b"])), cid, _tasks(rec) if rec else {}))
+            out.append(MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]), merge_parents(p),
+                                 cid, _tasks(rec) if rec else {}))
     return out
 
 

@@ -139,9 +139,13 @@ def family_tree(nodes: Sequence[Mapping[str, Any]], edges: Sequence[tuple[str, s
     plt = _plt()
     from matplotlib import cm, colors
 
-    by_gen: dict[int, list[Mapping[str, Any]]] = {}
+    # rows: the originals, generation 0's merges of them (the joint merge) between them and generation 1, then
+    # one row per generation
+    children = {str(b) for _a, b in edges}
+    by_gen: dict[float, list[Mapping[str, Any]]] = {}
     for node in nodes:
-        by_gen.setdefault(int(node.get("generation") or 0), []).append(node)
+        g = int(node.get("generation") or 0)
+        by_gen.setdefault(0.5 if g == 0 and str(node["id"]) in children else float(g), []).append(node)
     gens = sorted(by_gen)
     widest = max((len(v) for v in by_gen.values()), default=1)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.25 * widest + 2), max(3.5, 1.4 * len(gens) + 1.5)))
@@ -168,7 +172,8 @@ def family_tree(nodes: Sequence[Mapping[str, Any]], edges: Sequence[tuple[str, s
         ax.scatter([x], [y], s=420, color=face, edgecolors="red" if node.get("highlight") else "black",
                    linewidths=2.5 if node.get("highlight") else 0.8, zorder=3)
         ax.text(x, y - 0.3, _short(str(node.get("label", node["id"])), 14), ha="center", va="top", fontsize=7)
-    ax.set_yticks([-r for r in range(len(gens))], [f"gen {g}" if g else "originals" for g in gens])
+    ax.set_yticks([-r for r in range(len(gens))],
+                  ["originals" if g == 0 else "gen 0 (joint)" if g == 0.5 else f"gen {g:.0f}" for g in gens])
     ax.set_xticks([])
     ax.set_xlim(-0.2, widest + 0.2)
     ax.set_ylim(-len(gens) + 0.3, 0.6)

@@ -43,7 +43,7 @@ from evomerge.atomic import disk_full_error, is_disk_full
 from evomerge.errors import RunDirError
 from evomerge.fitness.items import ItemScores
 from evomerge.killpoints import kill_point
-from evomerge.search.events import EventKind
+from evomerge.search.events import MERGE_EVENTS, EventKind
 
 SCHEMA_VERSION = "1"
 FILE_NAME = "archive.sqlite"
@@ -423,8 +423,8 @@ class Archive:
 
     def member_candidates(self) -> dict[str, int]:
         """Merged population members (model keys such as ``g1.3``) -> the candidate that made them."""
-        return {str(e["data"]["child"]): int(e["data"]["candidate_id"]) for e in self.events(EventKind.PAIR_DONE)
-                if "child" in e["data"] and "candidate_id" in e["data"]}
+        return {str(e["data"]["child"]): int(e["data"]["candidate_id"]) for e in self.events()
+                if e["kind"] in MERGE_EVENTS and "child" in e["data"] and "candidate_id" in e["data"]}
 
     # ------------------------------------------------------------------------------------------ rescores
 

@@ -29,6 +29,8 @@ class EventKind(str, Enum):
     GENERATION_PLAN = "generation_plan"  # {generation, plans, reason[, revival][, escape]}
     PAIR_DONE = "pair_done"  # {generation, a, b, reason, child, score, candidate_id, evaluations, ok,
     #                          behaviour_distance, operator}
+    JOINT_DONE = "joint_done"  # {generation: 0, parents, child, score, candidate_id, evaluations, ok, method}: the
+    #                            joint merge of the starting models (population.joint)
     PAIR_SKIPPED = "pair_skipped"  # {generation, a, b, reason, distance, tol}: parents behave identically
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
     STOP = "stop"  # {generation, reason, evaluations}
@@ -41,4 +43,14 @@ class EventKind(str, Enum):
 # the population manager's decisions, replayed on resume
 MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
                                          EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP,
-                                         EventKind.EXCLUDED, EventKind.PAIR_SKIPPED)
+                                         EventKind.EXCLUDED, EventKind.PAIR_SKIPPED, EventKind.JOINT_DONE)
+# the events that add a merged member to a population (its parents: ``merge_parents``)
+MERGE_EVENTS: tuple[EventKind, ...] = (EventKind.PAIR_DONE, EventKind.JOINT_DONE)
+
+
+def merge_parents(payload: dict[str, object]) -> tuple[str, ...]:
+    """The parents of the member a merge event added: a pair's ``a`` and ``b``, the joint merge's ``parents``."""
+    parents = payload.get("parents")
+    if isinstance(parents, (list, tuple)):
+        return tuple(str(k) for k in parents)
+    return str(payload["a"]), str(payload["b"])

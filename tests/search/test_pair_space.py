@@ -29,13 +29,34 @@ def test_ancestor_tasks_is_the_ordered_union_over_the_lineage() -> None:
 
 def test_pair_space_method_parameters_and_options_go_into_the_recipe() -> None:
     ps = PairSpace(points=2, method="ties", parameters={"density": 0.4}, options={"sign_rule": "majority_count"})
-    r = ps.recipe("rev", "add", [0.5, 1.0, 0.7, 0.9], seed=3)
+    r = ps.recipe(("rev", "add"), [0.5, 1.0, 0.7, 0.9], seed=3)
     assert r.method == "ties" and r.options == {"sign_rule": "majority_count"} and r.seed == 3
     assert [m.model for m in r.models] == ["rev", "add"]
     assert r.models[0].parameters["weight"].to_yaml() == [0.5, 1.0]
     assert r.models[1].parameters["density"].to_yaml() == 0.4
-    qp = PairSpace(method="qp", options={"basis": "full", "sequential": True}).recipe("a", "b", [1, 1, 1, 1])
+    qp = PairSpace(method="qp", options={"basis": "full", "sequential": True}).recipe(("a", "b"), [1, 1, 1, 1])
     assert qp.options == {"basis": "full", "sequential": True}
+
+
+def test_pair_space_global_parameters_go_to_the_recipe_not_the_models() -> None:
+    """qp's ridge is one value per merge: it goes to the recipe's parameters (a per-model one would be refused)."""
+    r = PairSpace(method="qp", parameters={"ridge": 1e-4, "density": 0.5}).recipe(("a", "b"), [1, 1, 1, 1])
+    assert r.parameters["ridge"].to_yaml() == 1e-4
+    assert all("ridge" not in m.parameters and m.parameters["density"].to_yaml() == 0.5 for m in r.models)
+
+
+def test_pair_space_genome_over_n_parents_and_its_kinship_start() -> None:
+    ps = PairSpace(points=2, init="kinship")
+    r = ps.recipe(("add", "rev", "sort"), [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert [m.model for m in r.models] == ["add", "rev", "sort"]
+    assert [m.parameters["weight"].to_yaml() for m in r.models] == [[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]
+    with pytest.raises(ValueError, match="5 genes for 3 parents"):
+        ps.recipe(("add", "rev", "sort"), [0.1] * 5)
+    # w = 1 / (1 + (n - 1) c): unrelated parents are summed, n identical ones averaged; n = 2 is the pair rule
+    assert ps.x0(0.0, 4).tolist() == [1.0] * 8
+    assert ps.x0(1.0, 4).tolist() == pytest.approx([0.25] * 8)
+    assert ps.x0(0.5, 3).tolist() == pytest.approx([0.5] * 6)
+    assert ps.x0(0.6).tolist() == pytest.approx([1 / 1.6] * 4)
 
 
 @pytest.mark.parametrize(("kw", "match"), [

@@ -7,6 +7,7 @@ parents', so kinship is a real Pearson correlation, and its score is a determini
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.search.population.manager import PairResult, PopulationManager
-from evomerge.search.population.members import Member, pair_key, top_k
+from evomerge.search.population.members import JOINT_KEY, Member, pair_key, top_k
 from evomerge.search.population.rules import (
     PairPlan,
     PopulationConfig,
@@ -362,3 +363,91 @@ def test_fewer_than_two_scored_originals_stop_with_the_reason() -> None:
     out = PopulationManager(backend, PopulationConfig(k=2), budget=50).run()
     assert out.stop_reason.startswith("fewer than two starting models scored (failed: m1, m2)")
     assert not backend.pairs_run and out.best.key == "m0"
+
+
+# ------------------------------------------------------------------------------------------------- joint merge
+
+
+class JointBackend(FakeBackend):
+    """A fake backend with the joint merge of the starting models (generation 0, member ``joint``)."""
+
+    def __init__(self, *args: Any, joint_score: float = 0.6, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.joint_score = joint_score
+        self.joints_run: list[tuple[tuple[str, ...], int]] = []
+
+    def run_joint(self, parents: list[str], budget: int) -> PairResult:
+        used = max(1, budget)
+        self.evals += used
+        self.vectors[JOINT_KEY] = np.mean([self.vectors[p] for p in parents], axis=0)
+        child = Member(JOINT_KEY, self.joint_score, 0, tuple(parents), candidate_id=self.evals)
+        self.children[JOINT_KEY] = child
+        self.joints_run.append((tuple(parents), used))
+        return PairResult(child, used)
+
+
+def test_the_joint_merge_starts_generation_1_beside_the_originals() -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=0, max_generations=3, joint_budget=5)
+    backend = JointBackend(_vectors(4), scores, _gain_fn)
+    out = PopulationManager(backend, cfg, budget=100).run()
+    assert backend.joints_run == [(("m0", "m1", "m2", "m3"), 5)]
+    start = _events(backend, "population_start")[0]
+    assert start["joint"] is True and start["joint_budget"] == 5
+    joint = _events(backend, "joint_done")
+    assert joint == [{"generation": 0, "parents": ["m0", "m1", "m2", "m3"], "child": JOINT_KEY, "score": 0.6,
+                      "candidate_id": 5, "evaluations": 5, "ok": True}]
+    # generation 1: every pair of the originals and the joint member (10 pairs, 2 evaluations each)
+    g1 = _events(backend, "generation_plan")[0]
+    assert {pair_key(p["a"], p["b"]) for p in g1["plans"]} == {
+        pair_key(a, b) for a, b in itertools.combinations([*scores, JOINT_KEY], 2)}
+    assert "with joint, the joint merge of the others" in g1["reason"]
+    assert sum(u for _, _, g, u in backend.pairs_run if g == 1) == 20
+    assert out.evaluations == backend.evals == 5 + sum(u for *_, u in backend.pairs_run)
+    assert JOINT_KEY in {m.key for m in out.members}
+
+
+def test_the_joint_merge_is_off_when_asked_for_two_models_or_a_name_clash() -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4}
+    for cfg, vectors, sc in [(PopulationConfig(k=2, max_generations=1, joint=False), _vectors(3), scores),
+                             (PopulationConfig(k=2, max_generations=1), _vectors(2), {"m0": 0.5, "m1": 0.4})]:
+        backend = JointBackend(vectors, sc, _gain_fn)
+        PopulationManager(backend, cfg, budget=50).run()
+        assert not backend.joints_run and not _events(backend, "joint_done")
+        assert _events(backend, "population_start")[0]["joint"] is False
+    clash = JointBackend({"joint": np.ones(4), "a": np.arange(4.0), "b": -np.arange(4.0)},
+                         {"joint": 0.5, "a": 0.4, "b": 0.3}, _gain_fn)
+    with pytest.raises(ConfigError, match="a model is named 'joint'"):
+        PopulationManager(clash, PopulationConfig(k=2), budget=50).run()
+
+
+@pytest.mark.parametrize("crash_after", [0, 5])
+def test_resume_replays_the_joint_merge_without_running_it_again(crash_after: int) -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=1, max_generations=4)
+    ref = JointBackend(_vectors(4), scores, _gain_fn)
+    ref_out = PopulationManager(ref, cfg, budget=60).run()
+    crashing = JointBackend(_vectors(4), scores, _gain_fn)
+    crashing.fail_after = crash_after
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        PopulationManager(crashing, cfg, budget=60).run()
+    crashing.fail_after = None
+    out = PopulationManager(crashing, cfg, budget=60).run()
+    assert len(crashing.joints_run) == 1
+    assert _fingerprint(crashing) == _fingerprint(ref) and out.best.key == ref_out.best.key
+
+
+def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    old = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=3, joint=False)
+    backend = JointBackend(_vectors(4), scores, _gain_fn)
+    backend.fail_after = 2
+    with pytest.raises(RuntimeError):
+        PopulationManager(backend, old, budget=40).run()
+    for e in backend.log:  # as an older version wrote it
+        e["payload"].pop("joint", None)
+        e["payload"].pop("joint_budget", None)
+    backend.fail_after = None
+    PopulationManager(backend, PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0,
+                                                max_generations=3), budget=40).run()
+    assert not backend.joints_run and JOINT_KEY not in backend.children

@@ -23,7 +23,8 @@ from evomerge.search.run import RunDir
 from evomerge.search.space import space_from_dict
 from evomerge.search.stopping import StopFlag
 
-POP = {"k": 3, "pair_budget": 2, "saturation": None, "max_generations": 4, "revive_after": 1, "max_revivals": 1}
+POP = {"k": 3, "pair_budget": 2, "saturation": None, "max_generations": 4, "revive_after": 1, "max_revivals": 1,
+       "joint": False}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,6 +152,66 @@ def test_a_lost_worker_requeues_then_the_budget_continues_on_resume(tmp_path: Pa
     ref, _, _ = _fake_pop(tmp_path, _pop_space(20), name="ref20")
     assert s2.evaluations == 20 and len(w2.calls) == 8
     assert _rows(run) == _rows(ref)
+
+
+class StoppingWorker(HashScoreWorker):
+    """Sets the session's stop flag after ``after`` evaluations (Ctrl-C between two evaluations)."""
+
+    def __init__(self, stop: StopFlag, after: int) -> None:
+        super().__init__()
+        self.stop, self.after = stop, after
+
+    def evaluate(self, job: Any) -> Any:
+        out = super().evaluate(job)
+        if len(self.calls) >= self.after:
+            self.stop.set("test: interrupted")
+        return out
+
+
+def test_the_joint_merge_through_the_archive_and_its_resume_mid_search(tmp_path: Path) -> None:
+    originals = ["add", "rev", "sort", "enc"]
+    data = _pop_space(30, joint=True, joint_budget=4, max_generations=2, pair={"points": 1})
+    ref, summary, _ = _fake_pop(tmp_path, data, name="ref")
+    with ref.archive(readonly=True) as a:
+        joint = [r for r in a.results() if r.generation == 0 and len(r.parents) > 1]
+        done = [e["data"] for e in a.events("joint_done")]
+        members = a.member_candidates()
+    # 4 evaluations of the joint genome (one weight per original), all of the 4 originals, the pair method's
+    assert len(joint) == 4 and all(sorted(r.parents) == sorted(originals) for r in joint)
+    assert all(r.method == "task_arithmetic" and len(r.recipe["models"]) == 4 for r in joint)
+    best = max(joint, key=lambda r: (r.aggregate, -r.id))
+    assert done == [{"generation": 0, "parents": originals, "child": "joint", "score": best.aggregate,
+                     "candidate_id": best.id, "evaluations": 4, "ok": True}]
+    assert members["joint"] == best.id
+    plan = _events(ref, "generation_plan")[0]
+    assert sum("joint" in (p["a"], p["b"]) for p in plan["plans"]) == 4 and len(plan["plans"]) == 10
+    assert summary.evaluations == 30
+    # the first joint start: w = 1 / (1 + 3 c), c the originals' mean pairwise max(0, cos)
+    with ref.archive(readonly=True) as a:
+        cos = [v for (x, y, _m), v in a.kinship_table("cos").items() if x in originals and y in originals]
+    assert len(cos) == 6
+    w0 = 1.0 / (1.0 + 3 * sum(max(0.0, c) for c in cos) / 6)
+    first = min(joint, key=lambda r: r.id)
+    assert first.genome is not None and first.genome["x"] == pytest.approx([w0] * 4) == first.genome["x0"]
+    # interrupted inside the joint search, then resumed: the same archive and decisions as without a stop
+    space = space_from_dict(data)
+    run = RunDir.create(tmp_path / "cut", space)
+    stop = StopFlag()
+    w = StoppingWorker(stop, after=6)  # the 4 originals, then 2 of the joint's 4
+    run_population_session(run, space, InProcessExecutor(lambda: w, penalty=space.penalty), stop=stop,
+                           log=lambda m: None, progress=False)
+    assert len(_rows(run)) == 6 and not _events(run, "joint_done")
+    w2 = HashScoreWorker()
+    s2 = run_population_session(run, space, InProcessExecutor(lambda: w2, penalty=space.penalty), stop=StopFlag(),
+                                log=lambda m: None, progress=False)
+    assert _rows(run) == _rows(ref) and s2.evaluations == 30 and len(w2.calls) == 24
+    assert [(e["kind"], e["data"]) for e in _manager_events(run)] == [(e["kind"], e["data"])
+                                                                      for e in _manager_events(ref)]
+
+
+def _manager_events(run: RunDir) -> list[dict[str, Any]]:
+    with run.archive(readonly=True) as a:
+        return [e for e in a.events() if e["kind"] in MANAGER_EVENTS]
 
 
 def test_population_section_errors_name_the_field(tmp_path: Path) -> None:
@@ -365,3 +426,40 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
     assert rebuilt.keys() == exported.keys()
     for name, tensor in exported.items():
         assert (rebuilt[name].float() - tensor.float()).abs().max().item() <= 1e-5, name
+
+
+def test_a_child_of_the_joint_merge_exports_and_scores_as_archived(tmp_path: Path) -> None:
+    """A real QP run with the joint merge: the joint stands for every task in its children's calibration rows, and
+    a generation-1 child of it exports (the chain rebuilds the joint first) and re-scores as archived."""
+    from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
+    from evomerge.search.export import export_candidate, verify_export
+
+    pop = {**POP, "joint": True, "max_generations": 1, "pair_budget": 1,
+           "pair": {"method": "qp", "options": {"sequential": True}, "points": 1, "parameters": {"ridge": 1e-4}}}
+    space = space_from_dict(_pop_space(15, **pop))
+    run = RunDir.create(tmp_path / "qpj", space)
+    worker = MergeEvalWorker(WorkerSpec(base=str(space.base_path), models={k: str(v) for k, v in space.models.items()},
+                                        fitness=space.fitness))
+    seen_tasks: list[dict[str, tuple[str, ...]]] = []
+    evaluate = worker.evaluate
+
+    def spy(job: Any) -> Any:
+        seen_tasks.append(dict(job.model_tasks))
+        return evaluate(job)
+
+    worker.evaluate = spy  # type: ignore[method-assign]
+    summary = run_population_session(run, space, InProcessExecutor(lambda: worker, penalty=space.penalty),
+                                     stop=StopFlag(), log=lambda m: None, progress=False)
+    assert summary.evaluations == 15  # 4 originals, the joint, 10 pairs of 5 starting models
+    with run.archive(readonly=True) as a:
+        results = a.results()
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+        joint = a.get(a.member_candidates()["joint"])
+        assert joint is not None and joint.method == "qp" and joint.generation == 0
+        assert joint.recipe["parameters"] == {"ridge": 1e-4} and len(joint.recipe["models"]) == 4
+        child = max((r for r in results if r.generation == 1 and "joint" in r.parents), key=lambda r: r.aggregate)
+    assert any(t.get("joint") == ("add", "rev", "sort", "enc") for t in seen_tasks)
+    out = tmp_path / "child"
+    export_candidate(run.path, out, candidate_id=child.id, progress=False)
+    got, archived = verify_export(run.path, out, child.id)
+    assert got == pytest.approx(archived, abs=1e-6)

@@ -125,7 +125,8 @@ def test_the_population_races_the_kth_best_member(tmp_path: Path) -> None:
     with run.archive(readonly=True) as a:
         rows = a.results()
         members = {e["data"]["candidate_id"]: e["data"]["score"] for e in a.events("member")}
-        members.update({e["data"]["candidate_id"]: e["data"]["score"] for e in a.events("pair_done")})
+        for kind in ("pair_done", "joint_done"):
+            members.update({e["data"]["candidate_id"]: e["data"]["score"] for e in a.events(kind)})
         assert all("race" not in r.settings for r in rows[:4])  # the originals: no k-th best member yet
         raced = [r for r in rows[4:] if "race" in r.settings]
         assert raced and any(r.partial for r in raced)

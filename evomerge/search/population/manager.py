@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from evomerge.errors import ConfigError
 from evomerge.kinship import is_distance
-from evomerge.search.events import EventKind
+from evomerge.search.events import MERGE_EVENTS, EventKind, merge_parents
 from evomerge.search.population.behaviour import (
     Behaviour,
     attraction,
@@ -22,7 +22,7 @@ from evomerge.search.population.behaviour import (
     behaviour_distance,
     niche_fitness,
 )
-from evomerge.search.population.members import Member, pair_key, rank, top_k
+from evomerge.search.population.members import JOINT_KEY, Member, pair_key, rank, top_k
 from evomerge.search.population.rules import (
     PairPlan,
     PopulationConfig,
@@ -71,6 +71,8 @@ class PopulationBackend(Protocol):
 
     # optional: ``behaviour(keys) -> Behaviour | None``, the members' per-item scores (None: not recorded).
     # A backend without it breeds by kinship and the plain aggregate alone.
+    # optional: ``run_joint(parents, budget) -> PairResult``, the joint merge of the starting models (generation
+    # 0, member ``JOINT_KEY``; ``budget`` as in run_pair). A backend without it has no joint member.
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -201,11 +203,19 @@ class PopulationManager:
             raise ConfigError(f"population: need at least two starting models, got {starting}")
 
         events = self.backend.events()
-        if not any(e["kind"] == EventKind.POPULATION_START for e in events):
+        start = next((e.get("payload", e) for e in events if e["kind"] == EventKind.POPULATION_START), None)
+        if start is None:
+            joint = self.cfg.joint and len(starting) >= 3 and hasattr(self.backend, "run_joint")
+            if joint and JOINT_KEY in self.members:
+                raise ConfigError(f"population.joint: a model is named {JOINT_KEY!r}, the key of the joint merge of "
+                                  "the starting models; rename it or set population.joint: false")
             self._event(EventKind.POPULATION_START, starting=starting, k=self.cfg.k, metric=self.cfg.metric,
                         budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget,
                         niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
-                        identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes)
+                        identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes, joint=joint,
+                        joint_budget=self.cfg.joint_budget)
+        else:  # as the run started (a run recorded before the joint merge existed has none)
+            joint = bool(start.get("joint", False))
         failed = [s for s in starting if not self.members[s].ok]
         if failed:  # a failed original is no parent: it would only make failed children
             if not any(e["kind"] == EventKind.EXCLUDED and e.get("payload", e).get("generation") == 0
@@ -222,10 +232,18 @@ class PopulationManager:
             self._log(f"budget raised to {self.budget}: continuing after '{st.stopped}'")
             st.stopped = None
         if st.generation == 0:
+            if joint and len(starting) >= 3 and not st.joint:
+                stop = self._run_joint(starting)
+                if stop is not None:
+                    return self._finish(0, stop)
+            if joint and self.members.get(JOINT_KEY) is not None and self.members[JOINT_KEY].ok:
+                starting = [*starting, JOINT_KEY]
             st.generation = 1
             st.pending = initial_pairs(starting)
             self._event(EventKind.GENERATION_PLAN, generation=1, plans=[p.to_dict() for p in st.pending],
-                        reason=f"generation 1: every pair of the {len(starting)} starting models")
+                        reason=f"generation 1: every pair of the {len(starting)} starting models"
+                               + (f" (with {JOINT_KEY}, the joint merge of the others)"
+                                  if JOINT_KEY in starting else ""))
         elif st.ended:
             self._log(f"resuming after the end of generation {st.generation}")
         else:
@@ -278,6 +296,25 @@ class PopulationManager:
             st.ended = False
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
                         reason=self._plan_reason(plans, top), revival=revival, **extra)
+
+    def _run_joint(self, starting: Sequence[str]) -> str | None:
+        """Generation 0's joint merge of every starting model (a member that starts generation 1 with them)."""
+        left = self._budget_left()
+        if left <= 0:
+            return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
+        budget = min(self.cfg.joint_budget, left) if self.cfg.joint_budget > 0 else 0
+        result = self.backend.run_joint(list(starting), budget)  # type: ignore[attr-defined]
+        if result.child is None:
+            return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
+        child = result.child
+        self.members[child.key] = child
+        self._event(EventKind.JOINT_DONE, generation=0, parents=list(child.parents), child=child.key,
+                    score=child.score, candidate_id=child.candidate_id, evaluations=result.evaluations, ok=child.ok)
+        self._log(f"joint merge of {', '.join(child.parents)} -> {child.key} {child.score:.4f} "
+                  f"({result.evaluations} evaluation(s))")
+        if not child.ok:
+            self._exclude(0, [child.key], "every evaluation of the joint merge of the starting models failed")
+        return None
 
     def _end_generation(self, st: _ReplayState) -> None:
         top = self._top()
@@ -449,10 +486,14 @@ class PopulationManager:
             elif kind == EventKind.PAIR_SKIPPED:
                 self.merged.add(pair_key(p["a"], p["b"]))
                 self.skipped += 1
-            elif kind == EventKind.PAIR_DONE:
-                self.merged.add(pair_key(p["a"], p["b"]))
-                child = Member(str(p["child"]), float(p["score"]), int(p["generation"]),
-                               (str(p["a"]), str(p["b"])), p.get("candidate_id"), bool(p.get("ok", True)))
+            elif kind in MERGE_EVENTS:
+                parents = merge_parents(p)
+                if kind == EventKind.PAIR_DONE:
+                    self.merged.add(pair_key(*parents))
+                else:
+                    st.joint = True
+                child = Member(str(p["child"]), float(p["score"]), int(p["generation"]), parents,
+                               p.get("candidate_id"), bool(p.get("ok", True)))
                 self.members[child.key] = child
             elif kind == EventKind.GENERATION_END:
                 g = int(p["generation"])
@@ -476,3 +517,4 @@ class _ReplayState:
     tops: dict[int, list[str]] = field(default_factory=dict)
     ended: bool = False
     stopped: str | None = None
+    joint: bool = False  # the joint merge of the starting models is recorded

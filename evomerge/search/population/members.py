@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from evomerge.errors import RunDirError
 from evomerge.merge.recipe import BASE_KEY, Recipe
 from evomerge.search.archive import Archive
-from evomerge.search.events import EventKind
+from evomerge.search.events import MERGE_EVENTS, EventKind, merge_parents
 
 
 @dataclass(frozen=True)
 class Member:
-    """One model of the population: an original (no parents) or the best child of one parent pair."""
+    """One model of the population: an original (no parents), the best child of one parent pair, or the joint
+    merge of the starting models (``JOINT_KEY``, every one of them its parent)."""
 
     key: str
     score: float
@@ -31,9 +32,17 @@ class Member:
         return not self.parents
 
 
+JOINT_KEY = "joint"  # the member key of the joint merge of the starting models (population.joint)
+
+
 def pair_key(a: str, b: str) -> tuple[str, str]:
     """Unordered pair identity (sorted)."""
     return (a, b) if a <= b else (b, a)
+
+
+def parents_key(parents: Sequence[str]) -> tuple[str, ...]:
+    """Unordered identity of a merge's parents (sorted; for two the same as :func:`pair_key`)."""
+    return tuple(sorted(str(p) for p in parents))
 
 
 def rank(members: Sequence[Member]) -> list[Member]:
@@ -128,18 +137,19 @@ class MemberStore:
         out = {k: ancestor_tasks(k, recipe_of, self.task_names) for k in keys}
         return {k: v for k, v in out.items() if v}
 
-    def replay(self, archive: Archive) -> set[tuple[int, tuple[str, str]]]:
-        """Children and plans recorded by earlier sessions; returns the (generation, pair) merges finished."""
-        finished: set[tuple[int, tuple[str, str]]] = set()
+    def replay(self, archive: Archive) -> set[tuple[int, tuple[str, ...]]]:
+        """Children and plans recorded by earlier sessions; returns the (generation, parents) merges finished."""
+        finished: set[tuple[int, tuple[str, ...]]] = set()
         for e in archive.events():
             p = e["data"]
-            if e["kind"] == EventKind.PAIR_DONE:
-                finished.add((int(p["generation"]), pair_key(p["a"], p["b"])))
+            if e["kind"] in MERGE_EVENTS:
+                parents = merge_parents(p)
+                finished.add((int(p["generation"]), parents_key(parents)))
                 rec = archive.get(int(p["candidate_id"]))
                 if rec is None:
-                    raise RunDirError(f"{archive.path}: pair_done names candidate {p['candidate_id']}, not archived")
-                self.add(Member(str(p["child"]), float(p["score"]), int(p["generation"]), (str(p["a"]), str(p["b"])),
-                                rec.id, rec.ok), Recipe.from_dict(rec.recipe))
+                    raise RunDirError(f"{archive.path}: {e['kind']} names candidate {p['candidate_id']}, not archived")
+                self.add(Member(str(p["child"]), float(p["score"]), int(p["generation"]), parents, rec.id, rec.ok),
+                         Recipe.from_dict(rec.recipe))
             elif e["kind"] == EventKind.GENERATION_PLAN:
                 self.note_plan(int(p["generation"]), p["plans"])
         return finished

@@ -27,7 +27,7 @@ from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
 from evomerge.search.archive import CandidateRecord
 from evomerge.search.dispatch import Dispatcher, Job
 from evomerge.search.optimizer import array_parametrization, build_optimizer
-from evomerge.search.population.members import pair_key
+from evomerge.search.population.members import parents_key
 from evomerge.search.progress import Timings
 
 MAX_DUPLICATES_IN_A_ROW = 50  # a pair's optimizer keeps proposing archived recipes: its search is over
@@ -35,14 +35,16 @@ MAX_DUPLICATES_IN_A_ROW = 50  # a pair's optimizer keeps proposing archived reci
 
 @dataclasses.dataclass(frozen=True)
 class PairSpace:
-    """The genome of one pair merge: ``points`` per-layer weights per parent in [lower, upper]."""
+    """The genome of one pair merge: ``points`` per-layer weights per parent in [lower, upper]. The same genome
+    over more parents (``n`` of them) is the joint merge of the starting models (``population.joint``)."""
 
     points: int = 2
     lower: float = 0.0
     upper: float = 1.5
     # The fixed recipe (budget 0) and the search's starting point: a number (the same weight for both parents) or
     # "kinship": w = 1 / (1 + max(0, cos(τ_A, τ_B))) for both, i.e. the sum of unrelated task vectors
-    # (cos 0 -> w = 1) and the mean of identical ones (cos 1 -> w = 0.5), smoothly in between.
+    # (cos 0 -> w = 1) and the mean of identical ones (cos 1 -> w = 0.5), smoothly in between; over n parents
+    # w = 1 / (1 + (n - 1) c) with c their mean pairwise max(0, cos) (n identical ones: their mean).
     init: float | str = "kinship"
     optimizer: str = "CMA"
     # how the two parents are merged: any registry method with a base and per-model weights (task_arithmetic,
@@ -55,7 +57,11 @@ class PairSpace:
 
     @property
     def dims(self) -> int:
-        return 2 * self.points
+        return self.size(2)
+
+    def size(self, n: int) -> int:
+        """Genes of a merge of ``n`` parents."""
+        return n * self.points
 
     def __post_init__(self) -> None:
         if isinstance(self.init, str) and self.init != "kinship":
@@ -75,24 +81,39 @@ class PairSpace:
             raise ConfigError(f"pair parameters: numbers expected, got {bad}")
         if "weight" in self.parameters:
             raise ConfigError("pair parameters: 'weight' is the pair genome's; set lower/upper/init instead")
-        validate_recipe(self.recipe("a", "b", self.x0(0.0)), where=f"pair method {self.method}")
+        validate_recipe(self.recipe(("a", "b"), self.x0(0.0)), where=f"pair method {self.method}")
 
-    def x0(self, cos: float | None = None) -> np.ndarray:
-        """The starting genome; with ``init: kinship`` it needs the parents' cosine kinship."""
+    def x0(self, cos: float | None = None, n: int = 2) -> np.ndarray:
+        """The starting genome of ``n`` parents; with ``init: kinship`` it needs their (mean pairwise) cosine
+        kinship."""
         if self.init == "kinship":
             c = 0.0 if cos is None or not math.isfinite(cos) else max(0.0, min(1.0, cos))
-            w = 1.0 / (1.0 + c)
+            w = 1.0 / (1.0 + (n - 1) * c)
         else:
             w = float(self.init)
-        return np.clip(np.full(self.dims, w), self.lower, self.upper)
+        return np.clip(np.full(self.size(n), w), self.lower, self.upper)
 
-    def recipe(self, a: str, b: str, x: Sequence[float], seed: int = 0) -> Recipe:
+    def recipe(self, parents: Sequence[str], x: Sequence[float], seed: int = 0) -> Recipe:
+        """The merge of ``parents`` with genome ``x`` (``points`` weights per parent, in order)."""
         p = self.points
-        wa = ParamValue.per_layer([float(v) for v in x[:p]]) if p > 1 else ParamValue.constant(float(x[0]))
-        wb = ParamValue.per_layer([float(v) for v in x[p:]]) if p > 1 else ParamValue.constant(float(x[p]))
-        fixed = {k: ParamValue.constant(float(v)) for k, v in self.parameters.items()}
-        return Recipe(self.method, (ModelEntry(a, {"weight": wa, **fixed}), ModelEntry(b, {"weight": wb, **fixed})),
-                      base_model=BASE_KEY, seed=seed, options=dict(self.options))
+        if len(x) != self.size(len(parents)):
+            raise ValueError(f"pair genome: {len(x)} genes for {len(parents)} parents of {p} point(s) each")
+        per_model, shared = self.constants()
+        models = []
+        for i, key in enumerate(parents):
+            genes = [float(v) for v in x[i * p:(i + 1) * p]]
+            weight = ParamValue.per_layer(genes) if p > 1 else ParamValue.constant(genes[0])
+            models.append(ModelEntry(key, {"weight": weight, **per_model}))
+        return Recipe(self.method, tuple(models), base_model=BASE_KEY, parameters=shared, seed=seed,
+                      options=dict(self.options))
+
+    def constants(self) -> tuple[dict[str, ParamValue], dict[str, ParamValue]]:
+        """``parameters`` as recipe values: (per-model ones, e.g. density; global ones, e.g. qp's ridge), as the
+        method declares them."""
+        per_model = {p.name for p in get_method(self.method).params if p.per_model}
+        values = {k: ParamValue.constant(float(v)) for k, v in self.parameters.items()}
+        return ({k: v for k, v in values.items() if k in per_model},
+                {k: v for k, v in values.items() if k not in per_model})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +136,18 @@ class CrossoverSpace:
         if not method.positional or not {"boundary", "w"} <= names or method.max_models != 2:
             raise ConfigError(f"population.crossover_method {self.method!r}: a crossover pair needs a positional "
                               "two-model method with 'boundary' and 'w' parameters (crossover)")
-        validate_recipe(self.recipe("a", "b", self.x0()), where=f"crossover method {self.method}")
+        validate_recipe(self.recipe(("a", "b"), self.x0()), where=f"crossover method {self.method}")
 
-    def x0(self, cos: float | None = None) -> np.ndarray:
+    def size(self, n: int) -> int:
+        return self.dims
+
+    def x0(self, cos: float | None = None, n: int = 2) -> np.ndarray:
         return np.clip(np.asarray(self.start, float), self.lower, self.upper)
 
-    def recipe(self, a: str, b: str, x: Sequence[float], seed: int = 0) -> Recipe:
+    def recipe(self, parents: Sequence[str], x: Sequence[float], seed: int = 0) -> Recipe:
+        if len(parents) != 2:
+            raise ValueError(f"a crossover merges two parents, got {list(parents)}")
+        a, b = parents
         return Recipe(self.method, (ModelEntry(a), ModelEntry(b)),
                       parameters={"boundary": ParamValue.constant(float(x[0])), "w": ParamValue.constant(float(x[1]))},
                       seed=seed)
@@ -176,31 +203,32 @@ class PairSearch:
         # member, so racing may hold a candidate to the best of these too
         self.results: list[CandidateRecord] = []
 
-    def run(self, a: str, b: str, generation: int, budget: int, *, seed: int, x0: np.ndarray,
+    def run(self, parents: Sequence[str], generation: int, budget: int, *, seed: int, x0: np.ndarray,
             warm: np.ndarray | None = None, extra_models: Mapping[str, str] | None = None,
             model_tasks: Mapping[str, tuple[str, ...]] | None = None,
             space: PairSpace | CrossoverSpace | None = None) -> list[CandidateRecord]:
-        """The evaluations of pair (``a`` better, ``b``) in ``generation``: ``budget`` of them (0: the fixed
-        recipe at ``x0``), archived ones of this pair replayed and counted, others' answers told but not counted.
-        ``space``: the genome of this pair (default: the session's pair space; a crossover escape its own)."""
+        """The evaluations of the merge of ``parents`` (a pair: the better first; the joint merge: every starting
+        model) in ``generation``: ``budget`` of them (0: the fixed recipe at ``x0``), archived ones of this merge
+        replayed and counted, others' answers told but not counted. ``space``: the genome (default: the session's
+        pair space; a crossover escape its own)."""
         ps, dispatch = space if space is not None else self.space, self.dispatch
-        pk = pair_key(a, b)
+        parents = list(parents)
+        pk = parents_key(parents)
         results: list[CandidateRecord] = []
         self.results = results
         counted: set[int] = set()
 
         def job_of(x: np.ndarray, candidate: Any = None) -> Job:
-            recipe = ps.recipe(a, b, x, seed)
+            recipe = ps.recipe(parents, x, seed)
             genome = {"x": [float(v) for v in x], "x0": [float(v) for v in x0]}
             return Job(-1, recipe, recipe.content_hash(), genome, candidate=candidate)
 
         def mine(rec: CandidateRecord) -> bool:
-            return (rec.generation == generation and len(rec.parents) == 2 and pair_key(*rec.parents) == pk
-                    and rec.id not in counted)
+            return rec.generation == generation and parents_key(rec.parents) == pk and rec.id not in counted
 
         def submit(job: Job) -> None:
             job.candidate_id = self.new_id()
-            dispatch.add(job, parents=[a, b], generation=generation, extra_models=extra_models,
+            dispatch.add(job, parents=parents, generation=generation, extra_models=extra_models,
                          model_tasks=model_tasks)
 
         def finish() -> dict[int, CandidateRecord]:
@@ -215,7 +243,7 @@ class PairSearch:
             return [rec]
         opt = pair_optimizer(ps, x0, budget, seed, num_workers=dispatch.capacity, where=self.where)
         suggestions = [x0]
-        if warm is not None and len(warm) == ps.dims and not np.allclose(warm, x0):
+        if warm is not None and len(warm) == len(x0) and not np.allclose(warm, x0):
             suggestions.append(warm)
         for s in reversed(suggestions):  # LIFO: x0 is asked first
             opt.suggest(s)

@@ -60,6 +60,11 @@ class PopulationConfig:
     escape_pair_budget: int | None = None  # evaluations per escape pair (default: twice pair_budget)
     crossover: bool = True  # an escape generation also runs a split-point crossover pair
     crossover_method: str = "crossover"  # the registry method of the crossover pair (boundary and w genes)
+    # generation 0: one merge of every starting model by the pair method (a member whose parents are all of them),
+    # which then starts generation 1 beside them: a data-aware merge of the originals keeps skills that merges of
+    # merged parents have lost already (search_spaces/README.md)
+    joint: bool = True
+    joint_budget: int = 0  # evaluations of the joint merge's per-layer weight search; 0 = its fixed recipe
 
     def __post_init__(self) -> None:
         where = "population"
@@ -90,6 +95,11 @@ class PopulationConfig:
             raise ConfigError(f"{where}.identical_tol: a number in [0, 1) or null, got {self.identical_tol!r}")
         if self.max_escapes < 0:
             raise ConfigError(f"{where}.max_escapes: must be >= 0, got {self.max_escapes}")
+        if not isinstance(self.joint, bool):
+            raise ConfigError(f"{where}.joint: true or false, got {self.joint!r}")
+        if isinstance(self.joint_budget, bool) or not isinstance(self.joint_budget, int) or self.joint_budget < 0:
+            raise ConfigError(f"{where}.joint_budget: an integer >= 0 (0 = the fixed recipe), got "
+                              f"{self.joint_budget!r}")
         if self.escape_pair_budget is not None and self.escape_pair_budget < 0:
             raise ConfigError(f"{where}.escape_pair_budget: must be >= 0, got {self.escape_pair_budget}")
 

@@ -36,14 +36,14 @@ from evomerge.fitness.items import ItemScores
 from evomerge.fitness.racing import RacingConfig
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.method_data import MethodDataProvider
-from evomerge.search.archive import Archive
+from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.dispatch import Dispatcher, Job
 from evomerge.search.events import MANAGER_EVENTS, EventKind
 from evomerge.search.optimizer import optimizer_class
 from evomerge.search.population.behaviour import Behaviour, behaviour_matrix
 from evomerge.search.population.kinship_cache import KinshipCache
 from evomerge.search.population.manager import PairResult, PopulationManager
-from evomerge.search.population.members import Member, MemberStore, pair_key, top_k
+from evomerge.search.population.members import JOINT_KEY, Member, MemberStore, parents_key, top_k
 from evomerge.search.population.pair_search import CrossoverSpace, PairSearch, PairSpace, seed_of, warm_start
 from evomerge.search.population.parent_cache import ParentCache, ParentFolders
 from evomerge.search.population.rules import PairPlan, PopulationConfig
@@ -121,9 +121,10 @@ class RunPopulation:
         self._lower = [str(t.name) for t in space.fitness.tasks if t.direction == "minimize"]
         self.next_id = archive.max_id() + 1
         finished = self.members.replay(archive)
-        # evaluations of a pair that did not finish (an interrupted session): replayed, not counted twice
-        self._orphans = {r.id for r in records if r.generation > 0 and len(r.parents) == 2
-                         and (r.generation, pair_key(*r.parents)) not in finished}
+        # evaluations of a merge (a pair, the joint merge) that did not finish (an interrupted session): replayed,
+        # not counted twice
+        self._orphans = {r.id for r in records if len(r.parents) >= 2
+                         and (r.generation, parents_key(r.parents)) not in finished}
 
     def say(self, message: str) -> None:
         self.run.log(message)
@@ -241,14 +242,33 @@ class RunPopulation:
             ps = self.crossover
         x0 = ps.x0(self.kin.value(a, b, "cos") if ps.init == "kinship" else None)
         warm = warm_start(self.archive.results("search"), generation, x0, ps) if budget > 0 else None
-        results = self.pairs.run(a, b, generation, budget, seed=seed_of(self.space.seed, generation, a, b), x0=x0,
+        results = self.pairs.run((a, b), generation, budget, seed=seed_of(self.space.seed, generation, a, b), x0=x0,
                                  warm=warm, extra_models=extra, model_tasks=self.members.model_tasks(extra),
                                  space=ps)
+        return self._child(key, generation, (a, b), results, plan.reason)
+
+    def run_joint(self, parents: list[str], budget: int) -> PairResult:
+        """The joint merge of the starting models by the pair method (``budget`` evaluations of the same per-layer
+        genome over all of them; 0 = its fixed recipe), replaying archived ones like a pair."""
+        self._check_stop()
+        n = len(parents)
+        cos = None
+        if self.pair.init == "kinship":
+            values = [self.kin.value(parents[i], parents[j], "cos") for i in range(n) for j in range(i + 1, n)]
+            finite = [v for v in values if math.isfinite(v)]
+            cos = sum(max(0.0, v) for v in finite) / len(finite) if finite else None
+        x0 = self.pair.x0(cos, n)
+        results = self.pairs.run(parents, 0, budget, seed=seed_of(self.space.seed, 0, *parents), x0=x0)
+        return self._child(JOINT_KEY, 0, tuple(parents), results, "joint")
+
+    def _child(self, key: str, generation: int, parents: tuple[str, ...], results: list[CandidateRecord],
+               reason: str) -> PairResult:
+        """The member a merge's search made: its best evaluation (a failure only when all failed)."""
         best = max(results, key=lambda r: (r.ok, r.aggregate, -r.id))
-        child = Member(key, float(best.aggregate), generation, (a, b), best.id, best.ok)
+        child = Member(key, float(best.aggregate), generation, parents, best.id, best.ok)
         self.members.add(child, Recipe.from_dict(best.recipe))
         self._orphans -= {r.id for r in results}
-        self.say(f"  g{generation} {plan.reason:<11} {a} x {b} -> {key} {child.score:.4f} "
+        self.say(f"  g{generation} {reason:<11} {' x '.join(parents)} -> {key} {child.score:.4f} "
                  f"({len(results)} evaluations, best #{best.id})")
         return PairResult(child, len(results))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.search.archive import Archive
-from evomerge.search.events import MANAGER_EVENTS, EventKind
+from evomerge.search.events import MANAGER_EVENTS, MERGE_EVENTS, EventKind, merge_parents
 from evomerge.search.population.members import Member, top_k
 
 DEFAULT_IDENTICAL_TOL = 0.002  # population.identical_tol's default, for runs that did not record theirs
@@ -62,13 +62,17 @@ def population_status_lines(archive: Archive, k: int | None = None) -> list[str]
         p = e["data"]
         if e["kind"] == EventKind.MEMBER:
             members.append(Member(str(p["key"]), float(p["score"]), 0, (), p.get("candidate_id")))
-        elif e["kind"] == EventKind.PAIR_DONE:
-            members.append(Member(str(p["child"]), float(p["score"]), int(p["generation"]), (p["a"], p["b"]),
+        elif e["kind"] in MERGE_EVENTS:
+            members.append(Member(str(p["child"]), float(p["score"]), int(p["generation"]), merge_parents(p),
                                   p.get("candidate_id")))
     lines = [f"population: k={start.get('k')}, kinship {start.get('metric')}, pair budget "
              f"{start.get('pair_budget')}, exploration {'on' if start.get('explore') else 'off'}"
              + (f", niche alpha {start['niche_alpha']}, partner {start.get('partner')}"
                 if "niche_alpha" in start else "")]
+    joint = next((e["data"] for e in events if e["kind"] == EventKind.JOINT_DONE), None)
+    if joint is not None:
+        lines.append(f"  joint merge of {', '.join(map(str, joint['parents']))}: {joint['child']} "
+                     f"{float(joint['score']):.4f} (#{joint['candidate_id']}, {joint['evaluations']} evaluation(s))")
     plans = [e["data"] for e in events if e["kind"] == EventKind.GENERATION_PLAN]
     if plans:
         cur = plans[-1]
