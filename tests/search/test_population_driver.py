@@ -358,22 +358,10 @@ def test_several_slots_fill_the_budget_out_of_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tmp_path: Path) -> None:
-    # pair merges by sequential QP: a generation-2 pair merges merged members, whose calibration rows are their
-    # originals' tasks; the export rebuilds the whole chain and scores as archived, and its written recipes
-    # (with calibration.yaml) rebuild the same weights with `evomerge merge` alone
-    import yaml
-    from safetensors.torch import load_file
-
+def _task_spy_worker(space: Any) -> tuple[Any, list[dict[str, tuple[str, ...]]]]:
+    """A real worker over ``space`` that records each job's ``model_tasks`` (what a merged parent stands for)."""
     from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
-    from evomerge.merge.recipe import Recipe
-    from evomerge.method_data import merge_recipe_to_disk
-    from evomerge.search.export import export_candidate, verify_export
 
-    pop = {**POP, "max_generations": 2, "pair": {"method": "qp", "options": {"sequential": True}, "points": 1}}
-    data = _pop_space(22, **pop)
-    space = space_from_dict(data)
-    run = RunDir.create(tmp_path / "qp", space)
     worker = MergeEvalWorker(WorkerSpec(base=str(space.base_path), models={k: str(v) for k, v in space.models.items()},
                                         fitness=space.fitness))
     seen_tasks: list[dict[str, tuple[str, ...]]] = []
@@ -384,6 +372,25 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
         return evaluate(job)
 
     worker.evaluate = spy  # type: ignore[method-assign]
+    return worker, seen_tasks
+
+
+def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tmp_path: Path) -> None:
+    # pair merges by sequential QP: a generation-2 pair merges merged members, whose calibration rows are their
+    # originals' tasks; the export rebuilds the whole chain and scores as archived, and its written recipes
+    # (with calibration.yaml) rebuild the same weights with `evomerge merge` alone
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.merge.recipe import Recipe
+    from evomerge.method_data import merge_recipe_to_disk
+    from evomerge.search.export import export_candidate, verify_export
+
+    pop = {**POP, "max_generations": 2, "pair": {"method": "qp", "options": {"sequential": True}, "points": 1}}
+    data = _pop_space(22, **pop)
+    space = space_from_dict(data)
+    run = RunDir.create(tmp_path / "qp", space)
+    worker, seen_tasks = _task_spy_worker(space)
     run_population_session(run, space, InProcessExecutor(lambda: worker, penalty=space.penalty), stop=StopFlag(),
                            log=lambda m: None, progress=False)
     with run.archive(readonly=True) as a:
@@ -431,23 +438,13 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
 def test_a_child_of_the_joint_merge_exports_and_scores_as_archived(tmp_path: Path) -> None:
     """A real QP run with the joint merge: the joint stands for every task in its children's calibration rows, and
     a generation-1 child of it exports (the chain rebuilds the joint first) and re-scores as archived."""
-    from evomerge.executors.worker import MergeEvalWorker, WorkerSpec
     from evomerge.search.export import export_candidate, verify_export
 
     pop = {**POP, "joint": True, "max_generations": 1, "pair_budget": 1,
            "pair": {"method": "qp", "options": {"sequential": True}, "points": 1, "parameters": {"ridge": 1e-4}}}
     space = space_from_dict(_pop_space(15, **pop))
     run = RunDir.create(tmp_path / "qpj", space)
-    worker = MergeEvalWorker(WorkerSpec(base=str(space.base_path), models={k: str(v) for k, v in space.models.items()},
-                                        fitness=space.fitness))
-    seen_tasks: list[dict[str, tuple[str, ...]]] = []
-    evaluate = worker.evaluate
-
-    def spy(job: Any) -> Any:
-        seen_tasks.append(dict(job.model_tasks))
-        return evaluate(job)
-
-    worker.evaluate = spy  # type: ignore[method-assign]
+    worker, seen_tasks = _task_spy_worker(space)
     summary = run_population_session(run, space, InProcessExecutor(lambda: worker, penalty=space.penalty),
                                      stop=StopFlag(), log=lambda m: None, progress=False)
     assert summary.evaluations == 15  # 4 originals, the joint, 10 pairs of 5 starting models
