@@ -16,6 +16,7 @@ This module sits above ``fitness`` and ``merge`` (it knows both) and below the e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from evomerge.merge.calibration.rows import CalibrationSet, interleave_rows, key
 from evomerge.merge.engines.disk import MergeSummary, merge_to_disk
 from evomerge.merge.methods.registry import get_method
 from evomerge.merge.methods.spec import Need
-from evomerge.merge.recipe import BASE_KEY, Recipe
+from evomerge.merge.recipe import BASE_KEY, ROWS_OPTION, Recipe, format_model_rows, parse_model_rows
 from evomerge.models.hf import load_causal_lm, load_tokenizer
 from evomerge.paths import is_absolute_or_scheme, resolve_path
 
@@ -63,6 +64,26 @@ def jsonl_sources(spec: FitnessSpec, split: str = "search") -> dict[str, str]:
 def recipe_needs_rows(recipe: Recipe) -> bool:
     """Whether the recipe needs task rows from its caller's fitness (data-aware, no calibration file of its own)."""
     return Need.CALIBRATION in get_method(recipe.method).needs_for(recipe) and not recipe.options.get("calibration")
+
+
+def recipe_rows(recipe: Recipe) -> dict[str, tuple[str, ...]]:
+    """The tasks the recipe's ``rows`` option names per model (none: each model's own), checked against its
+    models."""
+    chosen = parse_model_rows(str(recipe.options.get(ROWS_OPTION) or ""), where=f"{recipe.method}: options.rows")
+    unknown = [k for k in chosen if k not in {m.model for m in recipe.models}]
+    if unknown:
+        raise ConfigError(f"{recipe.method}: options.rows names {unknown}, which are not models of the recipe "
+                          f"({', '.join(m.model for m in recipe.models)})")
+    return chosen
+
+
+def with_model_rows(recipe: Recipe, rows: Mapping[str, Sequence[str]]) -> Recipe:
+    """``recipe`` calibrating the models of ``rows`` on those tasks (its method must have the ``rows`` option)."""
+    if not rows:
+        return recipe
+    if get_method(recipe.method).option(ROWS_OPTION) is None:
+        raise ConfigError(f"{recipe.method}: no '{ROWS_OPTION}' option (methods that calibrate on task rows have it)")
+    return dataclasses.replace(recipe, options={**recipe.options, ROWS_OPTION: format_model_rows(rows)})
 
 
 def recipe_needs_base_scores(recipe: Recipe) -> bool:
@@ -130,15 +151,30 @@ class MethodDataProvider:
         rows are keyed by ``key_of[model]`` when the recipe names models by folders (export, parent cache).
         """
         source = str(recipe.options.get("calibration") or "")
+        chosen = recipe_rows(recipe)
         if source:
-            return self.calibration_file(source, recipe.tokenizer_source)
+            calib = self.calibration_file(source, recipe.tokenizer_source)
+            if chosen:  # on a copy: the file's own rows of a model serve the recipes that name none
+                calib = dataclasses.replace(calib, rows=dict(calib.rows))
+            for model, wanted in chosen.items():  # the file names the tasks' rows too (an export's does)
+                calib.add_union((key_of or {}).get(model, model), list(wanted))
+            return calib
         calib = self.fitness_calibration()
         tasks = list(self.task_rows())
         for m in recipe.models:
             key = (key_of or {}).get(m.model, m.model)
-            if m.model == recipe.base_model or m.model == BASE_KEY or (key in calib.rows and key not in self._sources):
-                continue  # the base, or a task's own rows
-            wanted = tuple((model_tasks or {}).get(m.model) or [task_of(m.model, tasks)])
+            if m.model == recipe.base_model or m.model == BASE_KEY:
+                continue
+            own = key in calib.rows and key not in self._sources  # a task's own rows (an original)
+            if m.model in chosen:
+                bad = [t for t in chosen[m.model] if t not in tasks]
+                if bad or (own and chosen[m.model] != (key,)):
+                    raise ConfigError(f"options.rows: model {m.model!r}: {bad or list(chosen[m.model])} "
+                                      f"{'are no jsonl tasks of the fitness' if bad else 'is not its own task'} "
+                                      f"(tasks: {', '.join(tasks)}; an original is calibrated on its own task)")
+            if own:
+                continue
+            wanted = chosen.get(m.model) or tuple((model_tasks or {}).get(m.model) or [task_of(m.model, tasks)])
             # a key keeps its rows while it stands for the same tasks; a worker reused across runs sees the same
             # member key (g2.1) stand for other tasks in the next run, and must not calibrate it on the old ones
             if self._sources.get(key) != wanted:
@@ -247,7 +283,8 @@ def calibration_from_file(path: str | os.PathLike[str], tokenizer: Any, limit: i
 def calibration_file_data(spec: FitnessSpec, model_tasks: Mapping[str, Sequence[str]], split: str = "search",
                           limit: int | None = CALIBRATION_LIMIT) -> dict[str, Any]:
     """The long-form calibration file that gives each model of ``model_tasks`` the rows a search's worker gave
-    it, so an exported data-aware recipe rebuilds with ``evomerge merge`` alone."""
+    it (and each task its own, for recipes whose ``rows`` option names tasks), so an exported data-aware recipe
+    rebuilds with ``evomerge merge`` alone."""
     sources = jsonl_sources(spec, split)
     models: dict[str, list[str]] = {}
     for key, tasks in model_tasks.items():
@@ -256,6 +293,8 @@ def calibration_file_data(spec: FitnessSpec, model_tasks: Mapping[str, Sequence[
             raise ConfigError(f"model {key!r}: task(s) {missing or list(tasks)} are not jsonl tasks of the fitness "
                               f"spec (known: {', '.join(sorted(sources))})")
         models[str(key)] = [str(resolve_path(sources[t]).resolve()) for t in tasks]
+    for name, src in sources.items():  # each task's own rows too: a recipe's ``rows`` option names tasks
+        models.setdefault(str(name), [str(resolve_path(src).resolve())])
     return {"terminator": str(getattr(spec, "terminator", "\n")), "seq_len": CALIBRATION_SEQ_LEN, "limit": limit,
             "models": models}
 

@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "joint",
-        "breeding", "breeding_niche")
+        "breeding", "breeding_niche", "breeding_ancestors", "breeding_refine")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -115,9 +115,12 @@ LABELS = {
     "joint": "kinship manager + the joint merge of the originals",
     "breeding": "default manager (both, skip, escapes + crossover; niche_alpha default)",
     "breeding_niche": "default manager with niche fitness (niche_alpha = --alpha)",
+    "breeding_ancestors": "default manager, parents calibrated on all their ancestors' tasks",
+    "breeding_refine": "default manager + the refine escape (the best merged member's merge searched again)",
 }
 # the manager as it was before behaviour-aware breeding (and before the joint merge of the originals)
-_KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0, "joint": False}
+_KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0, "joint": False,
+            "pair_rows": "ancestors"}
 
 
 def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
@@ -130,6 +133,8 @@ def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
         "joint": {**_KINSHIP, "joint": True},
         "breeding": {},
         "breeding_niche": {"niche_alpha": alpha},
+        "breeding_ancestors": {"pair_rows": "ancestors"},
+        "breeding_refine": {"refine": True},
     }
 TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 

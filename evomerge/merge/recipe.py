@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,33 @@ from evomerge.merge.params import ParamValue
 OptionValue = str | int | float | bool
 # The key a search's recipes give the base model (its fine-tunes go by their names in the search space).
 BASE_KEY = "base"
+
+
+ROWS_OPTION = "rows"  # the recipe option of data-aware methods that names the tasks each model is calibrated on
+ROWS_OPTION_DOC = ("the tasks each model is calibrated on, 'key=task,task;key=task' (unnamed models: their own "
+                   "task, a merged model its originals' tasks; the population's competence rows)")
+
+
+def format_model_rows(rows: Mapping[str, Sequence[str]]) -> str:
+    """``{"g2.1": ("add", "rev")}`` as the ``rows`` option's text (keys in order, so recipes hash the same)."""
+    for key, tasks in rows.items():
+        bad = [x for x in (key, *tasks) if not x or any(c in x for c in "=;,")]
+        if bad or not tasks:
+            raise ConfigError(f"options.rows: model {key!r}: names without '=', ';' or ',' and at least one task "
+                              f"expected, got {list(tasks)}")
+    return ";".join(f"{key}={','.join(tasks)}" for key, tasks in sorted(rows.items()))
+
+
+def parse_model_rows(text: str, where: str = "options.rows") -> dict[str, tuple[str, ...]]:
+    """The ``rows`` option's text as model key -> tasks (empty text: none named)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, tasks = part.partition("=")
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        if not sep or not key.strip() or not names or key.strip() in out:
+            raise ConfigError(f"{where}: {part!r}: expected 'model=task,task' once per model (in {text!r})")
+        out[key.strip()] = names
+    return out
 
 
 @dataclass(frozen=True)
@@ -155,6 +182,9 @@ class Recipe:
             base_model=ref(self.base_model) if self.base_model is not None else None,
             models=tuple(ModelEntry(ref(m.model), dict(m.parameters)) for m in self.models),
             slices=tuple(dataclasses.replace(s, model=ref(s.model)) for s in self.slices),
+            options=self.options if not self.options.get(ROWS_OPTION) else {
+                **self.options, ROWS_OPTION: format_model_rows(
+                    {ref(k): v for k, v in parse_model_rows(str(self.options[ROWS_OPTION])).items()})},
         )
 
     def model_keys(self) -> list[str]:

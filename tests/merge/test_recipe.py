@@ -6,7 +6,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.merge.params import ParamValue
-from evomerge.merge.recipe import ModelEntry, Recipe
+from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe, format_model_rows, parse_model_rows
 
 RAW = {
     "method": "ties",
@@ -64,3 +64,13 @@ def test_bad_recipes_name_the_field(raw: dict, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
         Recipe.from_dict(raw)
     assert fragment in str(err.value)
+
+
+def test_map_models_renames_the_models_the_rows_option_names() -> None:
+    recipe = Recipe("qp", (ModelEntry("g2.1"), ModelEntry("sort")), base_model=BASE_KEY,
+                    options={"rows": format_model_rows({"g2.1": ("add", "rev")}), "sequential": True})
+    moved = recipe.map_models(lambda k: f"/models/{k}")
+    assert [m.model for m in moved.models] == ["/models/g2.1", "/models/sort"]
+    assert parse_model_rows(str(moved.options["rows"])) == {"/models/g2.1": ("add", "rev")}
+    assert moved.options["sequential"] is True
+    assert Recipe("qp", recipe.models, base_model=BASE_KEY).map_models(str).options == {}

@@ -6,7 +6,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
-from evomerge.search.population.members import ancestor_tasks
+from evomerge.search.population.members import ancestor_tasks, competence_rows
 from evomerge.search.population.pair_search import PairSpace
 
 
@@ -25,6 +25,27 @@ def test_ancestor_tasks_is_the_ordered_union_over_the_lineage() -> None:
     # an original without a task of its name stands for nothing; the base never does
     assert ancestor_tasks("chat", members.get, names) == ()
     assert ancestor_tasks(BASE_KEY, members.get, names) == ()
+
+
+def test_competence_rows_give_each_task_to_the_parents_not_beaten_on_it() -> None:
+    tasks_of = {"joint": ("add", "rev", "sort", "enc"), "g2.1": ("add", "rev", "enc"), "sort": ("sort",)}
+    scores = {"joint": {"add": 0.50, "rev": 0.40, "sort": 0.43, "enc": 0.80},
+              "g2.1": {"add": 0.75, "rev": 0.405, "sort": 0.27, "enc": 0.90},
+              "sort": {"add": 0.10, "rev": 0.10, "sort": 0.95, "enc": 0.10}}
+    # joint keeps rev (within the 0.01 tie of g2.1), loses add and enc to g2.1 and sort to the specialist;
+    # g2.1 is beaten on nothing it stands for; the original is never split
+    assert competence_rows(tasks_of, scores) == {"joint": ("rev",)}
+    # without the specialist, sort is joint's alone (g2.1 does not stand for it)
+    two = {k: tasks_of[k] for k in ("joint", "g2.1")}
+    assert competence_rows(two, scores) == {"joint": ("rev", "sort")}
+    # a parent beaten everywhere keeps every task (a merge that matches it nowhere would drop it)
+    same = {"joint": ("add", "rev", "enc"), "g2.1": ("add", "rev", "enc")}
+    worse = {**scores, "joint": {t: v - 0.3 for t, v in scores["joint"].items()}}
+    assert competence_rows(same, worse) == {}
+    assert competence_rows(same, scores) == {"joint": ("rev",)}
+    # where less is better, the lower value wins
+    assert competence_rows(two, scores, lower=["add", "enc"]) == {"g2.1": ("rev",)}
+    assert competence_rows(two, scores, tie=0.5) == {}
 
 
 def test_pair_space_method_parameters_and_options_go_into_the_recipe() -> None:

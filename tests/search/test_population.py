@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
+from evomerge.search.events import EventKind
 from evomerge.search.population.manager import PairResult, PopulationManager
 from evomerge.search.population.members import JOINT_KEY, Member, pair_key, top_k
 from evomerge.search.population.rules import (
@@ -65,11 +66,24 @@ class FakeBackend:
             raise RuntimeError("simulated crash")
         used = max(1, budget) if self.evals_per_pair is None else min(self.evals_per_pair, max(1, budget))
         self.evals += used
+        if plan.operator == "refine":  # the merge that made plan.a, again: a child of its parents
+            return self._refine(plan, generation, used)
         a, b = self._member(plan.a), self._member(plan.b)
         key = f"g{generation}:{plan.key[0]}+{plan.key[1]}"
         self.vectors[key] = 0.5 * (self.vectors[plan.a] + self.vectors[plan.b]) + 0.05 * np.array(
             [_noise(f"{key}:{i}") for i in range(len(self.vectors[plan.a]))])
         child = Member(key, self.score_fn(a, b, key), generation, (plan.a, plan.b), candidate_id=self.evals)
+        self.children[key] = child
+        self.pairs_run.append((plan.a, plan.b, generation, used))
+        return PairResult(child, used)
+
+    def _refine(self, plan: PairPlan, generation: int, used: int) -> PairResult:
+        pa, pb = self.children[plan.a].parents
+        key = f"g{generation}:refine:{plan.a}"
+        self.vectors[key] = self.vectors[plan.a] + 0.01 * np.array(
+            [_noise(f"{key}:{i}") for i in range(len(self.vectors[plan.a]))])
+        child = Member(key, self.score_fn(self._member(pa), self._member(pb), key), generation, (pa, pb),
+                       candidate_id=self.evals)
         self.children[key] = child
         self.pairs_run.append((plan.a, plan.b, generation, used))
         return PairResult(child, used)
@@ -181,6 +195,16 @@ def test_stop_on_kinship_saturation() -> None:
     out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0), budget=500).run()
     assert out.stop_reason.startswith("saturated")
     assert out.generations == 1
+    # without per-item results the one escape left is refinement: the best member's merge searched again, once
+    backend = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
+    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0, refine=True), budget=500).run()
+    assert out.stop_reason.startswith("saturated") and out.generations == 2
+    best = out.history[0].best
+    assert [p for p in out.history[1].plans] == [PairPlan(best, best, "refine", operator="refine", budget=16)]
+    refined = backend.children[f"g2:refine:{best}"]
+    assert refined.parents == backend.children[best].parents  # a child of the best member's parents
+    done = [e for e in _events(backend, "pair_done") if e["generation"] == 2]
+    assert done[0]["a"] == done[0]["b"] == best and tuple(done[0]["parents"]) == refined.parents
     # the same population with the threshold off keeps going
     backend2 = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
     out2 = PopulationManager(backend2, PopulationConfig(k=3, max_revivals=0, saturation=None), budget=500).run()
@@ -444,10 +468,14 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
     backend.fail_after = 2
     with pytest.raises(RuntimeError):
         PopulationManager(backend, old, budget=40).run()
+    start = next(e["payload"] for e in backend.log if e["kind"] == EventKind.POPULATION_START)
+    assert start["pair_rows"] == "competence" and old.recorded_pair_rows(start) == "competence"
     for e in backend.log:  # as an older version wrote it
-        e["payload"].pop("joint", None)
-        e["payload"].pop("joint_budget", None)
+        for key in ("joint", "joint_budget", "pair_rows"):
+            e["payload"].pop(key, None)
     backend.fail_after = None
-    PopulationManager(backend, PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0,
-                                                max_generations=3), budget=40).run()
+    new = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=3)
+    PopulationManager(backend, new, budget=40).run()
     assert not backend.joints_run and JOINT_KEY not in backend.children
+    # its merged parents keep the calibration rows they had: their ancestors' tasks
+    assert new.recorded_pair_rows(start) == "ancestors" and new.recorded_pair_rows(None) == "competence"

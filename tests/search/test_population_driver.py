@@ -404,6 +404,9 @@ def test_qp_pairs_of_merged_members_export_and_rebuild_from_the_written_files(tm
     # the worker was told which tasks a merged parent stands for: the union of its originals'
     want = tuple(m.model for m in first.models)
     assert any(t.get(child.parents[0]) == want for t in seen_tasks)
+    # ... and pairs of merged members split them by competence: the worse parent of a task is not calibrated on it
+    split = [r for r in results if r.generation == 2 and r.recipe["options"].get("rows")]
+    assert split, "no generation-2 pair split its parents' tasks"
 
     out = tmp_path / "child"
     export_candidate(run.path, out, candidate_id=child.id, progress=False)
@@ -460,3 +463,33 @@ def test_a_child_of_the_joint_merge_exports_and_scores_as_archived(tmp_path: Pat
     export_candidate(run.path, out, candidate_id=child.id, progress=False)
     got, archived = verify_export(run.path, out, child.id)
     assert got == pytest.approx(archived, abs=1e-6)
+
+
+def test_a_refine_escape_searches_the_best_members_merge_again_and_resumes(tmp_path: Path) -> None:
+    """A saturated top-k escapes by refining its best member: the same parents, method and genome start, a new
+    member whose lineage is those parents; a resumed run replays it (no orphans, the same archive)."""
+    from evomerge.search.events import EventKind
+
+    data = _pop_space(40, saturation=-1.0, max_escapes=1, refine=True, escape_pair_budget=4, max_revivals=0)
+    run, summary, _ = _fake_pop(tmp_path, data)
+    with run.archive(readonly=True) as a:
+        plans = [e["data"] for e in a.events(EventKind.GENERATION_PLAN)]
+        refine = [p for plan in plans for p in plan["plans"] if p.get("operator") == "refine"]
+        assert len(refine) == 1 and refine[0]["a"] == refine[0]["b"] and refine[0]["budget"] == 4
+        target = refine[0]["a"]
+        done = next(e["data"] for e in a.events(EventKind.PAIR_DONE) if e["data"].get("operator") == "refine")
+        members = a.member_candidates()
+        made = a.get(members[target])
+        assert done["a"] == target and sorted(done["parents"]) == sorted(made.parents)
+        runs = [r for r in a.results() if r.generation == done["generation"] and sorted(r.parents) ==
+                sorted(made.parents)]
+        assert 1 <= len(runs) <= 4 and {r.method for r in runs} == {made.method}
+        assert summary.evaluations == a.count()
+        count = a.count()
+    # resuming the finished run adds nothing and keeps its members
+    space = space_from_dict(data)
+    again = run_population_session(run, space, InProcessExecutor(lambda: HashScoreWorker(), penalty=space.penalty),
+                                   stop=StopFlag(), log=lambda m: None, progress=False)
+    with run.archive(readonly=True) as a:
+        assert a.count() == count and again.evaluations == count
+        assert a.member_candidates() == members

@@ -14,6 +14,7 @@ from evomerge.merge.calibration.importance import importance
 from evomerge.merge.kernels.apl import ESTIMATORS, GRAD_POINTS, LEVELS, ImportanceStats, apl
 from evomerge.merge.methods.qp import calibration_inputs
 from evomerge.merge.methods.spec import MergeMethod, MethodContext, Need, OptionSpec, ParamSpec, Prepared
+from evomerge.merge.recipe import ROWS_OPTION, ROWS_OPTION_DOC
 
 
 def prepare_apl(ctx: MethodContext) -> Prepared:
@@ -68,6 +69,7 @@ METHOD = MergeMethod(
         OptionSpec("examples", 16, None, "task examples per model for the importance loss"),
         OptionSpec("calibration", "", None,
                    "fitness spec or YAML mapping model keys to jsonl rows (when the caller passes none)"),
+        OptionSpec(ROWS_OPTION, "", None, ROWS_OPTION_DOC),
     ),
     needs_base=True, min_models=1, needs=frozenset({Need.GENERATOR, Need.CALIBRATION}),
     doc="APL (reconstruction of Kong et al.): importance-based drop rates and per-partition softmax weights",

@@ -19,6 +19,7 @@ from evomerge.merge.calibration.rows import CalibrationSet
 from evomerge.merge.kernels.qp import BASES, FALLBACKS, MASKS, QPReport, qp
 from evomerge.merge.methods.builtin import BY_NAME
 from evomerge.merge.methods.spec import MergeMethod, MethodContext, Need, OptionSpec, ParamSpec, Prepared
+from evomerge.merge.recipe import ROWS_OPTION, ROWS_OPTION_DOC
 
 Tensor = torch.Tensor
 
@@ -151,6 +152,7 @@ METHOD = MergeMethod(
                    "YAML/JSON file mapping each model key to a jsonl of prompt/answer or text rows, or a fitness "
                    "spec (used when the caller provides no calibration set)"),
         OptionSpec("calibration_tokens", 512, None, "calibration tokens per task"),
+        OptionSpec(ROWS_OPTION, "", None, ROWS_OPTION_DOC),
     ),
     needs_base=True, min_models=1, needs=frozenset({Need.GENERATOR, Need.CALIBRATION}),
     doc="output-space QP merge (reconstruction of Evans et al.): per linear layer, min sum_t ||(Delta - tau_t) X_t||^2",

@@ -213,7 +213,7 @@ class PopulationManager:
                         budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget,
                         niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
                         identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes, joint=joint,
-                        joint_budget=self.cfg.joint_budget)
+                        joint_budget=self.cfg.joint_budget, pair_rows=self.cfg.pair_rows)
         else:  # as the run started (a run recorded before the joint merge existed has none)
             joint = bool(start.get("joint", False))
         failed = [s for s in starting if not self.members[s].ok]
@@ -333,7 +333,7 @@ class PopulationManager:
                   f"({self.backend.evaluations()}/{self.budget} evaluations)")
 
     def _escape(self, top: Sequence[Member]) -> list[PairPlan]:
-        """Escape moves when the top-k saturates (none left, no per-item results, or nobody complements)."""
+        """Escape moves when the top-k saturates (none left; without per-item results, refinement only)."""
         if self.escapes >= self.cfg.max_escapes or self._budget_left() <= 0 or not top:
             return []
         attract = self._attraction_to(top[0].key) if self.cfg.uses_attraction else None
@@ -341,13 +341,12 @@ class PopulationManager:
             b = self._behaviour()
             attract = None if b is None or top[0].key not in b.keys else attraction(b, top[0].key,
                                                                                    self._attract_alpha())
-        if attract is None:
-            return []
-        return escape_plans(top, list(self.members.values()), self.merged, self.cfg, attract)
+        return escape_plans(top, list(self.members.values()), self.merged, self.cfg, attract or {})
 
     @staticmethod
     def _escape_text(plans: Sequence[PairPlan]) -> str:
-        return ", ".join(f"{p.reason} {p.a} x {p.b} (attraction {p.attraction:.4f}, {p.budget} evaluations)"
+        return ", ".join(f"refine {p.a} ({p.budget} evaluations)" if p.operator == "refine" else
+                         f"{p.reason} {p.a} x {p.b} (attraction {p.attraction:.4f}, {p.budget} evaluations)"
                          for p in plans)
 
     def _plan_reason(self, plans: Sequence[PairPlan], top: Sequence[Member]) -> str:
@@ -363,7 +362,7 @@ class PopulationManager:
         n_rev = sum(p.reason == "revival" for p in plans)
         if n_rev:
             parts.append(f"{n_rev} revival pair(s)")
-        esc = [p for p in plans if p.reason in ("escape", "crossover")]
+        esc = [p for p in plans if p.reason in ("escape", "crossover", "refine")]
         if esc:
             parts.append("escape moves (the top-k saturated): " + self._escape_text(esc))
         return "; ".join(parts)
@@ -375,7 +374,7 @@ class PopulationManager:
             left = self._budget_left()
             if left <= 0:
                 return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
-            distance = self._distance(plan.a, plan.b)
+            distance = None if plan.operator == "refine" else self._distance(plan.a, plan.b)
             if distance is not None and self.cfg.identical_tol is not None and distance <= self.cfg.identical_tol:
                 self.merged.add(plan.key)
                 self.skipped += 1
@@ -391,10 +390,12 @@ class PopulationManager:
                 return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
             self.merged.add(plan.key)
             self.members[result.child.key] = result.child
+            # a refined member's child descends from its parents, not from the plan's a and b (the member itself)
+            parents = {"parents": list(result.child.parents)} if plan.operator == "refine" else {}
             self._event(EventKind.PAIR_DONE, generation=generation, a=plan.a, b=plan.b, reason=plan.reason,
                         child=result.child.key, score=result.child.score, candidate_id=result.child.candidate_id,
                         evaluations=result.evaluations, ok=result.child.ok, behaviour_distance=distance,
-                        operator=plan.operator)
+                        operator=plan.operator, **parents)
             if not result.child.ok:
                 self._exclude(generation, [result.child.key], f"every evaluation of the merge of {plan.a} and "
                                                               f"{plan.b} failed")
@@ -489,7 +490,7 @@ class PopulationManager:
             elif kind in MERGE_EVENTS:
                 parents = merge_parents(p)
                 if kind == EventKind.PAIR_DONE:
-                    self.merged.add(pair_key(*parents))
+                    self.merged.add(pair_key(str(p["a"]), str(p["b"])))
                 else:
                     st.joint = True
                 child = Member(str(p["child"]), float(p["score"]), int(p["generation"]), parents,

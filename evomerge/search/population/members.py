@@ -80,6 +80,38 @@ def ancestor_tasks(key: str, recipe_of: Callable[[str], Recipe | None], task_nam
     return tuple(out)
 
 
+COMPETENCE_TIE = 0.01  # a task goes to every parent within this of the best one on it (token accuracy, ...)
+
+
+def competence_rows(tasks_of: Mapping[str, Sequence[str]], scores: Mapping[str, Mapping[str, float]],
+                    lower: Iterable[str] = (), tie: float = COMPETENCE_TIE) -> dict[str, tuple[str, ...]]:
+    """The tasks each merged parent of a data-aware merge is calibrated on when the parents split them by
+    competence: a task it stands for goes to it unless another parent that stands for the task too scores better
+    on it by more than ``tie`` (``lower``: tasks where less is better). Then the merge matches each parent where it
+    is the better one, not a compromise of both everywhere. A parent left with no task keeps all of them; only
+    parents whose tasks shrink are returned.
+
+    ``tasks_of``: every parent's tasks (an original: its own); ``scores``: every parent's value per task.
+    """
+    low = set(lower)
+    out: dict[str, tuple[str, ...]] = {}
+    for key, tasks in tasks_of.items():
+        if len(tasks) < 2:
+            continue  # an original, or a merge of one task's models: nothing to split
+
+        kept = tuple(t for t in tasks if not _beaten(key, t, tasks_of, scores, -1.0 if t in low else 1.0, tie))
+        if kept and kept != tuple(tasks):
+            out[key] = kept
+    return out
+
+
+def _beaten(key: str, task: str, tasks_of: Mapping[str, Sequence[str]], scores: Mapping[str, Mapping[str, float]],
+            sign: float, tie: float) -> bool:
+    mine = sign * scores[key][task]
+    return any(sign * scores[other][task] > mine + tie
+               for other, theirs in tasks_of.items() if other != key and task in theirs)
+
+
 class MemberStore:
     """The members of one run with their recipes, and the recorded plans that name the children.
 

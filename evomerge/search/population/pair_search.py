@@ -24,6 +24,7 @@ from evomerge.errors import ConfigError
 from evomerge.merge.methods.registry import get_method, validate_recipe
 from evomerge.merge.params import ParamValue
 from evomerge.merge.recipe import BASE_KEY, ModelEntry, Recipe
+from evomerge.method_data import with_model_rows
 from evomerge.search.archive import CandidateRecord
 from evomerge.search.dispatch import Dispatcher, Job
 from evomerge.search.optimizer import array_parametrization, build_optimizer
@@ -206,11 +207,13 @@ class PairSearch:
     def run(self, parents: Sequence[str], generation: int, budget: int, *, seed: int, x0: np.ndarray,
             warm: np.ndarray | None = None, extra_models: Mapping[str, str] | None = None,
             model_tasks: Mapping[str, tuple[str, ...]] | None = None,
-            space: PairSpace | CrossoverSpace | None = None) -> list[CandidateRecord]:
+            space: PairSpace | CrossoverSpace | None = None,
+            rows: Mapping[str, tuple[str, ...]] | None = None) -> list[CandidateRecord]:
         """The evaluations of the merge of ``parents`` (a pair: the better first; the joint merge: every starting
         model) in ``generation``: ``budget`` of them (0: the fixed recipe at ``x0``), archived ones of this merge
         replayed and counted, others' answers told but not counted. ``space``: the genome (default: the session's
-        pair space; a crossover escape its own)."""
+        pair space; a crossover escape its own). ``rows``: the tasks parents are calibrated on, where they are not
+        their own (a data-aware method's competence rows)."""
         ps, dispatch = space if space is not None else self.space, self.dispatch
         parents = list(parents)
         pk = parents_key(parents)
@@ -219,7 +222,7 @@ class PairSearch:
         counted: set[int] = set()
 
         def job_of(x: np.ndarray, candidate: Any = None) -> Job:
-            recipe = ps.recipe(parents, x, seed)
+            recipe = with_model_rows(ps.recipe(parents, x, seed), rows or {})
             genome = {"x": [float(v) for v in x], "x0": [float(v) for v in x0]}
             return Job(-1, recipe, recipe.content_hash(), genome, candidate=candidate)
 

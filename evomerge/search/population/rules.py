@@ -32,6 +32,7 @@ from evomerge.search.population.members import Member, pair_key
 # ------------------------------------------------------------------------------------------------- config
 
 PARTNERS = ("kinship", "attraction", "both")
+PAIR_ROWS = ("ancestors", "competence")
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,17 @@ class PopulationConfig:
     escape_pair_budget: int | None = None  # evaluations per escape pair (default: twice pair_budget)
     crossover: bool = True  # an escape generation also runs a split-point crossover pair
     crossover_method: str = "crossover"  # the registry method of the crossover pair (boundary and w genes)
+    # an escape generation first searches the merge of the best merged member again (its parents, from its
+    # genome, escape_budget evaluations): a new member of those parents. Off: neutral on both demo zoos (README)
+    refine: bool = False
     # generation 0: one merge of every starting model by the pair method (a member whose parents are all of them),
     # which then starts generation 1 beside them: a data-aware merge of the originals keeps skills that merges of
     # merged parents have lost already (search_spaces/README.md)
     joint: bool = True
     joint_budget: int = 0  # evaluations of the joint merge's per-layer weight search; 0 = its fixed recipe
+    # the tasks a merged parent is calibrated on in a data-aware pair merge (qp, apl): all its originals' tasks
+    # (ancestors), or those of them where the other parent is not better (competence: members.competence_rows)
+    pair_rows: str = "competence"
 
     def __post_init__(self) -> None:
         where = "population"
@@ -100,8 +107,15 @@ class PopulationConfig:
         if isinstance(self.joint_budget, bool) or not isinstance(self.joint_budget, int) or self.joint_budget < 0:
             raise ConfigError(f"{where}.joint_budget: an integer >= 0 (0 = the fixed recipe), got "
                               f"{self.joint_budget!r}")
+        if self.pair_rows not in PAIR_ROWS:
+            raise ConfigError(f"{where}.pair_rows: {self.pair_rows!r} is not one of {', '.join(PAIR_ROWS)}")
         if self.escape_pair_budget is not None and self.escape_pair_budget < 0:
             raise ConfigError(f"{where}.escape_pair_budget: must be >= 0, got {self.escape_pair_budget}")
+
+    def recorded_pair_rows(self, start: Mapping[str, Any] | None) -> str:
+        """``pair_rows`` as the run started (``start``: its population_start event; None: it starts now). A run
+        recorded before the competence split calibrates on the ancestors' tasks, as it did."""
+        return self.pair_rows if start is None else str(start.get("pair_rows", "ancestors"))
 
     @property
     def escape_budget(self) -> int:
@@ -152,10 +166,12 @@ class PairPlan:
 
     a: str
     b: str
-    reason: str  # "initial" | "top-k" | "exploration" | "revival" | "escape" | "crossover"
+    reason: str  # "initial" | "top-k" | "exploration" | "revival" | "escape" | "crossover" | "refine"
     kinship: float | None = None
     attraction: float | None = None  # B's attraction to A (partner: attraction | both)
-    operator: str = "pair"  # "pair": the pair genome of population.pair; "crossover": the split-point crossover
+    # "pair": the pair genome of population.pair; "crossover": the split-point crossover; "refine": the merge that
+    # made member ``a`` (``b`` is ``a``) searched again from its genome, its child a new member of a's parents
+    operator: str = "pair"
     budget: int | None = None  # evaluations of this pair (None: population.pair_budget)
 
     @property
@@ -292,16 +308,20 @@ def plan_generation(top: Sequence[Member], population: Sequence[Member], merged:
 
 def escape_plans(top: Sequence[Member], population: Sequence[Member], merged: set[tuple[str, str]],
                  cfg: PopulationConfig, attract: Mapping[str, float]) -> list[PairPlan]:
-    """Escape moves once the top-k saturates: the first of ``top`` with its most attracted partners (those that
-    succeed where it fails), the first with a larger pair budget, the second by split-point crossover
-    (``cfg.crossover``; a pair is merged once, so the crossover takes the second partner). Members with zero
-    attraction are no escape; pairs merged before are not repeated."""
+    """Escape moves once the top-k saturates: the merge that made the best merged member of ``top`` searched again
+    from its genome with a larger budget (``cfg.refine``; once per member), then the first of ``top`` with its most attracted
+    partners (those that succeed where it fails), the first with a larger pair budget, the second by split-point
+    crossover (``cfg.crossover``; a pair is merged once, so the crossover takes the second partner). Members with
+    zero attraction are no escape; pairs merged before are not repeated."""
     if not top:
         return []
     best = top[0].key
+    plans: list[PairPlan] = []
+    merged_top = next((m.key for m in top if m.parents), None)
+    if cfg.refine and merged_top is not None and pair_key(merged_top, merged_top) not in merged:
+        plans.append(PairPlan(merged_top, merged_top, "refine", operator="refine", budget=cfg.escape_budget))
     pool = sorted((m for m in population if m.ok and m.key != best and pair_key(best, m.key) not in merged
                    and attract.get(m.key, 0.0) > 0), key=lambda m: (-attract[m.key], -m.score, m.key))
-    plans: list[PairPlan] = []
     if pool:
         plans.append(PairPlan(best, pool[0].key, "escape", None, attract[pool[0].key], budget=cfg.escape_budget))
     if cfg.crossover and len(pool) > 1:

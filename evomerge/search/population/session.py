@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,8 +34,9 @@ from evomerge.errors import ConfigError, RunDirError
 from evomerge.executors.base import Executor
 from evomerge.fitness.items import ItemScores
 from evomerge.fitness.racing import RacingConfig
-from evomerge.merge.recipe import ModelEntry, Recipe
-from evomerge.method_data import MethodDataProvider
+from evomerge.merge.methods.registry import get_method
+from evomerge.merge.recipe import ROWS_OPTION, ModelEntry, Recipe
+from evomerge.method_data import MethodDataProvider, recipe_rows
 from evomerge.search.archive import Archive, CandidateRecord
 from evomerge.search.dispatch import Dispatcher, Job
 from evomerge.search.events import MANAGER_EVENTS, EventKind
@@ -43,7 +44,14 @@ from evomerge.search.optimizer import optimizer_class
 from evomerge.search.population.behaviour import Behaviour, behaviour_matrix
 from evomerge.search.population.kinship_cache import KinshipCache
 from evomerge.search.population.manager import PairResult, PopulationManager
-from evomerge.search.population.members import JOINT_KEY, Member, MemberStore, parents_key, top_k
+from evomerge.search.population.members import (
+    JOINT_KEY,
+    Member,
+    MemberStore,
+    competence_rows,
+    parents_key,
+    top_k,
+)
 from evomerge.search.population.pair_search import CrossoverSpace, PairSearch, PairSpace, seed_of, warm_start
 from evomerge.search.population.parent_cache import ParentCache, ParentFolders
 from evomerge.search.population.rules import PairPlan, PopulationConfig
@@ -120,6 +128,7 @@ class RunPopulation:
         self._task_weights = {str(t.name): float(t.weight) for t in space.fitness.tasks}
         self._lower = [str(t.name) for t in space.fitness.tasks if t.direction == "minimize"]
         self.next_id = archive.max_id() + 1
+        self._pair_rows: str | None = None  # population.pair_rows as the run started (read on the first pair)
         finished = self.members.replay(archive)
         # evaluations of a merge (a pair, the joint merge) that did not finish (an interrupted session): replayed,
         # not counted twice
@@ -230,6 +239,8 @@ class RunPopulation:
     def run_pair(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
         """One pair's search (``budget`` evaluations; 0 = the fixed starting recipe), replaying archived ones."""
         self._check_stop()
+        if plan.operator == "refine":
+            return self._refine(plan, generation, budget)
         ma, mb = self.members[plan.a], self.members[plan.b]
         a, b = (plan.a, plan.b) if (ma.score, plan.b) >= (mb.score, plan.a) else (plan.b, plan.a)
         key = self.members.child_key(plan.key, generation)
@@ -242,10 +253,51 @@ class RunPopulation:
             ps = self.crossover
         x0 = ps.x0(self.kin.value(a, b, "cos") if ps.init == "kinship" else None)
         warm = warm_start(self.archive.results("search"), generation, x0, ps) if budget > 0 else None
+        rows = self._competence_rows((a, b)) if ps is self.pair else {}
         results = self.pairs.run((a, b), generation, budget, seed=seed_of(self.space.seed, generation, a, b), x0=x0,
                                  warm=warm, extra_models=extra, model_tasks=self.members.model_tasks(extra),
-                                 space=ps)
+                                 space=ps, rows=rows)
         return self._child(key, generation, (a, b), results, plan.reason)
+
+    def _refine(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
+        """The merge that made member ``plan.a`` searched again (its parents, method, calibration rows), from its
+        genome with a fresh optimizer: an escape move that spends the budget where the best member came from."""
+        member = self.members[plan.a]
+        rec = None if member.candidate_id is None else self.archive.get(int(member.candidate_id))
+        if rec is None or not member.parents or not rec.genome or "x" not in rec.genome:
+            raise RunDirError(f"refine {plan.a}: it is no merged member with an archived genome")
+        recipe = Recipe.from_dict(rec.recipe)
+        ps: PairSpace | CrossoverSpace = self.pair
+        if self.crossover is not None and recipe.method == self.crossover.method:
+            ps = self.crossover
+        parents = list(member.parents)
+        extra = self.folders.extra_models(parents)
+        results = self.pairs.run(parents, generation, budget, seed=seed_of(self.space.seed, generation, "refine",
+                                                                           *parents),
+                                 x0=np.asarray(rec.genome["x"], float), extra_models=extra,
+                                 model_tasks=self.members.model_tasks(extra), space=ps, rows=recipe_rows(recipe))
+        return self._child(self.members.child_key(plan.key, generation), generation, tuple(parents), results,
+                           "refine")
+
+    def _competence_rows(self, parents: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """The parents' calibration tasks split by competence (``population.pair_rows``; as the run started: a run
+        recorded before the split existed calibrates on the ancestors' tasks), for a method that calibrates."""
+        if self._pair_rows is None:
+            start = next(iter(self.archive.events(EventKind.POPULATION_START)), None)
+            self._pair_rows = self.cfg.recorded_pair_rows(None if start is None else start["data"])
+        if self._pair_rows != "competence" or get_method(self.pair.method).option(ROWS_OPTION) is None:
+            return {}
+        tasks_of = {k: self.members.model_tasks([k]).get(k, ()) for k in parents}
+        scores: dict[str, dict[str, float]] = {}
+        for k in parents:
+            cid = self.members[k].candidate_id
+            rec = None if cid is None else self.archive.get(int(cid))
+            if rec is None or not rec.ok:
+                return {}
+            scores[k] = {t: float(v["value"]) for t, v in rec.scores.items()}
+        if any(t not in scores[k] for k, ts in tasks_of.items() for t in ts):
+            return {}
+        return competence_rows(tasks_of, scores, self._lower)
 
     def run_joint(self, parents: list[str], budget: int) -> PairResult:
         """The joint merge of the starting models by the pair method (``budget`` evaluations of the same per-layer
