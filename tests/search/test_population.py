@@ -322,6 +322,10 @@ def test_config_validation() -> None:
         PopulationConfig(metric="l2")
     with pytest.raises(ConfigError, match="population.bogus: unknown key"):
         PopulationConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="population.pair_rows: 'tasks' is not one of ancestors, competence"):
+        PopulationConfig(pair_rows="tasks")
+    with pytest.raises(ConfigError, match="population.refine: true or false, got 'yes'"):
+        PopulationConfig.from_dict({"refine": "yes"})
     cfg = PopulationConfig.from_dict({"k": 4, "cache_disk": "1GB", "seed_models": ["a", "b"], "pair_budget": 0})
     assert cfg.k == 4 and cfg.cache_disk_bytes == 10**9 and cfg.seed_models == ("a", "b") and cfg.pair_budget == 0
     backend = FakeBackend(_vectors(3), {"m0": 0.1, "m1": 0.2, "m2": 0.3}, _gain_fn)

@@ -98,7 +98,6 @@ def competence_rows(tasks_of: Mapping[str, Sequence[str]], scores: Mapping[str, 
     for key, tasks in tasks_of.items():
         if len(tasks) < 2:
             continue  # an original, or a merge of one task's models: nothing to split
-
         kept = tuple(t for t in tasks if not _beaten(key, t, tasks_of, scores, -1.0 if t in low else 1.0, tie))
         if kept and kept != tuple(tasks):
             out[key] = kept

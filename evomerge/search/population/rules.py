@@ -102,6 +102,8 @@ class PopulationConfig:
             raise ConfigError(f"{where}.identical_tol: a number in [0, 1) or null, got {self.identical_tol!r}")
         if self.max_escapes < 0:
             raise ConfigError(f"{where}.max_escapes: must be >= 0, got {self.max_escapes}")
+        if not isinstance(self.refine, bool):
+            raise ConfigError(f"{where}.refine: true or false, got {self.refine!r}")
         if not isinstance(self.joint, bool):
             raise ConfigError(f"{where}.joint: true or false, got {self.joint!r}")
         if isinstance(self.joint_budget, bool) or not isinstance(self.joint_budget, int) or self.joint_budget < 0:
