@@ -274,21 +274,27 @@ def _fingerprint(backend: FakeBackend) -> list[tuple[str, Any]]:
     return out
 
 
+def _crash_and_resume(make: Callable[[], FakeBackend], cfg: PopulationConfig, budget: int, crash_after: int
+                      ) -> tuple[FakeBackend, Any, FakeBackend, Any]:
+    """An uninterrupted run, and one that crashes after ``crash_after`` pairs and is resumed by a fresh manager on
+    the same stored state (events, children, evaluations): (reference, its outcome, resumed, its outcome)."""
+    ref = make()
+    ref_out = PopulationManager(ref, cfg, budget=budget).run()
+    crashing = make()
+    crashing.fail_after = crash_after
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        PopulationManager(crashing, cfg, budget=budget).run()
+    assert len(crashing.pairs_run) == crash_after
+    crashing.fail_after = None
+    return ref, ref_out, crashing, PopulationManager(crashing, cfg, budget=budget).run()
+
+
 @pytest.mark.parametrize("crash_after", [2, 7, 11])
 def test_resume_mid_generation_matches_an_uninterrupted_run(crash_after: int) -> None:
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3, "m4": 0.2}
     cfg = PopulationConfig(k=3, pair_budget=3, saturation=None, max_revivals=1, max_generations=5)
-    ref = FakeBackend(_vectors(5), scores, _gain_fn)
-    ref_out = PopulationManager(ref, cfg, budget=200).run()
-
-    crashing = FakeBackend(_vectors(5), scores, _gain_fn)
-    crashing.fail_after = crash_after
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        PopulationManager(crashing, cfg, budget=200).run()
-    assert len(crashing.pairs_run) == crash_after
-    # a fresh manager on the same stored state (events, children, evaluations) continues where it stopped
-    crashing.fail_after = None
-    out = PopulationManager(crashing, cfg, budget=200).run()
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(5), scores, _gain_fn), cfg, 200,
+                                                    crash_after)
     assert [(a, b, g) for a, b, g, _ in crashing.pairs_run] == [(a, b, g) for a, b, g, _ in ref.pairs_run]
     assert _fingerprint(crashing) == _fingerprint(ref)
     assert out.best.key == ref_out.best.key and out.stop_reason == ref_out.stop_reason
@@ -453,15 +459,22 @@ def test_the_joint_merge_is_off_when_asked_for_two_models_or_a_name_clash() -> N
 def test_resume_replays_the_joint_merge_without_running_it_again(crash_after: int) -> None:
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
     cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=1, max_generations=4)
-    ref = JointBackend(_vectors(4), scores, _gain_fn)
-    ref_out = PopulationManager(ref, cfg, budget=60).run()
-    crashing = JointBackend(_vectors(4), scores, _gain_fn)
-    crashing.fail_after = crash_after
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        PopulationManager(crashing, cfg, budget=60).run()
-    crashing.fail_after = None
-    out = PopulationManager(crashing, cfg, budget=60).run()
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: JointBackend(_vectors(4), scores, _gain_fn), cfg, 60,
+                                                    crash_after)
     assert len(crashing.joints_run) == 1
+    assert _fingerprint(crashing) == _fingerprint(ref) and out.best.key == ref_out.best.key
+
+
+@pytest.mark.parametrize("crash_after", [3, 6])
+def test_resume_replays_a_refine_escape(crash_after: int) -> None:
+    # always saturated, no per-item results: after generation 1 (6 pairs) the one escape is refining its best;
+    # the best stays the member already refined, so the next saturation stops the run
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=-1.0, max_revivals=0, refine=True, max_escapes=2)
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(4), scores, _gain_fn), cfg, 60,
+                                                    crash_after)
+    assert [(a, g, used) for a, b, g, used in ref.pairs_run if a == b] == [("g1:m0+m1", 2, 4)]
+    assert crashing.pairs_run == ref.pairs_run and ref_out.stop_reason.startswith("saturated")
     assert _fingerprint(crashing) == _fingerprint(ref) and out.best.key == ref_out.best.key
 
 
