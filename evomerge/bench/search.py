@@ -22,6 +22,9 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 10. ``breeding``: the default manager (the joint merge, niche_alpha default 0, ``partner: both``, identical pairs
    skipped, escape moves with larger pair budgets and split-point crossover once the top-k saturates)
 11. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
+12. ``breeding_ancestors``: the default manager with merged parents calibrated on all their ancestors' tasks (the
+   default before competence rows, ``population.pair_rows``)
+13. ``breeding_refine``: the default manager with the refine escape (``population.refine``)
 
 ``--pair-param`` sets constant parameters of the pair method (e.g. ``ridge=1e-4`` for qp) for every row that
 merges with it: the population rows, their joint merge, and ``cmaes_qp``.

@@ -287,7 +287,8 @@ class RunPopulation:
             self._pair_rows = self.cfg.recorded_pair_rows(None if start is None else start["data"])
         if self._pair_rows != "competence" or get_method(self.pair.method).option(ROWS_OPTION) is None:
             return {}
-        tasks_of = {k: self.members.model_tasks([k]).get(k, ()) for k in parents}
+        merged_tasks = self.members.model_tasks(parents)
+        tasks_of = {k: merged_tasks.get(k, ()) for k in parents}
         scores: dict[str, dict[str, float]] = {}
         for k in parents:
             cid = self.members[k].candidate_id
