@@ -486,13 +486,55 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
     with pytest.raises(RuntimeError):
         PopulationManager(backend, old, budget=40).run()
     start = next(e["payload"] for e in backend.log if e["kind"] == EventKind.POPULATION_START)
-    assert start["pair_rows"] == "competence" and old.recorded_pair_rows(start) == "competence"
+    assert start["pair_rows"] == "competence" and old.as_started(start).pair_rows == "competence"
+    assert start["refine_leader"] == old.refine_leader > 0
     for e in backend.log:  # as an older version wrote it
-        for key in ("joint", "joint_budget", "pair_rows"):
+        for key in ("joint", "joint_budget", "pair_rows", "refine_leader"):
             e["payload"].pop(key, None)
     backend.fail_after = None
     new = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=3)
     PopulationManager(backend, new, budget=40).run()
     assert not backend.joints_run and JOINT_KEY not in backend.children
     # its merged parents keep the calibration rows they had: their ancestors' tasks
-    assert new.recorded_pair_rows(start) == "ancestors" and new.recorded_pair_rows(None) == "competence"
+    assert new.as_started(start).pair_rows == "ancestors" and new.as_started(None).pair_rows == "competence"
+    # and it never refines the best on a stall, which it did not do either
+    assert new.as_started(start).refine_leader == 0 < new.refine_leader
+    assert not any(p["reason"] == "leader" for e in backend.log if e["kind"] == EventKind.GENERATION_PLAN
+                   for p in e["payload"]["plans"])
+
+
+def _stalling_fn(a: Member, b: Member, key: str) -> float:
+    """Generation 1's children gain 0.2 on their better parent, later children lose 0.01 on it (breeding from
+    the best stops helping), and a refined merge gains 0.3 on its better parent."""
+    gain = 0.3 if key.split(":")[1] == "refine" else 0.2 if key.startswith("g1:") else -0.01
+    return max(a.score, b.score) + gain
+
+
+@pytest.mark.parametrize("crash_after", [6, 10, 11])
+def test_the_best_is_refined_after_a_generation_that_made_none_better(crash_after: int) -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=0, max_generations=4, refine_leader=5)
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(4), scores, _stalling_fn), cfg,
+                                                    200, crash_after)
+    plans = {p["generation"]: p["plans"] for p in _events(ref, "generation_plan")}
+    # generation 1 made the best (g1:m0+m1, 0.7) and generation 2 none better: generation 3 refines it first
+    assert all(p["reason"] != "leader" for g in (1, 2) for p in plans[g])
+    assert plans[3][0] == {"a": "g1:m0+m1", "b": "g1:m0+m1", "reason": "leader", "kinship": None,
+                           "operator": "refine", "budget": 5}
+    done = next(p for p in _events(ref, "pair_done") if p["reason"] == "leader")
+    assert done["generation"] == 3 and done["parents"] == ["m0", "m1"] and done["evaluations"] == 5
+    assert done["score"] == pytest.approx(0.8)  # the refined merge of m0 and m1: 0.5 + 0.3
+    # generation 3 made a better member (the refined one): generation 4 has no leader refine; none is repeated
+    assert [p for p in plans.get(4, []) if p["reason"] == "leader"] == []
+    assert sum(p["reason"] == "leader" for ps in plans.values() for p in ps) == 1
+    assert ref_out.best.key == done["child"]
+    # a crash before, inside or after the refine resumes to the same decisions
+    assert crashing.pairs_run == ref.pairs_run and _fingerprint(crashing) == _fingerprint(ref)
+    assert out.best.key == ref_out.best.key
+    # off: the same run never refines
+    plain = FakeBackend(_vectors(4), scores, _stalling_fn)
+    PopulationManager(plain, PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=0,
+                                              max_generations=4, refine_leader=0), budget=200).run()
+    assert all(p["reason"] != "leader" for e in _events(plain, "generation_plan") for p in e["plans"])
+    with pytest.raises(ConfigError, match="population.refine_leader: an integer >= 0"):
+        PopulationConfig(refine_leader=-3)

@@ -28,6 +28,7 @@ from evomerge.search.population.rules import (
     PopulationConfig,
     escape_plans,
     initial_pairs,
+    leader_refine,
     plan_generation,
     revival_choices,
     saturated,
@@ -213,9 +214,11 @@ class PopulationManager:
                         budget=self.budget, explore=self.cfg.explore, pair_budget=self.cfg.pair_budget,
                         niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
                         identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes, joint=joint,
-                        joint_budget=self.cfg.joint_budget, pair_rows=self.cfg.pair_rows)
+                        joint_budget=self.cfg.joint_budget, pair_rows=self.cfg.pair_rows,
+                        refine_leader=self.cfg.refine_leader)
         else:  # as the run started (a run recorded before the joint merge existed has none)
             joint = bool(start.get("joint", False))
+            self.cfg = self.cfg.as_started(start)
         failed = [s for s in starting if not self.members[s].ok]
         if failed:  # a failed original is no parent: it would only make failed children
             if not any(e["kind"] == EventKind.EXCLUDED and e.get("payload", e).get("generation") == 0
@@ -283,6 +286,13 @@ class PopulationManager:
                         if revived:
                             plans = self._plan(top, revived)
                             reason = None if plans else reason
+            lead = leader_refine(self._best(), st.generation, self.merged, self.cfg)
+            if lead is not None and (reason is None or reason.startswith(("saturated", "converged", "exhausted"))):
+                if reason is not None:  # breeding has nothing left to try: the best's own search may still climb
+                    self._log(f"{reason}; refining the best, {lead.a}, instead of stopping")
+                    reason, plans = None, []
+                if all(p.key != lead.key for p in plans):
+                    plans = [lead, *plans]
             if reason is not None:
                 return self._finish(st.generation, reason)
             if revival is not None:
@@ -362,6 +372,10 @@ class PopulationManager:
         n_rev = sum(p.reason == "revival" for p in plans)
         if n_rev:
             parts.append(f"{n_rev} revival pair(s)")
+        lead = [p for p in plans if p.reason == "leader"]
+        if lead:
+            parts.insert(0, f"refine the best, {lead[0].a}: the last generation made none better "
+                            f"({lead[0].budget} evaluations)")
         esc = [p for p in plans if p.reason in ("escape", "crossover", "refine")]
         if esc:
             parts.append("escape moves (the top-k saturated): " + self._escape_text(esc))

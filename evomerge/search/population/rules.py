@@ -19,6 +19,7 @@ generations is :class:`~evomerge.search.population.manager.PopulationManager`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from evomerge.search.population.members import Member, pair_key
 
 PARTNERS = ("kinship", "attraction", "both")
 PAIR_ROWS = ("ancestors", "competence")
+# settings added after runs were first recorded: the value that reproduces such a run, which names none of them
+AS_BEFORE: dict[str, Any] = {"pair_rows": "ancestors", "refine_leader": 0}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class PopulationConfig:
     # an escape generation first searches the merge of the best merged member again (its parents, from its
     # genome, escape_budget evaluations): a new member of those parents. Off: neutral on both demo zoos (README)
     refine: bool = False
+    # after a generation that made no member better than the best, the next one first searches the best's merge
+    # again (its parents, from its genome) with this many evaluations; once per member (0: off)
+    refine_leader: int = 40
     # generation 0: one merge of every starting model by the pair method (a member whose parents are all of them),
     # which then starts generation 1 beside them: a data-aware merge of the originals keeps skills that merges of
     # merged parents have lost already (search_spaces/README.md)
@@ -104,6 +110,9 @@ class PopulationConfig:
             raise ConfigError(f"{where}.max_escapes: must be >= 0, got {self.max_escapes}")
         if not isinstance(self.refine, bool):
             raise ConfigError(f"{where}.refine: true or false, got {self.refine!r}")
+        if isinstance(self.refine_leader, bool) or not isinstance(self.refine_leader, int) or self.refine_leader < 0:
+            raise ConfigError(f"{where}.refine_leader: an integer >= 0 (evaluations; 0 = off), got "
+                              f"{self.refine_leader!r}")
         if not isinstance(self.joint, bool):
             raise ConfigError(f"{where}.joint: true or false, got {self.joint!r}")
         if isinstance(self.joint_budget, bool) or not isinstance(self.joint_budget, int) or self.joint_budget < 0:
@@ -114,10 +123,13 @@ class PopulationConfig:
         if self.escape_pair_budget is not None and self.escape_pair_budget < 0:
             raise ConfigError(f"{where}.escape_pair_budget: must be >= 0, got {self.escape_pair_budget}")
 
-    def recorded_pair_rows(self, start: Mapping[str, Any] | None) -> str:
-        """``pair_rows`` as the run started (``start``: its population_start event; None: it starts now). A run
-        recorded before the competence split calibrates on the ancestors' tasks, as it did."""
-        return self.pair_rows if start is None else str(start.get("pair_rows", "ancestors"))
+    def as_started(self, start: Mapping[str, Any] | None) -> PopulationConfig:
+        """The settings a run keeps (``start``: its population_start event; None: it starts now): those added after
+        it was recorded take the value that reproduces what it did (``AS_BEFORE``), e.g. a run recorded before the
+        competence split calibrates on the ancestors' tasks."""
+        if start is None:
+            return self
+        return dataclasses.replace(self, **{k: start.get(k, before) for k, before in AS_BEFORE.items()})
 
     @property
     def escape_budget(self) -> int:
@@ -168,7 +180,7 @@ class PairPlan:
 
     a: str
     b: str
-    reason: str  # "initial" | "top-k" | "exploration" | "revival" | "escape" | "crossover" | "refine"
+    reason: str  # "initial" | "top-k" | "exploration" | "revival" | "escape" | "crossover" | "refine" | "leader"
     kinship: float | None = None
     attraction: float | None = None  # B's attraction to A (partner: attraction | both)
     # "pair": the pair genome of population.pair; "crossover": the split-point crossover; "refine": the merge that
@@ -330,6 +342,18 @@ def escape_plans(top: Sequence[Member], population: Sequence[Member], merged: se
         plans.append(PairPlan(best, pool[1].key, "crossover", None, attract[pool[1].key], operator="crossover",
                               budget=cfg.escape_budget))
     return plans
+
+
+def leader_refine(best: Member | None, generation: int, merged: set[tuple[str, str]], cfg: PopulationConfig
+                  ) -> PairPlan | None:
+    """The refine of the best member when ``generation`` (just ended) made none better: the search that made it
+    goes on from its genome (``cfg.refine_leader`` evaluations), where breeding from it did not help. Originals
+    have no merge to refine; a member is refined once."""
+    if cfg.refine_leader <= 0 or best is None or not best.parents or best.generation >= generation:
+        return None
+    if pair_key(best.key, best.key) in merged:
+        return None
+    return PairPlan(best.key, best.key, "leader", operator="refine", budget=cfg.refine_leader)
 
 
 def mean_pairwise(keys: Sequence[str], kin: KinshipFn) -> float:

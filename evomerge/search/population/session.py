@@ -284,7 +284,7 @@ class RunPopulation:
         recorded before the split existed calibrates on the ancestors' tasks), for a method that calibrates."""
         if self._pair_rows is None:
             start = next(iter(self.archive.events(EventKind.POPULATION_START)), None)
-            self._pair_rows = self.cfg.recorded_pair_rows(None if start is None else start["data"])
+            self._pair_rows = self.cfg.as_started(None if start is None else start["data"]).pair_rows
         if self._pair_rows != "competence" or get_method(self.pair.method).option(ROWS_OPTION) is None:
             return {}
         merged_tasks = self.members.model_tasks(parents)
