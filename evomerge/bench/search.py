@@ -25,8 +25,11 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 12. ``breeding_ancestors``: the default manager with merged parents calibrated on all their ancestors' tasks (the
    default before competence rows, ``population.pair_rows``)
 13. ``breeding_refine``: the default manager with the refine escape (``population.refine``)
-14. ``breeding_no_leader``: the default manager without the leader refine (``population.refine_leader: 0``, the
-   default before it)
+14. ``breeding_no_leader``: the default manager without the leader refine (``population.refine_leader: 0``)
+15. ``breeding_escape_first``: the default manager with escape moves before the leader refine on a saturated
+   top-k (``population.leader_first: false``)
+16. ``breeding_no_screen``: the default manager without generation 1's screen (``population.screen: 0``: every
+   initial pair gets the pair budget)
 
 ``--pair-param`` sets constant parameters of the pair method (e.g. ``ridge=1e-4`` for qp) for every row that
 merges with it: the population rows, their joint merge, and ``cmaes_qp``.
@@ -105,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "joint",
-        "breeding", "breeding_niche", "breeding_ancestors", "breeding_refine", "breeding_no_leader")
+        "breeding", "breeding_niche", "breeding_ancestors", "breeding_refine", "breeding_no_leader",
+        "breeding_escape_first", "breeding_no_screen")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -123,10 +127,12 @@ LABELS = {
     "breeding_ancestors": "default manager, parents calibrated on all their ancestors' tasks",
     "breeding_refine": "default manager + the refine escape (the best merged member's merge searched again)",
     "breeding_no_leader": "default manager without the leader refine (the best's merge searched again on a stall)",
+    "breeding_escape_first": "default manager, escape moves before the leader refine on a saturated top-k",
+    "breeding_no_screen": "default manager without generation 1's screen (every initial pair its pair budget)",
 }
 # the manager as it was before behaviour-aware breeding (and before the joint merge of the originals)
 _KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0, "joint": False,
-            "pair_rows": "ancestors", "refine_leader": 0}
+            "pair_rows": "ancestors", "refine_leader": 0, "leader_first": False, "screen": 0.0}
 
 
 def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
@@ -142,6 +148,8 @@ def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
         "breeding_ancestors": {"pair_rows": "ancestors"},
         "breeding_refine": {"refine": True},
         "breeding_no_leader": {"refine_leader": 0},
+        "breeding_escape_first": {"leader_first": False},
+        "breeding_no_screen": {"screen": 0.0},
     }
 TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 

@@ -107,19 +107,20 @@ def _items_view(archive: Archive, events: list[dict[str, Any]], top: int) -> Ite
 
 
 def _population_members(events: list[dict[str, Any]], by_id: dict[int, CandidateRecord]) -> list[MemberRow]:
-    out = []
+    out: dict[str, MemberRow] = {}  # a screened pair searched on replaces its member (the same key, later event)
     for e in events:
         p = e["data"]
         if e["kind"] == EventKind.MEMBER:
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
-            out.append(MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid, _tasks(rec) if rec else {}))
+            out[str(p["key"])] = MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid,
+                                           _tasks(rec) if rec else {})
         elif e["kind"] in MERGE_EVENTS:
             cid = p.get("candidate_id")
             rec = by_id.get(cid) if cid is not None else None
-            out.append(MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]), merge_parents(p),
-                                 cid, _tasks(rec) if rec else {}))
-    return out
+            out[str(p["child"])] = MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]),
+                                             merge_parents(p), cid, _tasks(rec) if rec else {})
+    return list(out.values())
 
 
 def _search_members(archive: Archive, originals: list[str]) -> list[MemberRow]:

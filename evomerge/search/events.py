@@ -31,6 +31,8 @@ class EventKind(str, Enum):
     #                          behaviour_distance, operator}
     JOINT_DONE = "joint_done"  # {generation: 0, parents, child, score, candidate_id, evaluations, ok, method}: the
     #                            joint merge of the starting models (population.joint)
+    PAIRS_SCREENED = "pairs_screened"  # {generation: 1, plans, screened}: the screened pairs searched on
+    #                                    (population.screen; plans: operator extend) and every pair's screen score
     PAIR_SKIPPED = "pair_skipped"  # {generation, a, b, reason, distance, tol}: parents behave identically
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}
     STOP = "stop"  # {generation, reason, evaluations}
@@ -43,7 +45,8 @@ class EventKind(str, Enum):
 # the population manager's decisions, replayed on resume
 MANAGER_EVENTS: tuple[EventKind, ...] = (EventKind.POPULATION_START, EventKind.GENERATION_PLAN,
                                          EventKind.PAIR_DONE, EventKind.GENERATION_END, EventKind.STOP,
-                                         EventKind.EXCLUDED, EventKind.PAIR_SKIPPED, EventKind.JOINT_DONE)
+                                         EventKind.EXCLUDED, EventKind.PAIR_SKIPPED, EventKind.JOINT_DONE,
+                                         EventKind.PAIRS_SCREENED)
 # the events that add a merged member to a population (its parents: ``merge_parents``)
 MERGE_EVENTS: tuple[EventKind, ...] = (EventKind.PAIR_DONE, EventKind.JOINT_DONE)
 

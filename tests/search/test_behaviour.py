@@ -319,3 +319,24 @@ def test_escape_moves_after_saturation_and_resume_replays_them() -> None:
     again = PopulationManager(backend, cfg, 40)
     again.run()
     assert again.escapes == manager.escapes
+
+
+def test_a_saturated_top_k_refines_the_best_before_escaping() -> None:
+    def plans(leader_first: bool) -> dict[int, list[tuple[str, str, str]]]:
+        cfg = PopulationConfig(k=2, pair_budget=2, seed_models=("a", "b", "far"), saturation=0.5, explore=False,
+                               max_revivals=0, partner="both", refine_leader=3, leader_first=leader_first)
+        backend, _ = _run(cfg, budget=40)
+        return {e["payload"]["generation"]: [(p["a"], p["b"], p["reason"]) for p in e["payload"]["plans"]]
+                for e in backend.log if e["kind"] == EventKind.GENERATION_PLAN}
+
+    # generation 3's escape made the best (g3:a+q, items P and Q); the top-k saturates again after it
+    first = plans(True)
+    assert first[3] == [("a", "q", "escape")]
+    # its merge is searched again before any other escape move, although generation 3 made it
+    assert first[4] == [("g3:a+q", "g3:a+q", "leader")]
+    assert first[5] == [("g3:a+q", "q", "escape"), ("g3:a+q", "a", "crossover")]
+    # without leader_first: the escapes first; the refine waits for a generation that made none better
+    later = plans(False)
+    assert later[4] == first[5] and later[5] == first[4]
+    with pytest.raises(ConfigError, match="population.leader_first: true or false"):
+        PopulationConfig(leader_first=1)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ parents', so kinship is a real Pearson correlation, and its score is a determini
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -25,6 +26,8 @@ from evomerge.search.population.rules import (
     exploration_partner,
     plan_generation,
     revival_choices,
+    screened_plans,
+    screens,
 )
 
 ScoreFn = Callable[[Member, Member, str], float]
@@ -122,7 +125,7 @@ def _events(backend: FakeBackend, kind: str) -> list[dict[str, Any]]:
 def test_pairing_rules_over_a_whole_run() -> None:
     scores = {"m0": 0.50, "m1": 0.45, "m2": 0.40, "m3": 0.30, "m4": 0.20}
     backend = FakeBackend(_vectors(5), scores, _gain_fn)
-    cfg = PopulationConfig(k=3, pair_budget=2, max_revivals=0, saturation=None, max_generations=6)
+    cfg = PopulationConfig(k=3, pair_budget=2, max_revivals=0, saturation=None, max_generations=6, screen=0)
     out = PopulationManager(backend, cfg, budget=1000).run()
 
     plans = _events(backend, "generation_plan")
@@ -192,12 +195,14 @@ def test_stop_on_kinship_saturation() -> None:
     backend = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
     km = [backend.kinship(f"m{i}", f"m{j}") for i in range(4) for j in range(i + 1, 4)]
     assert min(km) > 0.9
-    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0), budget=500).run()
+    # (the leader refine off: with it, a saturated top-k refines its best first, see test_behaviour)
+    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0, refine_leader=0), budget=500).run()
     assert out.stop_reason.startswith("saturated")
     assert out.generations == 1
     # without per-item results the one escape left is refinement: the best member's merge searched again, once
     backend = FakeBackend(vec, {"m0": 0.4, "m1": 0.3, "m2": 0.2, "m3": 0.1}, _gain_fn)
-    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0, refine=True), budget=500).run()
+    out = PopulationManager(backend, PopulationConfig(k=3, max_revivals=0, refine=True, refine_leader=0),
+                            budget=500).run()
     assert out.stop_reason.startswith("saturated") and out.generations == 2
     best = out.history[0].best
     assert [p for p in out.history[1].plans] == [PairPlan(best, best, "refine", operator="refine", budget=16)]
@@ -214,12 +219,12 @@ def test_stop_on_kinship_saturation() -> None:
 def test_stop_at_budget_and_max_generations() -> None:
     scores = {"m0": 0.5, "m1": 0.4, "m2": 0.3, "m3": 0.2}
     backend = FakeBackend(_vectors(4), scores, _gain_fn)
-    out = PopulationManager(backend, PopulationConfig(k=3, pair_budget=4, saturation=None), budget=10).run()
+    out = PopulationManager(backend, PopulationConfig(k=3, pair_budget=4, saturation=None, screen=0), budget=10).run()
     assert out.stop_reason.startswith("budget")
     assert out.evaluations == 10  # 4 + 4 + the last pair cut to the 2 evaluations left
     assert [u for *_, u in backend.pairs_run] == [4, 4, 2]
     backend = FakeBackend(_vectors(4), scores, _gain_fn)
-    out = PopulationManager(backend, PopulationConfig(k=3, saturation=None, max_generations=2, max_revivals=0),
+    out = PopulationManager(backend, PopulationConfig(k=3, saturation=None, max_generations=2, max_revivals=0, screen=0),
                             budget=1000).run()
     assert out.stop_reason.startswith(("max_generations", "converged"))
     assert out.generations <= 2
@@ -422,7 +427,8 @@ class JointBackend(FakeBackend):
 
 def test_the_joint_merge_starts_generation_1_beside_the_originals() -> None:
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
-    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=0, max_generations=3, joint_budget=5)
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=None, max_revivals=0, max_generations=3, joint_budget=5,
+                           screen=0)
     backend = JointBackend(_vectors(4), scores, _gain_fn)
     out = PopulationManager(backend, cfg, budget=100).run()
     assert backend.joints_run == [(("m0", "m1", "m2", "m3"), 5)]
@@ -470,7 +476,8 @@ def test_resume_replays_a_refine_escape(crash_after: int) -> None:
     # always saturated, no per-item results: after generation 1 (6 pairs) the one escape is refining its best;
     # the best stays the member already refined, so the next saturation stops the run
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
-    cfg = PopulationConfig(k=3, pair_budget=2, saturation=-1.0, max_revivals=0, refine=True, max_escapes=2)
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=-1.0, max_revivals=0, refine=True, max_escapes=2,
+                           leader_first=False)
     ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(4), scores, _gain_fn), cfg, 60,
                                                     crash_after)
     assert [(a, g, used) for a, b, g, used in ref.pairs_run if a == b] == [("g1:m0+m1", 2, 4)]
@@ -487,9 +494,9 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
         PopulationManager(backend, old, budget=40).run()
     start = next(e["payload"] for e in backend.log if e["kind"] == EventKind.POPULATION_START)
     assert start["pair_rows"] == "competence" and old.as_started(start).pair_rows == "competence"
-    assert start["refine_leader"] == old.refine_leader > 0
+    assert start["refine_leader"] == old.refine_leader > 0 and start["leader_first"] is True
     for e in backend.log:  # as an older version wrote it
-        for key in ("joint", "joint_budget", "pair_rows", "refine_leader"):
+        for key in ("joint", "joint_budget", "pair_rows", "refine_leader", "leader_first"):
             e["payload"].pop(key, None)
     backend.fail_after = None
     new = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=3)
@@ -499,6 +506,7 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
     assert new.as_started(start).pair_rows == "ancestors" and new.as_started(None).pair_rows == "competence"
     # and it never refines the best on a stall, which it did not do either
     assert new.as_started(start).refine_leader == 0 < new.refine_leader
+    assert new.as_started(start).leader_first is False and new.leader_first is True
     assert not any(p["reason"] == "leader" for e in backend.log if e["kind"] == EventKind.GENERATION_PLAN
                    for p in e["payload"]["plans"])
 
@@ -538,3 +546,90 @@ def test_the_best_is_refined_after_a_generation_that_made_none_better(crash_afte
     assert all(p["reason"] != "leader" for e in _events(plain, "generation_plan") for p in e["plans"])
     with pytest.raises(ConfigError, match="population.refine_leader: an integer >= 0"):
         PopulationConfig(refine_leader=-3)
+
+
+@pytest.mark.parametrize("crash_after", [5, 6, 7])
+def test_a_saturated_top_k_refines_its_best_while_the_refine_gains(crash_after: int) -> None:
+    # always saturated, no per-item results (so no escape pairs): a refined merge of m0 and m1 scores 0.8
+    # (_stalling_fn: its better parent + 0.3), above generation 1's best (0.7), and refining it again gives 0.8,
+    # no better: the best stays the first refined member, refined once, and the saturated run stops
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=2, saturation=-1.0, max_revivals=0, refine_leader=5, joint=False,
+                           screen=0)
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(4), scores, _stalling_fn), cfg,
+                                                    200, crash_after)
+    plans = {p["generation"]: p for p in _events(ref, "generation_plan")}
+    assert sorted(plans) == [1, 2, 3]
+    assert [(p["a"], p["b"], p["reason"], p["budget"]) for g in (2, 3) for p in plans[g]["plans"]] == [
+        ("g1:m0+m1", "g1:m0+m1", "leader", 5), ("g2:refine:g1:m0+m1", "g2:refine:g1:m0+m1", "leader", 5)]
+    assert "saturated" in plans[2]["reason"] and "before any escape move" in plans[2]["reason"]
+    assert ref_out.best.key == "g2:refine:g1:m0+m1" and ref_out.best.score == pytest.approx(0.8)
+    assert ref_out.stop_reason.startswith("saturated") and ref.evaluations() == 6 * 2 + 2 * 5
+    assert crashing.pairs_run == ref.pairs_run and _fingerprint(crashing) == _fingerprint(ref)
+    assert out.best.key == ref_out.best.key
+    # without leader_first a generation that made the best (generation 1) escapes or stops first: here it stops
+    plain = FakeBackend(_vectors(4), scores, _stalling_fn)
+    stopped = PopulationManager(plain, dataclasses.replace(cfg, leader_first=False), budget=200).run()
+    assert stopped.generations == 1 and stopped.stop_reason.startswith("saturated")
+
+
+def test_screened_plans_keep_the_best_share_with_the_evaluations_the_others_left() -> None:
+    cfg = PopulationConfig(pair_budget=6, screen=0.5)
+    plans = [PairPlan(f"m{i}", f"n{i}", "initial", budget=1) for i in range(5)]
+    children = [Member(f"c{i}", s, 1, (f"m{i}", f"n{i}"), ok=i != 4)
+                for i, s in enumerate([0.4, 0.7, 0.1, 0.7, 0.9])]
+    out = screened_plans(list(zip(plans, children)), cfg)
+    # ceil(0.5 * 5) = 3 kept: the two 0.7s in plan order, then 0.4 (the failed 0.9 never); 5 x (6 - 1) = 25
+    # evaluations saved, 8 more each on top of the screen's one
+    assert [(p.a, p.b, p.reason, p.operator, p.budget) for p in out] == [
+        ("m1", "n1", "initial", "extend", 9), ("m3", "n3", "initial", "extend", 9), ("m0", "n0", "initial", "extend", 9)]
+    assert screens(cfg, 5) and screens(cfg, 2)  # 2 pairs: 1 kept with 11 evaluations
+    assert not screens(cfg, 1)  # one pair: nothing to leave out
+    assert not screens(PopulationConfig(pair_budget=1), 10)  # nothing saved to give
+    assert not screens(PopulationConfig(screen=0), 10) and not screens(PopulationConfig(screen=1.0), 10)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ConfigError, match="population.screen: a share in"):
+            PopulationConfig(screen=bad)  # type: ignore[arg-type]
+
+
+class BudgetBackend(FakeBackend):
+    """A pair's child gains 0.001 per evaluation its search used (so a searched-on pair's child is better); a
+    searched-on pair's first evaluation is its screen's, which the archive replays (not a new evaluation)."""
+
+    def run_pair(self, plan: PairPlan, generation: int, budget: int) -> PairResult:
+        result = super().run_pair(plan, generation, budget)
+        if plan.operator == "extend":
+            self.evals -= 1
+        assert result.child is not None
+        child = dataclasses.replace(result.child, score=result.child.score + 0.001 * result.evaluations)
+        self.children[child.key] = child
+        return PairResult(child, result.evaluations)
+
+
+@pytest.mark.parametrize("crash_after", [3, 6, 8])
+def test_generation_1_screens_its_pairs_then_searches_the_best_half_on(crash_after: int) -> None:
+    scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
+    cfg = PopulationConfig(k=3, pair_budget=3, saturation=None, max_revivals=0, max_generations=2, joint=False)
+    ref, ref_out, crashing, out = _crash_and_resume(lambda: BudgetBackend(_vectors(4), scores, _gain_fn), cfg, 200,
+                                                    crash_after)
+    plans = _events(ref, "generation_plan")
+    assert [p.get("budget") for p in plans[0]["plans"]] == [1] * 6 and plans[0]["screen"] is True
+    assert "screened at their starting recipe" in plans[0]["reason"]
+    screened = _events(ref, "pairs_screened")
+    assert len(screened) == 1 and len(screened[0]["screened"]) == 6
+    at_screen = {(d["a"], d["b"]): d["score"] for d in screened[0]["screened"]}
+    best3 = sorted(at_screen, key=lambda k: -at_screen[k])[:3]
+    # 6 pairs x (3 - 1) = 12 evaluations saved: the best 3 get 4 more each, 5 in all with the screen's
+    assert [(p["a"], p["b"], p["operator"], p["budget"]) for p in screened[0]["plans"]] == [
+        (a, b, "extend", 5) for a, b in best3]
+    gen1 = [(a, b, used) for a, b, g, used in ref.pairs_run if g == 1]
+    assert gen1[:6] == [(a, b, 1) for a, b in at_screen] and gen1[6:] == [(a, b, 5) for a, b in best3]
+    # the searched-on child replaces the screened one (same key), and generation 2 breeds from it
+    done = {(d["a"], d["b"], d.get("operator")): d for d in _events(ref, "pair_done") if d["generation"] == 1}
+    for a, b in best3:
+        assert done[(a, b, "extend")]["child"] == done[(a, b, "pair")]["child"]
+        assert done[(a, b, "extend")]["score"] == pytest.approx(at_screen[(a, b)] + 0.004)
+    assert ref.evaluations() == 6 * 1 + 3 * 4 + sum(used for *_, g, used in ref.pairs_run if g == 2)
+    # a crash in the screen, at the decision or in a searched-on pair resumes to the same decisions
+    assert crashing.pairs_run == ref.pairs_run and _fingerprint(crashing) == _fingerprint(ref)
+    assert out.best.key == ref_out.best.key

@@ -72,7 +72,7 @@ def _events(run: RunDir, kind: str | None = None) -> list[dict[str, Any]]:
 
 
 def test_pairing_rules_through_the_archive(tmp_path: Path) -> None:
-    run, summary, _ = _fake_pop(tmp_path, _pop_space(40))
+    run, summary, _ = _fake_pop(tmp_path, _pop_space(40, screen=0))  # screening: its own test
     plans = _events(run, "generation_plan")
     gen_ends = {e["generation"]: e for e in _events(run, "generation_end")}
     done = _events(run, "pair_done")
@@ -470,7 +470,8 @@ def test_a_refine_escape_searches_the_best_members_merge_again_and_resumes(tmp_p
     member whose lineage is those parents; a resumed run replays it (no orphans, the same archive)."""
     from evomerge.search.events import EventKind
 
-    data = _pop_space(40, saturation=-1.0, max_escapes=1, refine=True, escape_pair_budget=4, max_revivals=0)
+    data = _pop_space(40, saturation=-1.0, max_escapes=1, refine=True, escape_pair_budget=4, max_revivals=0,
+                      leader_first=False)
     run, summary, _ = _fake_pop(tmp_path, data)
     with run.archive(readonly=True) as a:
         plans = [e["data"] for e in a.events(EventKind.GENERATION_PLAN)]
@@ -484,6 +485,8 @@ def test_a_refine_escape_searches_the_best_members_merge_again_and_resumes(tmp_p
         runs = [r for r in a.results() if r.generation == done["generation"] and sorted(r.parents) ==
                 sorted(made.parents)]
         assert 1 <= len(runs) <= 4 and {r.method for r in runs} == {made.method}
+        # its start is the member itself, answered by the archive: no evaluation repeats the member's genome
+        assert made.genome is not None and all(r.genome["x"] != made.genome["x"] for r in runs)
         assert summary.evaluations == a.count()
         count = a.count()
     # resuming the finished run adds nothing and keeps its members
@@ -493,3 +496,61 @@ def test_a_refine_escape_searches_the_best_members_merge_again_and_resumes(tmp_p
     with run.archive(readonly=True) as a:
         assert a.count() == count and again.evaluations == count
         assert a.member_candidates() == members
+
+
+def test_screened_pairs_search_on_from_their_screen_and_resume_mid_search(tmp_path: Path) -> None:
+    """Generation 1 screens its 6 pairs at their starting recipe, then searches the best 3 on (1 + 6 x 2 / 3 = 5
+    evaluations each, the screen's replayed by the archive); a stop inside that search resumes to the same
+    archive and decisions."""
+    data = _pop_space(30, screen=0.5, max_generations=2, pair_budget=3)
+    ref, summary, _ = _fake_pop(tmp_path, data, name="ref")
+    screened = _events(ref, "pairs_screened")
+    assert len(screened) == 1 and len(screened[0]["screened"]) == 6
+    kept = [(p["a"], p["b"]) for p in screened[0]["plans"]]
+    assert len(kept) == 3 and all(p["budget"] == 5 and p["operator"] == "extend" for p in screened[0]["plans"])
+    with ref.archive(readonly=True) as a:
+        gen1 = [r for r in a.results() if r.generation == 1]
+        members = a.member_candidates()
+    by_pair: dict[tuple[str, ...], list[Any]] = {}
+    for r in gen1:
+        by_pair.setdefault(tuple(sorted(r.parents)), []).append(r)
+    # 6 screens + 3 x 4 more; a kept pair's first evaluation is its screen (its starting genome), none repeated
+    assert len(gen1) == 6 + 3 * 4
+    for pair, recs in by_pair.items():
+        if pair in {tuple(sorted(k)) for k in kept}:
+            assert len(recs) == 5 and recs[0].genome["x"] == recs[0].genome["x0"]
+            assert len({tuple(r.genome["x"]) for r in recs}) == 5
+        else:
+            assert len(recs) == 1
+    # the kept pair's member is the best of its 5, under the screen's key
+    done = [d for d in _events(ref, "pair_done") if d.get("operator") == "extend"]
+    for d in done:
+        recs = by_pair[tuple(sorted((d["a"], d["b"])))]
+        best = max(recs, key=lambda r: (r.aggregate, -r.id))
+        assert members[d["child"]] == best.id == d["candidate_id"] and d["evaluations"] == 5
+    assert summary.evaluations == 30
+    # status: one line per member (the searched-on child replaces its screen), the screen's progress
+    from evomerge.report.load import load_run
+    from evomerge.search.population.status import population_status_lines
+
+    keys = [m.key for m in load_run(ref.path).members]
+    assert len(keys) == len(set(keys)) == 4 + 6 + len([d for d in _events(ref, "pair_done") if d["generation"] == 2])
+    # stopped inside the second searched-on pair (4 originals + 6 screens + 4 + 2), then resumed
+    space = space_from_dict(data)
+    run = RunDir.create(tmp_path / "cut", space)
+    stop = StopFlag()
+    w = StoppingWorker(stop, after=16)
+    run_population_session(run, space, InProcessExecutor(lambda: w, penalty=space.penalty), stop=stop,
+                           log=lambda m: None, progress=False)
+    assert len(_rows(run)) == 16
+    with run.archive(readonly=True) as a:
+        lines = population_status_lines(a)
+    assert "  generation 1: 6/6 pair merges done (screened at their starting recipe; 1/3 of the best searched on)" \
+        in lines
+    w2 = HashScoreWorker()
+    s2 = run_population_session(run, space, InProcessExecutor(lambda: w2, penalty=space.penalty), stop=StopFlag(),
+                                log=lambda m: None, progress=False)
+    assert _rows(run) == _rows(ref) and s2.evaluations == 30 and len(w2.calls) == 14
+    assert _events(run, "pairs_screened") == screened  # decided once, replayed on resume
+    assert [(e["kind"], e["data"]) for e in _manager_events(run)] == [(e["kind"], e["data"])
+                                                                      for e in _manager_events(ref)]

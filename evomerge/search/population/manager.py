@@ -7,6 +7,7 @@ themselves are :mod:`evomerge.search.population.rules`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from evomerge.search.population.behaviour import (
 )
 from evomerge.search.population.members import JOINT_KEY, Member, pair_key, rank, top_k
 from evomerge.search.population.rules import (
+    SCREEN_EVALUATIONS,
     PairPlan,
     PopulationConfig,
     escape_plans,
@@ -32,6 +34,9 @@ from evomerge.search.population.rules import (
     plan_generation,
     revival_choices,
     saturated,
+    screen_kept,
+    screened_plans,
+    screens,
 )
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -106,7 +111,8 @@ class PopulationManager:
 
     Events: ``population_start``, ``generation_plan`` {generation, plans, reasons}, ``pair_done``
     {generation, a, b, child, score}, ``generation_end`` {generation, top, best, best_score, improved},
-    ``revival`` {generation, revived, reason}, ``stop`` {reason}. On resume the events are replayed: done
+    ``revival`` {generation, revived, reason}, ``pairs_screened`` {generation, plans, screened} (generation 1's
+    screen), ``stop`` {reason}. On resume the events are replayed: done
     pairs are not rerun, the pending ones of the current generation run next (the backend resumes a pair's
     own search), and later generations are planned from the same state as an uninterrupted run.
     """
@@ -125,6 +131,8 @@ class PopulationManager:
         self.revivals = 0
         self.escapes = 0
         self.skipped = 0
+        self.extended: set[tuple[str, str]] = set()  # screened pairs of generation 1 searched on
+        self._children: dict[tuple[int, tuple[str, str]], Member] = {}  # (generation, pair) -> child
         self.history: list[GenerationRecord] = []
 
     # ----------------------------------------------------------------------------------- helpers
@@ -215,7 +223,8 @@ class PopulationManager:
                         niche_alpha=self.cfg.niche_alpha, partner=self.cfg.partner,
                         identical_tol=self.cfg.identical_tol, max_escapes=self.cfg.max_escapes, joint=joint,
                         joint_budget=self.cfg.joint_budget, pair_rows=self.cfg.pair_rows,
-                        refine_leader=self.cfg.refine_leader)
+                        refine_leader=self.cfg.refine_leader, leader_first=self.cfg.leader_first,
+                        screen=self.cfg.screen)
         else:  # as the run started (a run recorded before the joint merge existed has none)
             joint = bool(start.get("joint", False))
             self.cfg = self.cfg.as_started(start)
@@ -243,10 +252,18 @@ class PopulationManager:
                 starting = [*starting, JOINT_KEY]
             st.generation = 1
             st.pending = initial_pairs(starting)
+            st.screen = screens(self.cfg, len(st.pending))
+            if st.screen:
+                st.pending = [dataclasses.replace(p, budget=SCREEN_EVALUATIONS) for p in st.pending]
+            screen = {"screen": True} if st.screen else {}
             self._event(EventKind.GENERATION_PLAN, generation=1, plans=[p.to_dict() for p in st.pending],
                         reason=f"generation 1: every pair of the {len(starting)} starting models"
                                + (f" (with {JOINT_KEY}, the joint merge of the others)"
-                                  if JOINT_KEY in starting else ""))
+                                  if JOINT_KEY in starting else "")
+                               + (f", screened at their starting recipe; the best "
+                                  f"{screen_kept(self.cfg, len(st.pending))} of them are then searched on with the "
+                                  "evaluations the others leave" if st.screen else ""),
+                        **screen)
         elif st.ended:
             self._log(f"resuming after the end of generation {st.generation}")
         else:
@@ -255,6 +272,8 @@ class PopulationManager:
         while True:
             if not st.ended:
                 stop = self._run_pending(st.generation, st.pending)
+                if stop is None and st.screen and st.generation == 1:
+                    stop = self._run_screened(st)
                 if stop is not None:
                     return self._finish(st.generation, stop)
                 self._end_generation(st)
@@ -263,36 +282,46 @@ class PopulationManager:
             revived: list[Member] = []
             revival: dict[str, Any] | None = None
             escape: list[PairPlan] = []
-            if reason is not None and reason.startswith(("saturated", "converged")):
-                escape = self._escape(top)
-                if escape:
-                    self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
-                    reason = None
-            if not escape and self._want_revival(st.stall, reason):
-                revived, revival = self._revive(st.generation, top, st.stall, reason)
-                if revived:
-                    reason = None
-            plans: list[PairPlan] = list(escape)
-            if reason is None and not escape:
-                plans = self._plan(top, revived)
-                if not plans:
-                    reason = "exhausted: every pair among the top-k and every exploration partner was merged"
+            plans: list[PairPlan]
+            plateau = reason is not None and reason.startswith(("saturated", "converged"))
+            lead = leader_refine(self._best(), st.generation, self.merged, self.cfg, plateau=plateau)
+            lead_why = "the last generation made none better"
+            if lead is not None and plateau and self.cfg.leader_first:
+                # the best's own merge before any escape move: escapes wait until it is refined
+                self._log(f"{reason}; refining the best, {lead.a}, before escaping")
+                lead_why = f"{reason}, so before any escape move"
+                reason, plans = None, [lead]
+            else:
+                if reason is not None and reason.startswith(("saturated", "converged")):
                     escape = self._escape(top)
                     if escape:
                         self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
-                        plans, reason = escape, None
-                    elif revival is None and self._want_revival(st.stall, reason):
-                        revived, revival = self._revive(st.generation, top, st.stall, reason)
-                        if revived:
-                            plans = self._plan(top, revived)
-                            reason = None if plans else reason
-            lead = leader_refine(self._best(), st.generation, self.merged, self.cfg)
-            if lead is not None and (reason is None or reason.startswith(("saturated", "converged", "exhausted"))):
-                if reason is not None:  # breeding has nothing left to try: the best's own search may still climb
-                    self._log(f"{reason}; refining the best, {lead.a}, instead of stopping")
-                    reason, plans = None, []
-                if all(p.key != lead.key for p in plans):
-                    plans = [lead, *plans]
+                        reason = None
+                if not escape and self._want_revival(st.stall, reason):
+                    revived, revival = self._revive(st.generation, top, st.stall, reason)
+                    if revived:
+                        reason = None
+                plans = list(escape)
+                if reason is None and not escape:
+                    plans = self._plan(top, revived)
+                    if not plans:
+                        reason = "exhausted: every pair among the top-k and every exploration partner was merged"
+                        escape = self._escape(top)
+                        if escape:
+                            self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
+                            plans, reason = escape, None
+                        elif revival is None and self._want_revival(st.stall, reason):
+                            revived, revival = self._revive(st.generation, top, st.stall, reason)
+                            if revived:
+                                plans = self._plan(top, revived)
+                                reason = None if plans else reason
+                if lead is not None and (reason is None
+                                         or reason.startswith(("saturated", "converged", "exhausted"))):
+                    if reason is not None:  # breeding has nothing left to try: the best's own search may climb
+                        self._log(f"{reason}; refining the best, {lead.a}, instead of stopping")
+                        reason, plans = None, []
+                    if all(p.key != lead.key for p in plans):
+                        plans = [lead, *plans]
             if reason is not None:
                 return self._finish(st.generation, reason)
             if revival is not None:
@@ -305,7 +334,24 @@ class PopulationManager:
             st.pending = plans
             st.ended = False
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
-                        reason=self._plan_reason(plans, top), revival=revival, **extra)
+                        reason=self._plan_reason(plans, top, lead_why), revival=revival, **extra)
+
+    def _run_screened(self, st: _ReplayState) -> str | None:
+        """Generation 1 after its screen: the best pairs searched on (decided once, recorded as an event)."""
+        if st.extend is None:
+            screened = [(p, c) for p in st.pending if (c := self._child_of(p, 1)) is not None]
+            st.extend = screened_plans(screened, self.cfg)
+            self._event(EventKind.PAIRS_SCREENED, generation=1, plans=[p.to_dict() for p in st.extend],
+                        screened=[{"a": p.a, "b": p.b, "child": c.key, "score": c.score} for p, c in screened])
+            if st.extend:
+                self._log(f"screened {len(screened)} pairs at their starting recipe; searching on "
+                          + ", ".join(f"{p.a} x {p.b}" for p in st.extend)
+                          + f" ({st.extend[0].budget} evaluations each)")
+        return self._run_pending(1, st.extend)
+
+    def _child_of(self, plan: PairPlan, generation: int) -> Member | None:
+        """The member a pair plan of ``generation`` made (None: skipped, or not run)."""
+        return self._children.get((generation, plan.key))
 
     def _run_joint(self, starting: Sequence[str]) -> str | None:
         """Generation 0's joint merge of every starting model (a member that starts generation 1 with them)."""
@@ -359,7 +405,8 @@ class PopulationManager:
                          f"{p.reason} {p.a} x {p.b} (attraction {p.attraction:.4f}, {p.budget} evaluations)"
                          for p in plans)
 
-    def _plan_reason(self, plans: Sequence[PairPlan], top: Sequence[Member]) -> str:
+    def _plan_reason(self, plans: Sequence[PairPlan], top: Sequence[Member],
+                     lead_why: str = "the last generation made none better") -> str:
         parts = [f"{sum(p.reason == 'top-k' for p in plans)} unmerged top-k pair(s) of {[m.key for m in top]}"]
         for p in plans:
             if p.reason == "exploration" and p.attraction is None:
@@ -374,8 +421,7 @@ class PopulationManager:
             parts.append(f"{n_rev} revival pair(s)")
         lead = [p for p in plans if p.reason == "leader"]
         if lead:
-            parts.insert(0, f"refine the best, {lead[0].a}: the last generation made none better "
-                            f"({lead[0].budget} evaluations)")
+            parts.insert(0, f"refine the best, {lead[0].a}: {lead_why} ({lead[0].budget} evaluations)")
         esc = [p for p in plans if p.reason in ("escape", "crossover", "refine")]
         if esc:
             parts.append("escape moves (the top-k saturated): " + self._escape_text(esc))
@@ -383,7 +429,7 @@ class PopulationManager:
 
     def _run_pending(self, generation: int, pending: Sequence[PairPlan]) -> str | None:
         for plan in pending:
-            if plan.key in self.merged:
+            if plan.key in (self.extended if plan.operator == "extend" else self.merged):
                 continue
             left = self._budget_left()
             if left <= 0:
@@ -398,12 +444,17 @@ class PopulationManager:
                           f"(distance {distance:.5f} <= {self.cfg.identical_tol}); the child would equal them")
                 continue
             want = plan.budget if plan.budget is not None else self.cfg.pair_budget
-            budget = min(want, left) if want > 0 else 0
+            # an extension's budget counts its screen's evaluation, which is spent already
+            cap = left + SCREEN_EVALUATIONS if plan.operator == "extend" else left
+            budget = min(want, cap) if want > 0 else 0
             result = self.backend.run_pair(plan, generation, budget)
             if result.child is None:
                 return f"budget: {self.backend.evaluations()} of {self.budget} evaluations used"
             self.merged.add(plan.key)
+            if plan.operator == "extend":
+                self.extended.add(plan.key)
             self.members[result.child.key] = result.child
+            self._children[(generation, plan.key)] = result.child
             # a refined member's child descends from its parents, not from the plan's a and b (the member itself)
             parents = {"parents": list(result.child.parents)} if plan.operator == "refine" else {}
             self._event(EventKind.PAIR_DONE, generation=generation, a=plan.a, b=plan.b, reason=plan.reason,
@@ -498,18 +549,27 @@ class PopulationManager:
                     self._apply_revival(p["revival"], st)
                 if p.get("escape"):
                     self.escapes = int(p["escape"])
+                if p.get("screen"):
+                    st.screen = True
+            elif kind == EventKind.PAIRS_SCREENED:
+                st.extend = [PairPlan.from_dict(d) for d in p["plans"]]
             elif kind == EventKind.PAIR_SKIPPED:
                 self.merged.add(pair_key(p["a"], p["b"]))
                 self.skipped += 1
             elif kind in MERGE_EVENTS:
                 parents = merge_parents(p)
                 if kind == EventKind.PAIR_DONE:
-                    self.merged.add(pair_key(str(p["a"]), str(p["b"])))
+                    key = pair_key(str(p["a"]), str(p["b"]))
+                    self.merged.add(key)
+                    if p.get("operator") == "extend":
+                        self.extended.add(key)
                 else:
                     st.joint = True
                 child = Member(str(p["child"]), float(p["score"]), int(p["generation"]), parents,
                                p.get("candidate_id"), bool(p.get("ok", True)))
                 self.members[child.key] = child
+                if kind == EventKind.PAIR_DONE:
+                    self._children[(child.generation, key)] = child
             elif kind == EventKind.GENERATION_END:
                 g = int(p["generation"])
                 st.tops[g] = list(p["top"])
@@ -533,3 +593,5 @@ class _ReplayState:
     ended: bool = False
     stopped: str | None = None
     joint: bool = False  # the joint merge of the starting models is recorded
+    screen: bool = False  # generation 1 screens its pairs (population.screen)
+    extend: list[PairPlan] | None = None  # the screened pairs searched on (None: not decided yet)

@@ -183,4 +183,7 @@ class MemberStore:
                          Recipe.from_dict(rec.recipe))
             elif e["kind"] == EventKind.GENERATION_PLAN:
                 self.note_plan(int(p["generation"]), p["plans"])
+            elif e["kind"] == EventKind.PAIRS_SCREENED:  # a screened pair searched on is unfinished until then
+                for plan in p["plans"]:
+                    finished.discard((int(p["generation"]), parents_key((str(plan["a"]), str(plan["b"])))))
         return finished

@@ -208,12 +208,14 @@ class PairSearch:
             warm: np.ndarray | None = None, extra_models: Mapping[str, str] | None = None,
             model_tasks: Mapping[str, tuple[str, ...]] | None = None,
             space: PairSpace | CrossoverSpace | None = None,
-            rows: Mapping[str, tuple[str, ...]] | None = None) -> list[CandidateRecord]:
+            rows: Mapping[str, tuple[str, ...]] | None = None, start_seed: int | None = None
+            ) -> list[CandidateRecord]:
         """The evaluations of the merge of ``parents`` (a pair: the better first; the joint merge: every starting
         model) in ``generation``: ``budget`` of them (0: the fixed recipe at ``x0``), archived ones of this merge
         replayed and counted, others' answers told but not counted. ``space``: the genome (default: the session's
         pair space; a crossover escape its own). ``rows``: the tasks parents are calibrated on, where they are not
-        their own (a data-aware method's competence rows)."""
+        their own (a data-aware method's competence rows). ``start_seed``: the recipe seed at ``x0`` (a refine starts
+        at its member's own recipe, which the archive answers for free; other points take ``seed``)."""
         ps, dispatch = space if space is not None else self.space, self.dispatch
         parents = list(parents)
         pk = parents_key(parents)
@@ -222,7 +224,8 @@ class PairSearch:
         counted: set[int] = set()
 
         def job_of(x: np.ndarray, candidate: Any = None) -> Job:
-            recipe = with_model_rows(ps.recipe(parents, x, seed), rows or {})
+            at_start = start_seed is not None and np.array_equal(x, x0)
+            recipe = with_model_rows(ps.recipe(parents, x, start_seed if at_start else seed), rows or {})
             genome = {"x": [float(v) for v in x], "x0": [float(v) for v in x0]}
             return Job(-1, recipe, recipe.content_hash(), genome, candidate=candidate)
 

@@ -35,7 +35,8 @@ from evomerge.search.population.members import Member, pair_key
 PARTNERS = ("kinship", "attraction", "both")
 PAIR_ROWS = ("ancestors", "competence")
 # settings added after runs were first recorded: the value that reproduces such a run, which names none of them
-AS_BEFORE: dict[str, Any] = {"pair_rows": "ancestors", "refine_leader": 0}
+AS_BEFORE: dict[str, Any] = {"pair_rows": "ancestors", "refine_leader": 0, "leader_first": False, "screen": 0.0}
+SCREEN_EVALUATIONS = 1  # what screening spends on each initial pair: its starting recipe
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class PopulationConfig:
     saturation_distance: float | None = None  # ED: stop when mean top-k distance falls below it
     explore: bool = True  # the kinship exploration merge (False: plain Top-k greedy)
     pair_budget: int = 8  # evaluations per parent pair; 0 = the fixed recipe only (the paper)
+    # generation 1 screens its pairs: each is evaluated at its starting recipe only, then this share of them (the
+    # best by that score) is searched on with the evaluations the others left (0: every pair gets pair_budget)
+    screen: float = 0.5
     max_generations: int = 20
     seed_models: tuple[str, ...] | None = None  # generation 1 pairs these (default: every original)
     revive_after: int = 1  # generations without improvement of the best before reviving
@@ -70,6 +74,9 @@ class PopulationConfig:
     # after a generation that made no member better than the best, the next one first searches the best's merge
     # again (its parents, from its genome) with this many evaluations; once per member (0: off)
     refine_leader: int = 40
+    # a top-k that saturates or converges refines the best first (once per member, as above), and escapes only
+    # once the best's own merge is refined: escape pairs seldom beat the best, its own search often does
+    leader_first: bool = True
     # generation 0: one merge of every starting model by the pair method (a member whose parents are all of them),
     # which then starts generation 1 beside them: a data-aware merge of the originals keeps skills that merges of
     # merged parents have lost already (search_spaces/README.md)
@@ -87,6 +94,9 @@ class PopulationConfig:
             raise ConfigError(f"{where}.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
         if self.pair_budget < 0:
             raise ConfigError(f"{where}.pair_budget: must be >= 0, got {self.pair_budget}")
+        if isinstance(self.screen, bool) or not isinstance(self.screen, (int, float)) or not 0 <= self.screen <= 1:
+            raise ConfigError(f"{where}.screen: a share in [0, 1] of generation 1's pairs (0 = off), got "
+                              f"{self.screen!r}")
         if self.max_generations < 1:
             raise ConfigError(f"{where}.max_generations: must be >= 1, got {self.max_generations}")
         if self.revive_after < 1 or self.revive_count < 0 or self.max_revivals < 0:
@@ -113,6 +123,8 @@ class PopulationConfig:
         if isinstance(self.refine_leader, bool) or not isinstance(self.refine_leader, int) or self.refine_leader < 0:
             raise ConfigError(f"{where}.refine_leader: an integer >= 0 (evaluations; 0 = off), got "
                               f"{self.refine_leader!r}")
+        if not isinstance(self.leader_first, bool):
+            raise ConfigError(f"{where}.leader_first: true or false, got {self.leader_first!r}")
         if not isinstance(self.joint, bool):
             raise ConfigError(f"{where}.joint: true or false, got {self.joint!r}")
         if isinstance(self.joint_budget, bool) or not isinstance(self.joint_budget, int) or self.joint_budget < 0:
@@ -220,6 +232,35 @@ def initial_pairs(starting: Sequence[str]) -> list[PairPlan]:
     """Generation 1: every pair of the starting models."""
     return [PairPlan(starting[i], starting[j], "initial") for i in range(len(starting))
             for j in range(i + 1, len(starting))]
+
+
+def screens(cfg: PopulationConfig, n_pairs: int) -> bool:
+    """Whether generation 1 screens its ``n_pairs`` initial pairs (``population.screen``): only when that leaves
+    some pairs out and gives the others more than the screen's evaluation."""
+    kept = screen_kept(cfg, n_pairs)
+    return cfg.screen > 0 and cfg.pair_budget > SCREEN_EVALUATIONS and 0 < kept < n_pairs
+
+
+def screen_kept(cfg: PopulationConfig, n_pairs: int) -> int:
+    return max(1, math.ceil(cfg.screen * n_pairs - 1e-9))
+
+
+def screened_plans(screened: Sequence[tuple[PairPlan, Member]], cfg: PopulationConfig) -> list[PairPlan]:
+    """After the screen: the best ``cfg.screen`` share of generation 1's pairs by their child's score at the
+    starting recipe (``screened``: each pair and that child, in plan order; failed children are never kept), each
+    searched on as operator ``extend`` with an equal share of what the screen saved (``pair_budget`` per pair in
+    all). A plan's budget counts the screen's evaluation, which the archive replays; the run's budget caps it when
+    it runs, as any pair's (so a resume with a larger budget goes on as if it had been larger from the start)."""
+    ok = [(plan, child) for plan, child in screened if child.ok]
+    order = {plan.key: i for i, (plan, _) in enumerate(screened)}
+    kept = sorted(ok, key=lambda pc: (-pc[1].score, order[pc[0].key]))[:screen_kept(cfg, len(screened))]
+    if not kept:
+        return []
+    extra = len(screened) * (cfg.pair_budget - SCREEN_EVALUATIONS) // len(kept)
+    if extra <= 0:
+        return []
+    return [PairPlan(plan.a, plan.b, plan.reason, plan.kinship, plan.attraction, operator="extend",
+                     budget=SCREEN_EVALUATIONS + extra) for plan, _ in kept]
 
 
 def exploration_partner(best: str, population: Sequence[Member], kin: KinshipFn, metric: str,
@@ -344,12 +385,15 @@ def escape_plans(top: Sequence[Member], population: Sequence[Member], merged: se
     return plans
 
 
-def leader_refine(best: Member | None, generation: int, merged: set[tuple[str, str]], cfg: PopulationConfig
-                  ) -> PairPlan | None:
-    """The refine of the best member when ``generation`` (just ended) made none better: the search that made it
-    goes on from its genome (``cfg.refine_leader`` evaluations), where breeding from it did not help. Originals
-    have no merge to refine; a member is refined once."""
-    if cfg.refine_leader <= 0 or best is None or not best.parents or best.generation >= generation:
+def leader_refine(best: Member | None, generation: int, merged: set[tuple[str, str]], cfg: PopulationConfig,
+                  plateau: bool = False) -> PairPlan | None:
+    """The refine of the best member when ``generation`` (just ended) made none better, or (``cfg.leader_first``)
+    when the top-k is on a ``plateau`` (saturated or converged): the search that made it goes on from its genome
+    (``cfg.refine_leader`` evaluations), where breeding from it did not help. Originals have no merge to refine;
+    a member is refined once."""
+    if cfg.refine_leader <= 0 or best is None or not best.parents:
+        return None
+    if best.generation >= generation and not (plateau and cfg.leader_first):
         return None
     if pair_key(best.key, best.key) in merged:
         return None

@@ -275,7 +275,8 @@ class RunPopulation:
         results = self.pairs.run(parents, generation, budget, seed=seed_of(self.space.seed, generation, "refine",
                                                                            *parents),
                                  x0=np.asarray(rec.genome["x"], float), extra_models=extra,
-                                 model_tasks=self.members.model_tasks(extra), space=ps, rows=recipe_rows(recipe))
+                                 model_tasks=self.members.model_tasks(extra), space=ps, rows=recipe_rows(recipe),
+                                 start_seed=recipe.seed)
         return self._child(self.members.child_key(plan.key, generation), generation, tuple(parents), results,
                            "refine")
 

@@ -57,14 +57,15 @@ def population_status_lines(archive: Archive, k: int | None = None) -> list[str]
     if start is None:
         return []
     k = k or int(start.get("k", 3))
-    members: list[Member] = []
+    by_key: dict[str, Member] = {}  # a screened pair searched on replaces its member (the same key)
     for e in events:
         p = e["data"]
         if e["kind"] == EventKind.MEMBER:
-            members.append(Member(str(p["key"]), float(p["score"]), 0, (), p.get("candidate_id")))
+            by_key[str(p["key"])] = Member(str(p["key"]), float(p["score"]), 0, (), p.get("candidate_id"))
         elif e["kind"] in MERGE_EVENTS:
-            members.append(Member(str(p["child"]), float(p["score"]), int(p["generation"]), merge_parents(p),
-                                  p.get("candidate_id")))
+            by_key[str(p["child"])] = Member(str(p["child"]), float(p["score"]), int(p["generation"]),
+                                             merge_parents(p), p.get("candidate_id"))
+    members = list(by_key.values())
     lines = [f"population: k={start.get('k')}, kinship {start.get('metric')}, pair budget "
              f"{start.get('pair_budget')}, exploration {'on' if start.get('explore') else 'off'}"
              + (f", niche alpha {start['niche_alpha']}, partner {start.get('partner')}"
@@ -76,9 +77,17 @@ def population_status_lines(archive: Archive, k: int | None = None) -> list[str]
     plans = [e["data"] for e in events if e["kind"] == EventKind.GENERATION_PLAN]
     if plans:
         cur = plans[-1]
-        done = sum(1 for e in events
-                   if e["kind"] == EventKind.PAIR_DONE and e["data"]["generation"] == cur["generation"])
-        lines.append(f"  generation {cur['generation']}: {done}/{len(cur['plans'])} pair merges done")
+        done = [e["data"] for e in events
+                if e["kind"] == EventKind.PAIR_DONE and e["data"]["generation"] == cur["generation"]]
+        first = [d for d in done if d.get("operator") != "extend"]
+        line = f"  generation {cur['generation']}: {len(first)}/{len(cur['plans'])} pair merges done"
+        screened = next((e["data"] for e in events if e["kind"] == EventKind.PAIRS_SCREENED
+                         and e["data"]["generation"] == cur["generation"]), None)
+        if cur.get("screen"):
+            line += " (screened at their starting recipe" + (
+                f"; {len(done) - len(first)}/{len(screened['plans'])} of the best searched on)"
+                if screened is not None else ")")
+        lines.append(line)
     top = top_k(members, k)
     if top:
         lines.append(f"  top-{k}: " + ", ".join(f"{m.key} {m.score:.4f}" + (f" (#{m.candidate_id})"
