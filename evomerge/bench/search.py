@@ -19,8 +19,9 @@ fitness) is scored once on the disjoint held-out test split. Rows:
    pairs skipped
 9. ``joint``: the kinship manager with the joint merge of the originals (generation 0: one merge of all of them
    by the pair method, a member that starts generation 1 beside them)
-10. ``breeding``: the default manager (the joint merge, niche_alpha default 0, ``partner: both``, identical pairs
-   skipped, escape moves with larger pair budgets and split-point crossover once the top-k saturates)
+10. ``breeding``: the default manager (the joint merge, generation 1's screen, the leader refine, niche_alpha
+   default 0, ``partner: both``, identical pairs skipped, escape moves with larger pair budgets and split-point
+   crossover once the top-k saturates and its best is refined)
 11. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
 12. ``breeding_ancestors``: the default manager with merged parents calibrated on all their ancestors' tasks (the
    default before competence rows, ``population.pair_rows``)
@@ -122,7 +123,7 @@ LABELS = {
     "attraction": "attraction manager",
     "niche": "niche + attraction manager",
     "joint": "kinship manager + the joint merge of the originals",
-    "breeding": "default manager (both, skip, escapes + crossover; niche_alpha default)",
+    "breeding": "default manager (joint merge, screen, leader refine, both, skips, escapes + crossover)",
     "breeding_niche": "default manager with niche fitness (niche_alpha = --alpha)",
     "breeding_ancestors": "default manager, parents calibrated on all their ancestors' tasks",
     "breeding_refine": "default manager + the refine escape (the best merged member's merge searched again)",
