@@ -21,14 +21,14 @@ fitness) is scored once on the disjoint held-out test split. Rows:
    by the pair method, a member that starts generation 1 beside them)
 10. ``breeding``: the default manager (the joint merge, generation 1's screen, the leader refine, niche_alpha
    default 0, ``partner: both``, identical pairs skipped, escape moves with larger pair budgets and split-point
-   crossover once the top-k saturates and its best is refined)
+   crossover once the top-k saturates)
 11. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
 12. ``breeding_ancestors``: the default manager with merged parents calibrated on all their ancestors' tasks (the
    default before competence rows, ``population.pair_rows``)
 13. ``breeding_refine``: the default manager with the refine escape (``population.refine``)
 14. ``breeding_no_leader``: the default manager without the leader refine (``population.refine_leader: 0``)
-15. ``breeding_escape_first``: the default manager with escape moves before the leader refine on a saturated
-   top-k (``population.leader_first: false``)
+15. ``breeding_leader_first``: the default manager with the leader refine before escape moves on a saturated
+   top-k (``population.leader_first: true``)
 16. ``breeding_no_screen``: the default manager without generation 1's screen (``population.screen: 0``: every
    initial pair gets the pair budget)
 
@@ -110,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 ROWS = ("uniform", "ta", "ties", "cmaes", "cmaes_qp", "greedy", "kinship", "attraction", "niche", "joint",
         "breeding", "breeding_niche", "breeding_ancestors", "breeding_refine", "breeding_no_leader",
-        "breeding_escape_first", "breeding_no_screen")
+        "breeding_leader_first", "breeding_no_screen")
 ALIASES = {"population": "kinship"}
 LABELS = {
     "uniform": "uniform average",
@@ -128,7 +128,7 @@ LABELS = {
     "breeding_ancestors": "default manager, parents calibrated on all their ancestors' tasks",
     "breeding_refine": "default manager + the refine escape (the best merged member's merge searched again)",
     "breeding_no_leader": "default manager without the leader refine (the best's merge searched again on a stall)",
-    "breeding_escape_first": "default manager, escape moves before the leader refine on a saturated top-k",
+    "breeding_leader_first": "default manager, the leader refine before escape moves on a saturated top-k",
     "breeding_no_screen": "default manager without generation 1's screen (every initial pair its pair budget)",
 }
 # the manager as it was before behaviour-aware breeding (and before the joint merge of the originals)
@@ -149,7 +149,7 @@ def manager_rows(alpha: float) -> dict[str, dict[str, Any]]:
         "breeding_ancestors": {"pair_rows": "ancestors"},
         "breeding_refine": {"refine": True},
         "breeding_no_leader": {"refine_leader": 0},
-        "breeding_escape_first": {"leader_first": False},
+        "breeding_leader_first": {"leader_first": True},
         "breeding_no_screen": {"screen": 0.0},
     }
 TA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)

@@ -25,24 +25,23 @@ def test_only_the_joint_and_default_rows_make_the_joint_merge() -> None:
     joint = {row: PopulationConfig.from_dict(section).joint for row, section in rows.items()}
     assert joint == {"greedy": False, "kinship": False, "attraction": False, "niche": False, "joint": True,
                      "breeding": True, "breeding_niche": True, "breeding_ancestors": True, "breeding_refine": True,
-                     "breeding_no_leader": True, "breeding_escape_first": True, "breeding_no_screen": True}
+                     "breeding_no_leader": True, "breeding_leader_first": True, "breeding_no_screen": True}
     assert PopulationConfig.from_dict(rows["joint"]) == PopulationConfig.from_dict({**rows["kinship"], "joint": True})
     # the rows "as before" calibrate merged parents on all their ancestors' tasks; the default splits them
     cfg = {row: PopulationConfig.from_dict(section) for row, section in rows.items()}
     assert {row: c.pair_rows for row, c in cfg.items() if c.pair_rows == "competence"} == {
         "breeding": "competence", "breeding_niche": "competence", "breeding_refine": "competence",
-        "breeding_no_leader": "competence", "breeding_escape_first": "competence", "breeding_no_screen": "competence"}
+        "breeding_no_leader": "competence", "breeding_leader_first": "competence", "breeding_no_screen": "competence"}
     assert [row for row, c in cfg.items() if c.refine] == ["breeding_refine"]
     # the leader refine is the default's; the rows "as before" and the ablation row go without it
     assert {row for row, c in cfg.items() if c.refine_leader == 0} == {
         "greedy", "kinship", "attraction", "niche", "joint", "breeding_no_leader"}
     assert cfg["breeding"].refine_leader == PopulationConfig().refine_leader > 0
-    # leader first and generation 1's screen are the default's; the rows "as before" and their ablations go without
-    assert {row for row, c in cfg.items() if not c.leader_first} == {
-        "greedy", "kinship", "attraction", "niche", "joint", "breeding_escape_first"}
+    # generation 1's screen is the default's; the rows "as before" and the ablation go without; leader first is a row
+    assert [row for row, c in cfg.items() if c.leader_first] == ["breeding_leader_first"]
     assert {row for row, c in cfg.items() if c.screen == 0} == {
         "greedy", "kinship", "attraction", "niche", "joint", "breeding_no_screen"}
-    assert cfg["breeding"].screen == PopulationConfig().screen > 0 and cfg["breeding"].leader_first
+    assert cfg["breeding"].screen == PopulationConfig().screen > 0 and not cfg["breeding"].leader_first
 
 
 def test_the_pair_flags_reach_the_population_space() -> None:

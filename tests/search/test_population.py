@@ -494,9 +494,9 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
         PopulationManager(backend, old, budget=40).run()
     start = next(e["payload"] for e in backend.log if e["kind"] == EventKind.POPULATION_START)
     assert start["pair_rows"] == "competence" and old.as_started(start).pair_rows == "competence"
-    assert start["refine_leader"] == old.refine_leader > 0 and start["leader_first"] is True
+    assert start["refine_leader"] == old.refine_leader > 0 and start["screen"] == old.screen > 0
     for e in backend.log:  # as an older version wrote it
-        for key in ("joint", "joint_budget", "pair_rows", "refine_leader", "leader_first"):
+        for key in ("joint", "joint_budget", "pair_rows", "refine_leader", "leader_first", "screen"):
             e["payload"].pop(key, None)
     backend.fail_after = None
     new = PopulationConfig(k=3, pair_budget=1, saturation=None, max_revivals=0, max_generations=3)
@@ -506,7 +506,7 @@ def test_a_run_recorded_before_the_joint_merge_resumes_without_one() -> None:
     assert new.as_started(start).pair_rows == "ancestors" and new.as_started(None).pair_rows == "competence"
     # and it never refines the best on a stall, which it did not do either
     assert new.as_started(start).refine_leader == 0 < new.refine_leader
-    assert new.as_started(start).leader_first is False and new.leader_first is True
+    assert new.as_started(start).screen == 0 < new.screen and new.as_started(start).leader_first is False
     assert not any(p["reason"] == "leader" for e in backend.log if e["kind"] == EventKind.GENERATION_PLAN
                    for p in e["payload"]["plans"])
 
@@ -555,7 +555,7 @@ def test_a_saturated_top_k_refines_its_best_while_the_refine_gains(crash_after: 
     # no better: the best stays the first refined member, refined once, and the saturated run stops
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
     cfg = PopulationConfig(k=3, pair_budget=2, saturation=-1.0, max_revivals=0, refine_leader=5, joint=False,
-                           screen=0)
+                           screen=0, leader_first=True)
     ref, ref_out, crashing, out = _crash_and_resume(lambda: FakeBackend(_vectors(4), scores, _stalling_fn), cfg,
                                                     200, crash_after)
     plans = {p["generation"]: p for p in _events(ref, "generation_plan")}

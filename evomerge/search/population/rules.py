@@ -75,8 +75,8 @@ class PopulationConfig:
     # again (its parents, from its genome) with this many evaluations; once per member (0: off)
     refine_leader: int = 40
     # a top-k that saturates or converges refines the best first (once per member, as above), and escapes only
-    # once the best's own merge is refined: escape pairs seldom beat the best, its own search often does
-    leader_first: bool = True
+    # once the best's own merge is refined. Off: escapes first gained more on the demo zoo (README, Benchmarks)
+    leader_first: bool = False
     # generation 0: one merge of every starting model by the pair method (a member whose parents are all of them),
     # which then starts generation 1 beside them: a data-aware merge of the originals keeps skills that merges of
     # merged parents have lost already (search_spaces/README.md)
