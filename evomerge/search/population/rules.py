@@ -237,11 +237,11 @@ def initial_pairs(starting: Sequence[str]) -> list[PairPlan]:
 def screens(cfg: PopulationConfig, n_pairs: int) -> bool:
     """Whether generation 1 screens its ``n_pairs`` initial pairs (``population.screen``): only when that leaves
     some pairs out and gives the others more than the screen's evaluation."""
-    kept = screen_kept(cfg, n_pairs)
-    return cfg.screen > 0 and cfg.pair_budget > SCREEN_EVALUATIONS and 0 < kept < n_pairs
+    return cfg.screen > 0 and cfg.pair_budget > SCREEN_EVALUATIONS and screen_kept(cfg, n_pairs) < n_pairs
 
 
 def screen_kept(cfg: PopulationConfig, n_pairs: int) -> int:
+    """How many of ``n_pairs`` screened pairs are searched on: the ``screen`` share, rounded up, at least one."""
     return max(1, math.ceil(cfg.screen * n_pairs - 1e-9))
 
 
