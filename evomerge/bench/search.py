@@ -19,9 +19,9 @@ fitness) is scored once on the disjoint held-out test split. Rows:
    pairs skipped
 9. ``joint``: the kinship manager with the joint merge of the originals (generation 0: one merge of all of them
    by the pair method, a member that starts generation 1 beside them)
-10. ``breeding``: the default manager (the joint merge, generation 1's screen, the leader refine, niche_alpha
-   default 0, ``partner: both``, identical pairs skipped, escape moves with larger pair budgets and split-point
-   crossover once the top-k saturates)
+10. ``breeding``: the default manager (the joint merge, the screen of each generation's pairs, the leader
+   refine, niche_alpha default 0, ``partner: both``, identical pairs skipped, escape moves with larger pair
+   budgets and split-point crossover once the top-k saturates)
 11. ``breeding_niche``: the default manager with niche fitness (alpha = ``--alpha``) for parents and the top-k
 12. ``breeding_ancestors``: the default manager with merged parents calibrated on all their ancestors' tasks (the
    default before competence rows, ``population.pair_rows``)
@@ -29,8 +29,8 @@ fitness) is scored once on the disjoint held-out test split. Rows:
 14. ``breeding_no_leader``: the default manager without the leader refine (``population.refine_leader: 0``)
 15. ``breeding_leader_first``: the default manager with the leader refine before escape moves on a saturated
    top-k (``population.leader_first: true``)
-16. ``breeding_no_screen``: the default manager without generation 1's screen (``population.screen: 0``: every
-   initial pair gets the pair budget)
+16. ``breeding_no_screen``: the default manager without the screen (``population.screen: 0``: every pair
+   gets the pair budget)
 
 ``--pair-param`` sets constant parameters of the pair method (e.g. ``ridge=1e-4`` for qp) for every row that
 merges with it: the population rows, their joint merge, and ``cmaes_qp``.
@@ -129,7 +129,7 @@ LABELS = {
     "breeding_refine": "default manager + the refine escape (the best merged member's merge searched again)",
     "breeding_no_leader": "default manager without the leader refine (the best's merge searched again on a stall)",
     "breeding_leader_first": "default manager, the leader refine before escape moves on a saturated top-k",
-    "breeding_no_screen": "default manager without generation 1's screen (every initial pair its pair budget)",
+    "breeding_no_screen": "default manager without the screen (every pair its pair budget)",
 }
 # the manager as it was before behaviour-aware breeding (and before the joint merge of the originals)
 _KINSHIP = {"niche_alpha": 0.0, "partner": "kinship", "identical_tol": None, "max_escapes": 0, "joint": False,

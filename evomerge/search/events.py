@@ -31,7 +31,7 @@ class EventKind(str, Enum):
     #                          behaviour_distance, operator}
     JOINT_DONE = "joint_done"  # {generation: 0, parents, child, score, candidate_id, evaluations, ok, method}: the
     #                            joint merge of the starting models (population.joint)
-    PAIRS_SCREENED = "pairs_screened"  # {generation: 1, plans, screened}: the screened pairs searched on
+    PAIRS_SCREENED = "pairs_screened"  # {generation, plans, screened}: the screened pairs searched on
     #                                    (population.screen; plans: operator extend) and every pair's screen score
     PAIR_SKIPPED = "pair_skipped"  # {generation, a, b, reason, distance, tol}: parents behave identically
     GENERATION_END = "generation_end"  # {generation, top, best, best_score, improved, stall, evaluations}

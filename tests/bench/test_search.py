@@ -37,7 +37,7 @@ def test_only_the_joint_and_default_rows_make_the_joint_merge() -> None:
     assert {row for row, c in cfg.items() if c.refine_leader == 0} == {
         "greedy", "kinship", "attraction", "niche", "joint", "breeding_no_leader"}
     assert cfg["breeding"].refine_leader == PopulationConfig().refine_leader > 0
-    # generation 1's screen is the default's; the rows "as before" and the ablation go without; leader first is a row
+    # the screen is the default's; the rows "as before" and the ablation go without; leader first is a row
     assert [row for row, c in cfg.items() if c.leader_first] == ["breeding_leader_first"]
     assert {row for row, c in cfg.items() if c.screen == 0} == {
         "greedy", "kinship", "attraction", "niche", "joint", "breeding_no_screen"}

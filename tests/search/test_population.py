@@ -606,8 +606,8 @@ class BudgetBackend(FakeBackend):
         return PairResult(child, result.evaluations)
 
 
-@pytest.mark.parametrize("crash_after", [3, 6, 8])
-def test_generation_1_screens_its_pairs_then_searches_the_best_half_on(crash_after: int) -> None:
+@pytest.mark.parametrize("crash_after", [3, 6, 8, 11])
+def test_each_generation_screens_its_pairs_then_searches_the_best_half_on(crash_after: int) -> None:
     scores = {"m0": 0.5, "m1": 0.45, "m2": 0.4, "m3": 0.3}
     cfg = PopulationConfig(k=3, pair_budget=3, saturation=None, max_revivals=0, max_generations=2, joint=False)
     ref, ref_out, crashing, out = _crash_and_resume(lambda: BudgetBackend(_vectors(4), scores, _gain_fn), cfg, 200,
@@ -616,7 +616,7 @@ def test_generation_1_screens_its_pairs_then_searches_the_best_half_on(crash_aft
     assert [p.get("budget") for p in plans[0]["plans"]] == [1] * 6 and plans[0]["screen"] is True
     assert "screened at their starting recipe" in plans[0]["reason"]
     screened = _events(ref, "pairs_screened")
-    assert len(screened) == 1 and len(screened[0]["screened"]) == 6
+    assert [s["generation"] for s in screened] == [1, 2] and len(screened[0]["screened"]) == 6
     at_screen = {(d["a"], d["b"]): d["score"] for d in screened[0]["screened"]}
     best3 = sorted(at_screen, key=lambda k: -at_screen[k])[:3]
     # 6 pairs x (3 - 1) = 12 evaluations saved: the best 3 get 4 more each, 5 in all with the screen's
@@ -629,7 +629,10 @@ def test_generation_1_screens_its_pairs_then_searches_the_best_half_on(crash_aft
     for a, b in best3:
         assert done[(a, b, "extend")]["child"] == done[(a, b, "pair")]["child"]
         assert done[(a, b, "extend")]["score"] == pytest.approx(at_screen[(a, b)] + 0.004)
-    assert ref.evaluations() == 6 * 1 + 3 * 4 + sum(used for *_, g, used in ref.pairs_run if g == 2)
-    # a crash in the screen, at the decision or in a searched-on pair resumes to the same decisions
+    # generation 2: 3 top-k pairs and the exploration pair, screened too; the best 2 get 1 + 4 x 2 / 2
+    assert plans[1]["screen"] is True and [p.get("budget") for p in plans[1]["plans"]] == [1] * 4
+    assert [p["budget"] for p in screened[1]["plans"]] == [5, 5] and len(screened[1]["screened"]) == 4
+    assert ref.evaluations() == 6 + 3 * 4 + 4 + 2 * 4
+    # a crash in a screen, at a decision or in a searched-on pair resumes to the same decisions
     assert crashing.pairs_run == ref.pairs_run and _fingerprint(crashing) == _fingerprint(ref)
     assert out.best.key == ref_out.best.key

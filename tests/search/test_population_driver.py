@@ -500,12 +500,13 @@ def test_a_refine_escape_searches_the_best_members_merge_again_and_resumes(tmp_p
 
 def test_screened_pairs_search_on_from_their_screen_and_resume_mid_search(tmp_path: Path) -> None:
     """Generation 1 screens its 6 pairs at their starting recipe, then searches the best 3 on (1 + 6 x 2 / 3 = 5
-    evaluations each, the screen's replayed by the archive); a stop inside that search resumes to the same
-    archive and decisions."""
+    evaluations each, the screen's replayed by the archive), and generation 2 its 4; a stop inside a search
+    resumes to the same archive and decisions."""
     data = _pop_space(30, screen=0.5, max_generations=2, pair_budget=3)
     ref, summary, _ = _fake_pop(tmp_path, data, name="ref")
     screened = _events(ref, "pairs_screened")
-    assert len(screened) == 1 and len(screened[0]["screened"]) == 6
+    assert [e["generation"] for e in screened] == [1, 2] and len(screened[0]["screened"]) == 6
+    assert len(screened[1]["screened"]) == 4 and [p["budget"] for p in screened[1]["plans"]] == [5, 5]
     kept = [(p["a"], p["b"]) for p in screened[0]["plans"]]
     assert len(kept) == 3 and all(p["budget"] == 5 and p["operator"] == "extend" for p in screened[0]["plans"])
     with ref.archive(readonly=True) as a:
@@ -523,7 +524,7 @@ def test_screened_pairs_search_on_from_their_screen_and_resume_mid_search(tmp_pa
         else:
             assert len(recs) == 1
     # the kept pair's member is the best of its 5, under the screen's key
-    done = [d for d in _events(ref, "pair_done") if d.get("operator") == "extend"]
+    done = [d for d in _events(ref, "pair_done") if d.get("operator") == "extend" and d["generation"] == 1]
     for d in done:
         recs = by_pair[tuple(sorted((d["a"], d["b"])))]
         best = max(recs, key=lambda r: (r.aggregate, -r.id))
@@ -534,7 +535,8 @@ def test_screened_pairs_search_on_from_their_screen_and_resume_mid_search(tmp_pa
     from evomerge.search.population.status import population_status_lines
 
     keys = [m.key for m in load_run(ref.path).members]
-    assert len(keys) == len(set(keys)) == 4 + 6 + len([d for d in _events(ref, "pair_done") if d["generation"] == 2])
+    gen2 = {d["child"] for d in _events(ref, "pair_done") if d["generation"] == 2}
+    assert len(keys) == len(set(keys)) == 4 + 6 + len(gen2)
     # stopped inside the second searched-on pair (4 originals + 6 screens + 4 + 2), then resumed
     space = space_from_dict(data)
     run = RunDir.create(tmp_path / "cut", space)

@@ -111,8 +111,8 @@ class PopulationManager:
 
     Events: ``population_start``, ``generation_plan`` {generation, plans, reasons}, ``pair_done``
     {generation, a, b, child, score}, ``generation_end`` {generation, top, best, best_score, improved},
-    ``revival`` {generation, revived, reason}, ``pairs_screened`` {generation, plans, screened} (generation 1's
-    screen), ``stop`` {reason}. On resume the events are replayed: done
+    ``revival`` {generation, revived, reason}, ``pairs_screened`` {generation, plans, screened} (a
+    generation's screen), ``stop`` {reason}. On resume the events are replayed: done
     pairs are not rerun, the pending ones of the current generation run next (the backend resumes a pair's
     own search), and later generations are planned from the same state as an uninterrupted run.
     """
@@ -272,7 +272,7 @@ class PopulationManager:
         while True:
             if not st.ended:
                 stop = self._run_pending(st.generation, st.pending)
-                if stop is None and st.screen and st.generation == 1:
+                if stop is None and st.screen:
                     stop = self._run_screened(st)
                 if stop is not None:
                     return self._finish(st.generation, stop)
@@ -331,23 +331,30 @@ class PopulationManager:
                 self.escapes += 1
                 extra["escape"] = self.escapes
             st.generation += 1
+            pool = [p for p in plans if p.operator == "pair" and p.budget is None]
+            st.screen, st.extend = screens(self.cfg, len(pool)), None
+            if st.screen:
+                plans = [dataclasses.replace(p, budget=SCREEN_EVALUATIONS) if p in pool else p for p in plans]
+                extra["screen"] = True
             st.pending = plans
             st.ended = False
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
                         reason=self._plan_reason(plans, top, lead_why), revival=revival, **extra)
 
     def _run_screened(self, st: _ReplayState) -> str | None:
-        """Generation 1 after its screen: the best pairs searched on (decided once, recorded as an event)."""
+        """A generation after its screen: the best pairs searched on (decided once, recorded as an event)."""
         if st.extend is None:
-            screened = [(p, c) for p in st.pending if (c := self._child_of(p, 1)) is not None]
+            g = st.generation
+            screened = [(p, c) for p in st.pending if p.operator == "pair" and p.budget == SCREEN_EVALUATIONS
+                        and (c := self._child_of(p, g)) is not None]
             st.extend = screened_plans(screened, self.cfg)
-            self._event(EventKind.PAIRS_SCREENED, generation=1, plans=[p.to_dict() for p in st.extend],
+            self._event(EventKind.PAIRS_SCREENED, generation=g, plans=[p.to_dict() for p in st.extend],
                         screened=[{"a": p.a, "b": p.b, "child": c.key, "score": c.score} for p, c in screened])
             if st.extend:
                 self._log(f"screened {len(screened)} pairs at their starting recipe; searching on "
                           + ", ".join(f"{p.a} x {p.b}" for p in st.extend)
                           + f" ({st.extend[0].budget} evaluations each)")
-        return self._run_pending(1, st.extend)
+        return self._run_pending(st.generation, st.extend)
 
     def _child_of(self, plan: PairPlan, generation: int) -> Member | None:
         """The member a pair plan of ``generation`` made (None: skipped, or not run)."""
@@ -549,8 +556,7 @@ class PopulationManager:
                     self._apply_revival(p["revival"], st)
                 if p.get("escape"):
                     self.escapes = int(p["escape"])
-                if p.get("screen"):
-                    st.screen = True
+                st.screen, st.extend = bool(p.get("screen")), None
             elif kind == EventKind.PAIRS_SCREENED:
                 st.extend = [PairPlan.from_dict(d) for d in p["plans"]]
             elif kind == EventKind.PAIR_SKIPPED:

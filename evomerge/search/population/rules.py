@@ -49,8 +49,9 @@ class PopulationConfig:
     saturation_distance: float | None = None  # ED: stop when mean top-k distance falls below it
     explore: bool = True  # the kinship exploration merge (False: plain Top-k greedy)
     pair_budget: int = 8  # evaluations per parent pair; 0 = the fixed recipe only (the paper)
-    # generation 1 screens its pairs: each is evaluated at its starting recipe only, then this share of them (the
-    # best by that score) is searched on with the evaluations the others left (0: every pair gets pair_budget)
+    # each generation screens its pairs (those of pair_budget, when there are 3 or more): each is evaluated at its
+    # starting recipe only, then this share of them (the best by that score) is searched on with the evaluations
+    # the others left (0: every pair gets pair_budget)
     screen: float = 0.5
     max_generations: int = 20
     seed_models: tuple[str, ...] | None = None  # generation 1 pairs these (default: every original)
@@ -235,8 +236,8 @@ def initial_pairs(starting: Sequence[str]) -> list[PairPlan]:
 
 
 def screens(cfg: PopulationConfig, n_pairs: int) -> bool:
-    """Whether generation 1 screens its ``n_pairs`` initial pairs (``population.screen``): only when that leaves
-    some pairs out and gives the others more than the screen's evaluation."""
+    """Whether a generation screens its ``n_pairs`` pairs of the pair budget (``population.screen``): only when
+    that leaves some pairs out and gives the others more than the screen's evaluation."""
     return cfg.screen > 0 and cfg.pair_budget > SCREEN_EVALUATIONS and screen_kept(cfg, n_pairs) < n_pairs
 
 
@@ -246,7 +247,7 @@ def screen_kept(cfg: PopulationConfig, n_pairs: int) -> int:
 
 
 def screened_plans(screened: Sequence[tuple[PairPlan, Member]], cfg: PopulationConfig) -> list[PairPlan]:
-    """After the screen: the best ``cfg.screen`` share of generation 1's pairs by their child's score at the
+    """After the screen: the best ``cfg.screen`` share of a generation's pairs by their child's score at the
     starting recipe (``screened``: each pair and that child, in plan order; failed children are never kept), each
     searched on as operator ``extend`` with an equal share of what the screen saved (``pair_budget`` per pair in
     all). A plan's budget counts the screen's evaluation, which the archive replays; the run's budget caps it when
