@@ -631,6 +631,7 @@ def test_each_generation_screens_its_pairs_then_searches_the_best_half_on(crash_
         assert done[(a, b, "extend")]["score"] == pytest.approx(at_screen[(a, b)] + 0.004)
     # generation 2: 3 top-k pairs and the exploration pair, screened too; the best 2 get 1 + 4 x 2 / 2
     assert plans[1]["screen"] is True and [p.get("budget") for p in plans[1]["plans"]] == [1] * 4
+    assert "its 4 pairs screened at their starting recipe, the best 2 then searched on" in plans[1]["reason"]
     assert [p["budget"] for p in screened[1]["plans"]] == [5, 5] and len(screened[1]["screened"]) == 4
     assert ref.evaluations() == 6 + 3 * 4 + 4 + 2 * 4
     # a crash in a screen, at a decision or in a searched-on pair resumes to the same decisions

@@ -338,8 +338,12 @@ class PopulationManager:
                 extra["screen"] = True
             st.pending = plans
             st.ended = False
+            why = self._plan_reason(plans, top, lead_why)
+            if st.screen:
+                why += (f"; its {len(pool)} pairs screened at their starting recipe, the best "
+                        f"{screen_kept(self.cfg, len(pool))} then searched on")
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
-                        reason=self._plan_reason(plans, top, lead_why), revival=revival, **extra)
+                        reason=why, revival=revival, **extra)
 
     def _run_screened(self, st: _ReplayState) -> str | None:
         """A generation after its screen: the best pairs searched on (decided once, recorded as an event)."""
