@@ -7,7 +7,6 @@ themselves are :mod:`evomerge.search.population.rules`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,13 +29,14 @@ from evomerge.search.population.rules import (
     PopulationConfig,
     escape_plans,
     initial_pairs,
+    is_screened,
     leader_refine,
     plan_generation,
     revival_choices,
     saturated,
     screen_kept,
+    screen_pairs,
     screened_plans,
-    screens,
 )
 
 # ------------------------------------------------------------------------------------------------ backend
@@ -131,7 +131,7 @@ class PopulationManager:
         self.revivals = 0
         self.escapes = 0
         self.skipped = 0
-        self.extended: set[tuple[str, str]] = set()  # screened pairs of generation 1 searched on
+        self.extended: set[tuple[str, str]] = set()  # screened pairs searched on (population.screen)
         self._children: dict[tuple[int, tuple[str, str]], Member] = {}  # (generation, pair) -> child
         self.history: list[GenerationRecord] = []
 
@@ -251,19 +251,13 @@ class PopulationManager:
             if joint and self.members.get(JOINT_KEY) is not None and self.members[JOINT_KEY].ok:
                 starting = [*starting, JOINT_KEY]
             st.generation = 1
-            st.pending = initial_pairs(starting)
-            st.screen = screens(self.cfg, len(st.pending))
-            if st.screen:
-                st.pending = [dataclasses.replace(p, budget=SCREEN_EVALUATIONS) for p in st.pending]
-            screen = {"screen": True} if st.screen else {}
+            st.pending, screened = screen_pairs(initial_pairs(starting), self.cfg)
+            st.screen = screened > 0
             self._event(EventKind.GENERATION_PLAN, generation=1, plans=[p.to_dict() for p in st.pending],
                         reason=f"generation 1: every pair of the {len(starting)} starting models"
                                + (f" (with {JOINT_KEY}, the joint merge of the others)"
-                                  if JOINT_KEY in starting else "")
-                               + (f", screened at their starting recipe; the best "
-                                  f"{screen_kept(self.cfg, len(st.pending))} of them are then searched on with the "
-                                  "evaluations the others leave" if st.screen else ""),
-                        **screen)
+                                  if JOINT_KEY in starting else "") + self._screen_text(screened),
+                        **({"screen": True} if st.screen else {}))
         elif st.ended:
             self._log(f"resuming after the end of generation {st.generation}")
         else:
@@ -292,7 +286,7 @@ class PopulationManager:
                 lead_why = f"{reason}, so before any escape move"
                 reason, plans = None, [lead]
             else:
-                if reason is not None and reason.startswith(("saturated", "converged")):
+                if plateau:
                     escape = self._escape(top)
                     if escape:
                         self._log(f"escape {self.escapes + 1}: {reason}; {self._escape_text(escape)}")
@@ -331,26 +325,21 @@ class PopulationManager:
                 self.escapes += 1
                 extra["escape"] = self.escapes
             st.generation += 1
-            pool = [p for p in plans if p.operator == "pair" and p.budget is None]
-            st.screen, st.extend = screens(self.cfg, len(pool)), None
+            plans, screened = screen_pairs(plans, self.cfg)
+            st.screen, st.extend = screened > 0, None
             if st.screen:
-                plans = [dataclasses.replace(p, budget=SCREEN_EVALUATIONS) if p in pool else p for p in plans]
                 extra["screen"] = True
             st.pending = plans
             st.ended = False
-            why = self._plan_reason(plans, top, lead_why)
-            if st.screen:
-                why += (f"; its {len(pool)} pairs screened at their starting recipe, the best "
-                        f"{screen_kept(self.cfg, len(pool))} then searched on")
             self._event(EventKind.GENERATION_PLAN, generation=st.generation, plans=[p.to_dict() for p in plans],
-                        reason=why, revival=revival, **extra)
+                        reason=self._plan_reason(plans, top, lead_why) + self._screen_text(screened),
+                        revival=revival, **extra)
 
     def _run_screened(self, st: _ReplayState) -> str | None:
         """A generation after its screen: the best pairs searched on (decided once, recorded as an event)."""
         if st.extend is None:
             g = st.generation
-            screened = [(p, c) for p in st.pending if p.operator == "pair" and p.budget == SCREEN_EVALUATIONS
-                        and (c := self._child_of(p, g)) is not None]
+            screened = [(p, c) for p in st.pending if is_screened(p) and (c := self._child_of(p, g)) is not None]
             st.extend = screened_plans(screened, self.cfg)
             self._event(EventKind.PAIRS_SCREENED, generation=g, plans=[p.to_dict() for p in st.extend],
                         screened=[{"a": p.a, "b": p.b, "child": c.key, "score": c.score} for p, c in screened])
@@ -359,6 +348,12 @@ class PopulationManager:
                           + ", ".join(f"{p.a} x {p.b}" for p in st.extend)
                           + f" ({st.extend[0].budget} evaluations each)")
         return self._run_pending(st.generation, st.extend)
+
+    def _screen_text(self, screened: int) -> str:
+        if not screened:
+            return ""
+        return (f"; its {screened} pairs screened at their starting recipe, the best "
+                f"{screen_kept(self.cfg, screened)} then searched on with the evaluations the others leave")
 
     def _child_of(self, plan: PairPlan, generation: int) -> Member | None:
         """The member a pair plan of ``generation`` made (None: skipped, or not run)."""
@@ -603,5 +598,5 @@ class _ReplayState:
     ended: bool = False
     stopped: str | None = None
     joint: bool = False  # the joint merge of the starting models is recorded
-    screen: bool = False  # generation 1 screens its pairs (population.screen)
+    screen: bool = False  # the current generation screens its pairs (population.screen)
     extend: list[PairPlan] | None = None  # the screened pairs searched on (None: not decided yet)

@@ -241,6 +241,20 @@ def screens(cfg: PopulationConfig, n_pairs: int) -> bool:
     return cfg.screen > 0 and cfg.pair_budget > SCREEN_EVALUATIONS and screen_kept(cfg, n_pairs) < n_pairs
 
 
+def screen_pairs(plans: Sequence[PairPlan], cfg: PopulationConfig) -> tuple[list[PairPlan], int]:
+    """A generation's plans with its pairs of the pair budget at the screen's budget, when it screens them (the
+    others, e.g. refines and escapes, keep theirs); and how many were screened (0: none, the plans unchanged)."""
+    pool = [p for p in plans if p.operator == "pair" and p.budget is None]
+    if not screens(cfg, len(pool)):
+        return list(plans), 0
+    return [dataclasses.replace(p, budget=SCREEN_EVALUATIONS) if p in pool else p for p in plans], len(pool)
+
+
+def is_screened(plan: PairPlan) -> bool:
+    """Whether a plan of a screening generation is one of its screened pairs (see :func:`screen_pairs`)."""
+    return plan.operator == "pair" and plan.budget == SCREEN_EVALUATIONS
+
+
 def screen_kept(cfg: PopulationConfig, n_pairs: int) -> int:
     """How many of ``n_pairs`` screened pairs are searched on: the ``screen`` share, rounded up, at least one."""
     return max(1, math.ceil(cfg.screen * n_pairs - 1e-9))
