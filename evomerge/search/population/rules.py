@@ -96,8 +96,8 @@ class PopulationConfig:
         if self.pair_budget < 0:
             raise ConfigError(f"{where}.pair_budget: must be >= 0, got {self.pair_budget}")
         if isinstance(self.screen, bool) or not isinstance(self.screen, (int, float)) or not 0 <= self.screen <= 1:
-            raise ConfigError(f"{where}.screen: a share in [0, 1] of generation 1's pairs (0 = off), got "
-                              f"{self.screen!r}")
+            raise ConfigError(f"{where}.screen: a share in [0, 1] of each generation's pairs to search on after "
+                              f"screening (0 = off), got {self.screen!r}")
         if self.max_generations < 1:
             raise ConfigError(f"{where}.max_generations: must be >= 1, got {self.max_generations}")
         if self.revive_after < 1 or self.revive_count < 0 or self.max_revivals < 0:
