@@ -15,7 +15,7 @@ from typing import Any
 from evomerge.errors import RunDirError
 from evomerge.report.data import CandidateRow, ItemsView, MemberRow, RunData
 from evomerge.search.archive import FILE_NAME, Archive, CandidateRecord
-from evomerge.search.events import MERGE_EVENTS, EventKind, merge_parents
+from evomerge.search.events import EventKind, logged_members
 from evomerge.search.population.status import waste
 
 
@@ -107,20 +107,12 @@ def _items_view(archive: Archive, events: list[dict[str, Any]], top: int) -> Ite
 
 
 def _population_members(events: list[dict[str, Any]], by_id: dict[int, CandidateRecord]) -> list[MemberRow]:
-    out: dict[str, MemberRow] = {}  # a screened pair searched on replaces its member (the same key, later event)
-    for e in events:
-        p = e["data"]
-        if e["kind"] == EventKind.MEMBER:
-            cid = p.get("candidate_id")
-            rec = by_id.get(cid) if cid is not None else None
-            out[str(p["key"])] = MemberRow(str(p["key"]), _finite(p.get("score")), 0, (), cid,
-                                           _tasks(rec) if rec else {})
-        elif e["kind"] in MERGE_EVENTS:
-            cid = p.get("candidate_id")
-            rec = by_id.get(cid) if cid is not None else None
-            out[str(p["child"])] = MemberRow(str(p["child"]), _finite(p.get("score")), int(p["generation"]),
-                                             merge_parents(p), cid, _tasks(rec) if rec else {})
-    return list(out.values())
+    out = []
+    for m in logged_members(events):
+        rec = by_id.get(m.candidate_id) if m.candidate_id is not None else None
+        out.append(MemberRow(m.key, _finite(m.score), m.generation, m.parents, m.candidate_id,
+                             _tasks(rec) if rec else {}))
+    return out
 
 
 def _search_members(archive: Archive, originals: list[str]) -> list[MemberRow]:

@@ -7,7 +7,10 @@ written before this enum read unchanged; an :class:`EventKind` compares equal to
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 
 class EventKind(str, Enum):
@@ -57,3 +60,28 @@ def merge_parents(payload: dict[str, object]) -> tuple[str, ...]:
     if isinstance(parents, (list, tuple)):
         return tuple(str(k) for k in parents)
     return str(payload["a"]), str(payload["b"])
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    """A population member as the event log names it (``score`` as recorded: a number, or None where it was not)."""
+
+    key: str
+    score: Any
+    generation: int
+    parents: tuple[str, ...]
+    candidate_id: int | None
+
+
+def logged_members(events: Iterable[Mapping[str, Any]]) -> list[MemberEntry]:
+    """The members an event log adds (originals by ``member``, children by a merge event), one per key: a screened
+    pair searched on replaces its member (the same key, a later event)."""
+    out: dict[str, MemberEntry] = {}
+    for e in events:
+        p = e["data"]
+        if e["kind"] == EventKind.MEMBER:
+            out[str(p["key"])] = MemberEntry(str(p["key"]), p.get("score"), 0, (), p.get("candidate_id"))
+        elif e["kind"] in MERGE_EVENTS:
+            out[str(p["child"])] = MemberEntry(str(p["child"]), p.get("score"), int(p["generation"]),
+                                               merge_parents(p), p.get("candidate_id"))
+    return list(out.values())

@@ -36,7 +36,7 @@ PARTNERS = ("kinship", "attraction", "both")
 PAIR_ROWS = ("ancestors", "competence")
 # settings added after runs were first recorded: the value that reproduces such a run, which names none of them
 AS_BEFORE: dict[str, Any] = {"pair_rows": "ancestors", "refine_leader": 0, "leader_first": False, "screen": 0.0}
-SCREEN_EVALUATIONS = 1  # what screening spends on each initial pair: its starting recipe
+SCREEN_EVALUATIONS = 1  # what screening spends on each pair of a generation: its starting recipe
 
 
 @dataclass(frozen=True)

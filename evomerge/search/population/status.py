@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evomerge.search.archive import Archive
-from evomerge.search.events import MANAGER_EVENTS, MERGE_EVENTS, EventKind, merge_parents
+from evomerge.search.events import MANAGER_EVENTS, EventKind, logged_members
 from evomerge.search.population.members import Member, top_k
 
 DEFAULT_IDENTICAL_TOL = 0.002  # population.identical_tol's default, for runs that did not record theirs
@@ -57,15 +57,8 @@ def population_status_lines(archive: Archive, k: int | None = None) -> list[str]
     if start is None:
         return []
     k = k or int(start.get("k", 3))
-    by_key: dict[str, Member] = {}  # a screened pair searched on replaces its member (the same key)
-    for e in events:
-        p = e["data"]
-        if e["kind"] == EventKind.MEMBER:
-            by_key[str(p["key"])] = Member(str(p["key"]), float(p["score"]), 0, (), p.get("candidate_id"))
-        elif e["kind"] in MERGE_EVENTS:
-            by_key[str(p["child"])] = Member(str(p["child"]), float(p["score"]), int(p["generation"]),
-                                             merge_parents(p), p.get("candidate_id"))
-    members = list(by_key.values())
+    members = [Member(m.key, float(m.score), m.generation, m.parents, m.candidate_id)
+               for m in logged_members(events)]
     lines = [f"population: k={start.get('k')}, kinship {start.get('metric')}, pair budget "
              f"{start.get('pair_budget')}, exploration {'on' if start.get('explore') else 'off'}"
              + (f", niche alpha {start['niche_alpha']}, partner {start.get('partner')}"
